@@ -106,7 +106,8 @@ def stable_argsort_rows(dist: np.ndarray, k: int | None = None) -> np.ndarray:
     keys = bits.astype(np.uint64) << np.uint64(32)
     keys |= np.arange(dist.shape[1], dtype=np.uint64)
     if k is not None and k < dist.shape[1]:
-        keys = np.partition(keys, k - 1, axis=1)[:, :k]
+        keys.partition(k - 1, axis=1)
+        keys = keys[:, :k]
     keys.sort(axis=1)
     return (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
