@@ -1,0 +1,295 @@
+"""Person re-id dataset readers: train / query / gallery lists from the release layouts (DESIGN.md §5).
+
+Every reader returns a :class:`ReidDataset`. Training identities are relabelled 0..K-1 (in the order
+of their original ids); query and gallery keep the original ids, since evaluation only compares them.
+Identity -1 (Market-1501's junk boxes) is dropped everywhere; identity 0 (Market's distractors) stays
+in the gallery (DESIGN.md §4). Camera ids are the numbers in the release (Market ``c1`` → 1).
+"""
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from rga_keras.data._cache import read_marker
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+JUNK_ID = -1
+
+# Official counts as (identities, images) once junk is dropped; identity 0 counts as one gallery id.
+OFFICIAL_COUNTS = {
+    "market1501": {"train": (751, 12936), "query": (750, 3368), "gallery": (751, 15913)},
+    "dukemtmc": {"train": (702, 16522), "query": (702, 2228), "gallery": (1110, 17661)},
+    "msmt17": {"train": (1041, 32621), "query": (3060, 11659), "gallery": (3060, 82161)},
+    "cuhk03-labeled": {"train": (767, 7368), "query": (700, 1400), "gallery": (700, 5328)},
+    "cuhk03-detected": {"train": (767, 7365), "query": (700, 1400), "gallery": (700, 5332)},
+}
+
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+_SPLITS = ("train", "query", "gallery")
+
+
+class DatasetWarning(UserWarning):
+    """A dataset loaded, but something about it deserves the user's attention."""
+
+
+class Sample(NamedTuple):
+    """One image: its file, person identity and camera."""
+
+    path: str
+    person_id: int
+    camera_id: int
+
+
+@dataclass(frozen=True)
+class ReidDataset:
+    """A re-id dataset: training samples (ids 0..num_train_ids-1), query and gallery samples."""
+
+    name: str
+    train: list[Sample]
+    query: list[Sample]
+    gallery: list[Sample]
+    num_train_ids: int
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line: identities and images per split, then the notes (count check, skipped files)."""
+        parts = ["{} {} ids/{} images".format(s, *_count(getattr(self, s))) for s in _SPLITS]
+        notes = f" ({'; '.join(self.notes)})" if self.notes else ""
+        return f"{self.name}: " + ", ".join(parts) + notes
+
+
+def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs) -> ReidDataset:
+    """Read a dataset in one of the layouts of DESIGN.md §5.
+
+    name: ``market1501``, ``dukemtmc``, ``msmt17`` (kwarg ``include_val=True`` adds list_val.txt to
+    training, as in the official 32,621-image training set), ``cuhk03`` (kwargs ``split="labeled"`` or
+    ``"detected"``, ``cache_dir`` for the extracted images), ``folder`` (train/ or bounding_box_train/,
+    query/, gallery/ or bounding_box_test/ holding Market-style names) or ``csv`` (a folder with
+    train.csv, query.csv, gallery.csv of ``path,person_id,camera_id`` rows).
+    root: the release folder, or a folder holding it one level down.
+    strict: fail on the first file name or list line that does not parse instead of skipping it.
+    """
+    key = name.lower()
+    if key not in _READERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(_READERS))}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"{key}: dataset root {root} does not exist")
+    reader, allowed = _READERS[key]
+    unknown = set(kwargs) - set(allowed)
+    if unknown:
+        accepted = ", ".join(allowed) if allowed else "none"
+        raise TypeError(f"{key}: unexpected argument(s) {sorted(unknown)}; accepted: {accepted}")
+    skipped = _Skipped(strict)
+    splits, expected, folder = reader(root, skipped, **kwargs)
+    return _finish(key if key != "cuhk03" else f"cuhk03-{kwargs.get('split', 'labeled')}",
+                   splits, expected, folder, skipped)
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+class _Skipped:
+    """Collects inputs that do not parse; in strict mode the first one raises."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.items: list[str] = []
+
+    def __call__(self, where: str, why: str) -> None:
+        if self.strict:
+            raise ValueError(f"{where}: {why}")
+        self.items.append(where)
+
+
+def _count(samples: list[Sample]) -> tuple[int, int]:
+    return len({s.person_id for s in samples}), len(samples)
+
+
+def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, folder: Path,
+            skipped: _Skipped) -> ReidDataset:
+    """Drop junk, relabel training ids, check counts, and collect the notes."""
+    if not any(splits.values()):
+        raise ValueError(f"{name}: no images found under {folder}")
+    notes = []
+    junk = sum(s.person_id == JUNK_ID for samples in splits.values() for s in samples)
+    splits = {k: [s for s in v if s.person_id != JUNK_ID] for k, v in splits.items()}
+    if junk:
+        notes.append(f"dropped {junk} junk images (id -1)")
+    if skipped.items:
+        notes.append(f"skipped {len(skipped.items)} unparsable entries")
+        warnings.warn(
+            f"{name}: skipped {len(skipped.items)} files or lines that do not parse "
+            f"(first: {skipped.items[0]}); pass strict=True to fail on them instead",
+            DatasetWarning, stacklevel=3)
+    notes.append(_check_counts(name, splits, expected, folder))
+    train_ids = sorted({s.person_id for s in splits["train"]})
+    relabel = {pid: i for i, pid in enumerate(train_ids)}
+    train = [s._replace(person_id=relabel[s.person_id]) for s in splits["train"]]
+    return ReidDataset(name, train, splits["query"], splits["gallery"], len(train_ids),
+                       tuple(n for n in notes if n))
+
+
+def _check_counts(name: str, splits: dict[str, list[Sample]], expected: dict | None, folder: Path) -> str:
+    """Compare (ids, images) per split with the official release; warn when they differ."""
+    if expected is None:
+        return ""
+    marker = read_marker(folder)
+    if marker and marker.get("generator") == "rga-synth":
+        return "synthetic (rga-synth), not the official release"
+    found = {k: _count(v) for k, v in splits.items()}
+    diffs = [f"{k} {found[k][0]} ids/{found[k][1]} images (official {want[0]}/{want[1]})"
+             for k, want in expected.items() if found[k] != want]
+    if not diffs:
+        return "counts match the official release"
+    warnings.warn(f"{name} at {folder} is not the official release: " + "; ".join(diffs),
+                  DatasetWarning, stacklevel=4)
+    return "counts differ from the official release"
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _find_layout(root: Path, required: tuple[str, ...]) -> Path | None:
+    """``root`` if it holds every entry in ``required``, else the first child folder that does."""
+    if not root.is_dir():
+        return None
+    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    return next((p for p in candidates if all((p / r).exists() for r in required)), None)
+
+
+def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
+    present = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else ["(not a folder)"]
+    return FileNotFoundError(f"{name}: expected {expected} in {root} or one level below; "
+                             f"found: {', '.join(present) or '(empty folder)'}")
+
+
+def _market_files(folder: Path, skipped: _Skipped) -> list[Sample]:
+    """Samples from a flat folder of ``PPPP_cC*`` images (other files, e.g. Thumbs.db, are ignored)."""
+    samples = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        match = _MARKET_NAME.match(path.name)
+        if match is None:
+            skipped(str(path), "file name does not start with PPPP_cC (person id, camera)")
+            continue
+        samples.append(Sample(str(path), int(match[1]), int(match[2])))
+    return samples
+
+
+def _read_market(root: Path, skipped: _Skipped, expected_key: str):
+    layout = ("bounding_box_train", "query", "bounding_box_test")
+    folder = _find_layout(root, layout)
+    if folder is None:
+        raise _layout_error(expected_key, root, "bounding_box_train/, query/ and bounding_box_test/")
+    splits = {split: _market_files(folder / sub, skipped) for split, sub in zip(_SPLITS, layout)}
+    for split, sub in zip(_SPLITS, layout):
+        if not splits[split]:
+            raise ValueError(f"{expected_key}: no images in {folder / sub}")
+    return splits, OFFICIAL_COUNTS[expected_key], folder
+
+
+def _read_folder(root: Path, skipped: _Skipped):
+    names = {"train": ("train", "bounding_box_train"), "query": ("query",),
+             "gallery": ("gallery", "bounding_box_test")}
+    folders = {split: next((root / o for o in options if (root / o).is_dir()), None)
+               for split, options in names.items()}
+    if not any(folders.values()):
+        raise _layout_error("folder", root, "train/ (or bounding_box_train/), query/ and gallery/ "
+                            "(or bounding_box_test/) holding PPPP_cC*.jpg images")
+    return {split: _market_files(f, skipped) if f else [] for split, f in folders.items()}, None, root
+
+
+def _read_msmt17(root: Path, skipped: _Skipped, include_val: bool = True):
+    lists = ("list_train.txt", "list_query.txt", "list_gallery.txt")
+    for train_dir, test_dir in (("train", "test"), ("mask_train_v2", "mask_test_v2")):
+        folder = _find_layout(root, (train_dir, test_dir) + lists)
+        if folder is not None:
+            break
+    else:
+        raise _layout_error("msmt17", root, "MSMT17_V1 (train/, test/) or MSMT17_V2 (mask_train_v2/, "
+                            "mask_test_v2/) with list_train.txt, list_query.txt, list_gallery.txt")
+    train_lists = ["list_train.txt"] + (["list_val.txt"] if include_val else [])
+    train = [s for f in train_lists if (folder / f).exists() for s in _msmt_list(folder, f, train_dir, skipped)]
+    splits = {"train": train,
+              "query": _msmt_list(folder, "list_query.txt", test_dir, skipped),
+              "gallery": _msmt_list(folder, "list_gallery.txt", test_dir, skipped)}
+    expected = dict(OFFICIAL_COUNTS["msmt17"])
+    if not include_val:
+        del expected["train"]
+    return splits, expected, folder
+
+
+def _msmt_list(folder: Path, list_name: str, image_dir: str, skipped: _Skipped) -> list[Sample]:
+    """Lines ``relative/path pid``; the camera is the third ``_`` field of the file name."""
+    samples = []
+    lines = (folder / list_name).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        try:
+            rel, pid = fields
+            camera = int(Path(rel).name.split("_")[2])
+            samples.append(Sample(str(folder / image_dir / rel), int(pid), camera))
+        except (ValueError, IndexError):
+            skipped(f"{folder / list_name}:{number}", f"expected 'path pid' with a name like "
+                    f"0000_000_01_0303morning_0015_0.jpg, found {line!r}")
+    for sample in samples[:1] + samples[-1:]:
+        if not Path(sample.path).exists():
+            raise FileNotFoundError(f"msmt17: {list_name} names {sample.path}, which does not exist "
+                                    f"(are the list files and image folders from the same release?)")
+    return samples
+
+
+def _read_csv(root: Path, skipped: _Skipped):
+    files = {split: root / f"{split}.csv" for split in _SPLITS}
+    if not root.is_dir() or not any(f.exists() for f in files.values()):
+        raise FileNotFoundError(f"csv: expected a folder with train.csv, query.csv and/or gallery.csv "
+                                f"(rows path,person_id,camera_id) at {root}")
+    return {split: _csv_rows(f, skipped) if f.exists() else [] for split, f in files.items()}, None, root
+
+
+def _csv_rows(file: Path, skipped: _Skipped) -> list[Sample]:
+    """Rows ``path,person_id,camera_id`` (an optional header row of those names); paths relative to the file."""
+    samples = []
+    with open(file, newline="") as handle:
+        for number, row in enumerate(csv.reader(handle), 1):
+            if not row or (number == 1 and [c.strip() for c in row] == ["path", "person_id", "camera_id"]):
+                continue
+            where = f"{file}:{number}"
+            try:
+                path, pid, camera = (c.strip() for c in row)
+                sample = Sample(str(file.parent / path), int(pid), int(camera))
+            except ValueError:
+                skipped(where, f"expected path,person_id,camera_id with integer ids, found {row!r}")
+                continue
+            if not Path(sample.path).is_file():
+                skipped(where, f"image {sample.path} does not exist")
+                continue
+            samples.append(sample)
+    return samples
+
+
+def _read_cuhk03(root: Path, skipped: _Skipped, split: str = "labeled", cache_dir: str | Path | None = None):
+    from rga_keras.data.cuhk03 import read_cuhk03
+
+    if split not in ("labeled", "detected"):
+        raise ValueError(f"cuhk03: split must be 'labeled' or 'detected', not {split!r}")
+    splits, folder = read_cuhk03(root, split, cache_dir)
+    return splits, OFFICIAL_COUNTS[f"cuhk03-{split}"], folder
+
+
+_READERS = {
+    "market1501": (lambda root, skipped: _read_market(root, skipped, "market1501"), ()),
+    "dukemtmc": (lambda root, skipped: _read_market(root, skipped, "dukemtmc"), ()),
+    "msmt17": (_read_msmt17, ("include_val",)),
+    "cuhk03": (_read_cuhk03, ("split", "cache_dir")),
+    "folder": (_read_folder, ()),
+    "csv": (_read_csv, ()),
+}
