@@ -1,0 +1,359 @@
+"""tf.data pipelines: identity-balanced P×K training batches with the paper's augmentations, and evaluation.
+
+Training (DESIGN.md §3): each batch holds P identities × K images, laid out identity by identity
+(K images of the first identity, then K of the second, ...), so that when tf.distribute cuts the
+global batch into contiguous per-replica slices every replica holds whole identities and the
+batch-hard triplet loss sees all positives. Identities are visited in passes, each a fresh random
+permutation; on each visit an identity contributes the next K images of its own reshuffled cyclic
+image order, so every image is used before any repeats (identities with fewer than K images repeat
+some within the batch). All randomness is stateless and keyed on (seed, position in the stream), so
+the output is identical for a given seed however many threads decode.
+
+Images are float32 RGB in 0–255 (the model normalises internally). Augmentations: random translate
+crop (resize to 1.125× and crop back, half of the time), horizontal flip, random erasing (Zhong et
+al., AAAI 2020: p 0.5, area 2–40 %, aspect 0.3–1/0.3) filled with the ImageNet mean pixel, which the
+model's normalisation maps to 0.
+
+A file that cannot be read or decoded never stops an epoch: the element holding it is skipped (the
+whole K-image group in training, so batches stay whole), and the bad file is recorded in a
+:class:`CorruptImages` log (by default the module's ``corrupt_images``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+TRANSLATE_SCALE = 1.125
+ERASE_ATTEMPTS = 10  # a candidate rectangle that does not fit is redrawn, up to this many times
+
+_log = logging.getLogger(__name__)
+
+
+class CorruptImages:
+    """Thread-safe record of the image files the pipelines had to skip.
+
+    count: how many times a bad image was met (a file met in several epochs counts each time).
+    paths: the distinct bad files. unexplained: skipped elements in which no bad file was found.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.unexplained = 0
+        self._paths: set[str] = set()
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self._paths)
+
+    def summary(self) -> str:
+        text = f"{self.count} corrupt image reads skipped ({len(self._paths)} distinct files)"
+        return text + (f", {self.unexplained} elements dropped for other errors" if self.unexplained else "")
+
+    def record_dropped(self, paths: Sequence[str | bytes]) -> None:
+        """Find which of the files of a skipped element are unreadable, and record them."""
+        bad = [p for p in (p.decode() if isinstance(p, bytes) else p for p in paths) if not _decodes(p)]
+        with self._lock:
+            self.count += len(bad)
+            self.unexplained += not bad
+            new = [p for p in bad if p not in self._paths]
+            self._paths.update(new)
+        for path in new:
+            _log.warning("skipping unreadable image %s", path)
+
+
+corrupt_images = CorruptImages()
+
+
+def steps_per_epoch(samples: Sequence, p: int, k: int) -> int:
+    """Batches per epoch: each identity's images rounded up to at least K, then down to a multiple
+    of K, summed and divided by P·K — as many batches as the identity sampler of the common PyTorch
+    re-id code yields per epoch."""
+    counts = Counter(s[1] for s in samples)
+    images = sum(max(n, k) // k * k for n in counts.values())
+    return max(1, images // (p * k))
+
+
+def make_train_dataset(
+    samples: Sequence,
+    *,
+    num_ids_per_batch: int = 16,
+    images_per_id: int = 4,
+    image_size: tuple[int, int] = (256, 128),
+    augment: bool = True,
+    seed: int = 0,
+    num_replicas: int = 1,
+    cache: bool = False,
+    translate_prob: float = 0.5,
+    flip_prob: float = 0.5,
+    erase_prob: float = 0.5,
+    corrupt_log: CorruptImages | None = None,
+) -> tf.data.Dataset:
+    """Infinite dataset of ``(images, labels)``: float32 (P·K, H, W, 3) in 0–255, int32 (P·K,).
+
+    samples: (path, person_id, camera_id) items, e.g. ``ReidDataset.train``; labels are the person ids.
+    num_replicas: the number of replicas the global batch will be split over; P must divide by it.
+    cache: read every file once into memory (saves file-system reads; decoding still happens per use).
+    augment=False gives plain resized images (the probabilities are then ignored).
+    """
+    p, k = num_ids_per_batch, images_per_id
+    height, width = _check_size(image_size)
+    for name, value in (("num_ids_per_batch", p), ("images_per_id", k), ("num_replicas", num_replicas)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if p % num_replicas:
+        raise ValueError(
+            f"num_ids_per_batch={p} is not divisible by num_replicas={num_replicas}: each replica must get "
+            f"whole identities (K={k} images each) for the triplet loss; use a multiple of {num_replicas}")
+    log = corrupt_log or corrupt_images
+    paths, starts, counts, ids = _identity_table(samples)
+    if len(ids) < p:
+        raise ValueError(f"num_ids_per_batch={p} but the samples hold only {len(ids)} identities")
+    _check_some_decode(paths)
+
+    num_ids = len(ids)
+    groups_per_pass = num_ids // p * p  # a pass never splits a batch, so a batch's identities are distinct
+    paths_t = tf.constant(paths)
+    contents = tf.constant([_read_or_empty(x) for x in paths]) if cache else None
+    starts_t, counts_t, ids_t = (tf.constant(a, tf.int64) for a in (starts, counts, ids))
+    seed = int(seed)
+
+    def plan(groups):
+        """Identity number and the K image indices of each group number in ``groups``."""
+        passes = groups // groups_per_pass
+        ident = _index_shuffle(groups % groups_per_pass, num_ids - 1, seed, 0, key=passes)
+        n = tf.gather(counts_t, ident)[:, None]
+        position = passes[:, None] * k + tf.range(k, dtype=tf.int64)  # places in the identity's image cycle
+        order = _index_shuffle(position % n, n - 1, seed, 1, key=ident[:, None], cycle=position // n)
+        return ident, tf.gather(starts_t, ident)[:, None] + order
+
+    def plan_batch(batch):
+        groups = batch * p + tf.range(p, dtype=tf.int64)
+        return (groups, *plan(groups))
+
+    def load_group(group, ident, images):
+        pictures = []
+        for j in range(k):
+            contents_j = tf.gather(contents, images[j]) if cache else tf.io.read_file(tf.gather(paths_t, images[j]))
+            picture = _decode(contents_j)
+            if augment:
+                u = tf.random.stateless_uniform([5 + 4 * ERASE_ATTEMPTS], seed=tf.stack([tf.constant(seed, tf.int64), group * k + j]))
+                picture = _augment(picture, u, height, width, translate_prob, flip_prob, erase_prob)
+            else:
+                picture = _resize(picture, height, width)
+            pictures.append(picture)
+        return group, tf.stack(pictures), tf.cast(tf.gather(ids_t, ident), tf.int32)
+
+    def group_paths(first, stop):
+        _, images = plan(tf.range(first, stop))
+        return tf.reshape(tf.gather(paths_t, images), [-1])
+
+    ds = tf.data.Dataset.counter()
+    ds = ds.map(plan_batch).unbatch()
+    ds = ds.map(load_group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _skip_failures(ds, group_paths, log)
+    ds = ds.map(_drop_position).batch(p, drop_remainder=True)
+    ds = ds.map(lambda x, y: (tf.reshape(x, [p * k, height, width, 3]), tf.repeat(y, k)))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(
+    samples: Sequence,
+    *,
+    image_size: tuple[int, int] = (256, 128),
+    batch_size: int = 64,
+    flip: bool = False,
+    corrupt_log: CorruptImages | None = None,
+) -> tf.data.Dataset:
+    """Finite dataset of ``(images, {"person_id", "camera_id", "path"})`` in the order of ``samples``.
+
+    Images are resized only (float32 0–255); flip=True mirrors them, for test-time flip averaging.
+    An unreadable image is skipped together with its metadata and recorded in ``corrupt_log``.
+    """
+    height, width = _check_size(image_size)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not samples:
+        raise ValueError("make_eval_dataset: no samples")
+    log = corrupt_log or corrupt_images
+    paths = [str(s[0]) for s in samples]
+    _check_some_decode(paths)
+    n = len(paths)
+    paths_t = tf.constant(paths)
+    # A sentinel element after the last sample lets failures at the very end be recorded too.
+    index = tf.range(n + 1, dtype=tf.int64)
+    pids = tf.constant([int(s[1]) for s in samples] + [0], tf.int32)
+    cams = tf.constant([int(s[2]) for s in samples] + [0], tf.int32)
+
+    def load(i, pid, cam):
+        def picture():
+            image = _resize(_decode(tf.io.read_file(paths_t[i])), height, width)
+            return tf.reverse(image, axis=[1]) if flip else image
+
+        image = tf.cond(i < n, picture, lambda: tf.zeros([height, width, 3]))
+        return i, image, {"person_id": pid, "camera_id": cam, "path": tf.gather(paths_t, tf.minimum(i, n - 1))}
+
+    ds = tf.data.Dataset.from_tensor_slices((index, pids, cams))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _skip_failures(ds, lambda first, stop: paths_t[first:stop], log)
+    ds = ds.filter(lambda i, *_: i < n).map(_drop_position)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------- image ops
+
+
+def _decode(contents: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """Bilinear resize to float32; antialiased when shrinking, as PIL's resize is."""
+    return tf.image.resize(image, [height, width], method="bilinear", antialias=True)
+
+
+def _augment(image, u, height, width, translate_prob, flip_prob, erase_prob):
+    """Translate-crop, flip and random erasing of one decoded image, driven by uniforms ``u``."""
+    big_h, big_w = round(height * TRANSLATE_SCALE), round(width * TRANSLATE_SCALE)
+
+    def translate():
+        top = tf.cast(u[1] * (big_h - height + 1), tf.int32)
+        left = tf.cast(u[2] * (big_w - width + 1), tf.int32)
+        return tf.slice(_resize(image, big_h, big_w), [top, left, 0], [height, width, 3])
+
+    image = tf.cond(u[0] < translate_prob, translate, lambda: _resize(image, height, width))
+    image = tf.cond(u[3] < flip_prob, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    return random_erasing(image, u[5:], erase=u[4] < erase_prob)
+
+
+def random_erasing(image: tf.Tensor, u: tf.Tensor, erase: tf.Tensor | bool = True,
+                   area: tuple[float, float] = (0.02, 0.4), min_aspect: float = 0.3,
+                   fill: Sequence[float] = IMAGENET_MEAN_255) -> tf.Tensor:
+    """Random erasing (Zhong et al., AAAI 2020) of one (H, W, 3) image with uniforms ``u`` (4 per attempt).
+
+    Each attempt draws a target area in ``area`` × H·W and an aspect h/w in [min_aspect, 1/min_aspect];
+    the first rectangle that fits strictly inside the image is filled with ``fill``. If none fits, or
+    ``erase`` is false, the image is returned unchanged.
+    """
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    u = tf.reshape(u, [-1, 4])
+    target = tf.cast(height * width, tf.float32) * (area[0] + (area[1] - area[0]) * u[:, 0])
+    aspect = min_aspect + (1 / min_aspect - min_aspect) * u[:, 1]
+    h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+    w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+    fits = (h < height) & (w < width)
+    pick = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    h, w = h[pick], w[pick]
+    top = tf.cast(u[pick, 2] * tf.cast(height - h + 1, tf.float32), tf.int32)
+    left = tf.cast(u[pick, 3] * tf.cast(width - w + 1, tf.float32), tf.int32)
+    rows = tf.range(height)[:, None, None]
+    cols = tf.range(width)[None, :, None]
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    inside &= tf.logical_and(erase, fits[pick])
+    return tf.where(inside, tf.constant(fill, image.dtype), image)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _index_shuffle(index, max_index, seed: int, stream: int, key, cycle=0):
+    """Position of each ``index`` in a pseudo-random permutation of [0, max_index]; one permutation
+    per (seed, stream, key, cycle). Calls the raw op: tf.random.experimental.index_shuffle pads a
+    batch of seeds along the wrong axis."""
+    index = tf.cast(index, tf.int64)
+    shape = tf.shape(index)
+
+    def flat(value):
+        return tf.reshape(tf.broadcast_to(tf.cast(value, tf.int64), shape), [-1])
+
+    seeds = tf.stack([flat(seed), flat(key) * 2 + stream, flat(cycle)], axis=1)
+    out = tf.raw_ops.RandomIndexShuffle(index=flat(index), seed=seeds, max_index=flat(max_index), rounds=4)
+    return tf.reshape(out, shape)
+
+
+def _skip_failures(ds: tf.data.Dataset, paths_between, log: CorruptImages) -> tf.data.Dataset:
+    """Drop elements whose loading raised, and record the files of each dropped element.
+
+    Elements are tuples whose first entry is their int64 position in the stream; a jump in it after
+    ``ignore_errors`` means elements were dropped, and ``paths_between(first, stop)`` gives their files.
+    """
+
+    def record(paths):
+        log.record_dropped(paths.numpy())
+        return 0
+
+    def step(last, element):
+        position = element[0]
+        done = tf.cond(position > last + 1,
+                       lambda: tf.py_function(record, [paths_between(last + 1, position)], tf.int32),
+                       lambda: tf.constant(0))
+        with tf.control_dependencies([done]):
+            position = tf.identity(position)
+        return position, element
+
+    return ds.ignore_errors().scan(tf.constant(-1, tf.int64), step)
+
+
+def _drop_position(position, *rest):
+    return rest
+
+
+def _identity_table(samples: Sequence) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Paths sorted by identity (stable), with each identity's first index, image count and id."""
+    if not samples:
+        raise ValueError("make_train_dataset: no samples")
+    try:
+        items = sorted(((int(s[1]), str(s[0])) for s in samples), key=lambda item: item[0])
+    except (TypeError, ValueError, IndexError):
+        raise ValueError("samples must be (path, person_id, camera_id) items with integer ids") from None
+    pids = np.array([pid for pid, _ in items])
+    if pids[0] < 0:
+        raise ValueError(f"person ids must be >= 0 for training (found {pids[0]}); drop junk images first")
+    ids, starts, counts = np.unique(pids, return_index=True, return_counts=True)
+    return [path for _, path in items], starts, counts, ids
+
+
+def _check_size(image_size) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return height, width
+
+
+def _decodes(path: str) -> bool:
+    try:
+        _decode(tf.io.read_file(path))
+        return True
+    except (tf.errors.OpError, ValueError):
+        return False
+
+
+def _read_or_empty(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""  # fails to decode later, and is then skipped and recorded like any bad file
+
+
+def _check_some_decode(paths: Sequence[str], tries: int = 8) -> None:
+    """Fail early, with a clear message, when none of a few spread-out files decodes (wrong folder or
+    format): the pipelines skip unreadable files, and would otherwise skip forever or yield nothing."""
+    picks = sorted({round(i * (len(paths) - 1) / max(tries - 1, 1)) for i in range(min(tries, len(paths)))})
+    if not any(_decodes(paths[i]) for i in picks):
+        raise ValueError(f"none of {len(picks)} images tried could be read as JPEG/PNG/BMP/GIF "
+                         f"(e.g. {paths[picks[0]]})")

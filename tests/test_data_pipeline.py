@@ -1,0 +1,351 @@
+"""tf.data pipelines: P×K composition, per-replica identity integrity, determinism, augmentation bounds,
+evaluation order, and corrupt files skipped and counted. Images are tiny PNGs whose colour encodes
+the sample index, so every output pixel can be traced back to its file."""
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from rga_keras.data import (
+    IMAGENET_MEAN_255,
+    CorruptImages,
+    Sample,
+    make_eval_dataset,
+    make_train_dataset,
+    random_erasing,
+    steps_per_epoch,
+)
+
+SIZE = (16, 8)
+NO_AUG = {"translate_prob": 0.0, "flip_prob": 0.0, "erase_prob": 0.0}
+
+
+def colour(index):
+    return np.array([index % 251, (index // 251) * 40 + 3, 200], np.uint8)
+
+
+def index_of(image):
+    """Sample index encoded in a constant image (after resizing, values stay within rounding)."""
+    r, g = np.round(image[0, 0, :2]).astype(int)
+    return int(r + 251 * ((g - 3) // 40))
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    """12 identities (ids 3, 6, ..., 36) with 1..7 images each, constant-colour 10×6 PNGs."""
+    root = tmp_path_factory.mktemp("images")
+    counts = [1, 2, 3, 4, 5, 6, 7, 3, 2, 5, 4, 6]
+    items = []
+    for person, count in enumerate(counts):
+        for shot in range(count):
+            path = root / f"{len(items):03d}.png"
+            Image.fromarray(np.tile(colour(len(items)), (10, 6, 1))).save(path)
+            items.append(Sample(str(path), 3 * (person + 1), shot % 3))
+    return items
+
+
+def batches(ds, n):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]
+
+
+def group_runs(labels, k):
+    """Labels cut into consecutive runs of k; each run must be one identity."""
+    runs = labels.reshape(-1, k)
+    assert (runs == runs[:, :1]).all()
+    return runs[:, 0]
+
+
+def test_pk_composition_and_image_identity(samples):
+    p, k = 4, 3
+    ds = make_train_dataset(samples, num_ids_per_batch=p, images_per_id=k, image_size=SIZE, augment=False)
+    by_index = {i: s for i, s in enumerate(samples)}
+    for images, labels in batches(ds, 6):
+        assert images.shape == (p * k, *SIZE, 3) and images.dtype == np.float32
+        assert labels.shape == (p * k,) and labels.dtype == np.int32
+        ids = group_runs(labels, k)
+        assert len(set(ids)) == p  # P distinct identities
+        for group, pid in zip(images.reshape(p, k, *SIZE, 3), ids):
+            owners = [by_index[index_of(x)] for x in group]
+            assert all(o.person_id == pid for o in owners)
+            own = sum(s.person_id == pid for s in samples)
+            # distinct images when the identity has K or more, else all of them (with repeats)
+            assert len({o.path for o in owners}) == min(own, k)
+
+
+def test_identities_per_pass_and_image_cycles(samples):
+    p, k = 4, 2  # 12 identities: a pass is 3 batches and visits every identity once
+    ds = make_train_dataset(samples, num_ids_per_batch=p, images_per_id=k, image_size=SIZE, augment=False)
+    out = batches(ds, 3 * 8)
+    seen = {}
+    for b, (images, labels) in enumerate(out):
+        for x, label in zip(images, labels):
+            seen.setdefault(int(label), []).append(index_of(x))
+    passes = [np.concatenate([y for _, y in out[i:i + 3]]) for i in range(0, len(out), 3)]
+    for labels in passes:
+        assert sorted(set(labels)) == sorted({s.person_id for s in samples})
+    assert any(not np.array_equal(passes[0], other) for other in passes[1:])  # reshuffled each pass
+    cycles = []
+    for pid, used in seen.items():
+        mine = sorted(i for i, s in enumerate(samples) if s.person_id == pid)
+        n = len(mine)
+        for start in range(0, len(used) - n + 1, n):  # each cycle uses every image once
+            assert sorted(used[start:start + n]) == mine
+            cycles.append((pid, tuple(used[start:start + n])))
+    orders = {}
+    for pid, order in cycles:
+        orders.setdefault(pid, set()).add(order)
+    assert sum(len(o) > 1 for o in orders.values()) >= 6  # image order reshuffled between cycles
+
+
+def test_seed_determinism(samples):
+    def first(seed):
+        return batches(make_train_dataset(samples, num_ids_per_batch=4, images_per_id=2, image_size=SIZE,
+                                          seed=seed), 3)
+
+    a, b, c = first(7), first(7), first(8)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    assert not all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+
+
+def test_steps_per_epoch_matches_chunking_reference(samples):
+    def reference(items, p, k):
+        total = 0
+        by_id = {}
+        for s in items:
+            by_id.setdefault(s.person_id, []).append(s)
+        for images in by_id.values():
+            pool = images if len(images) >= k else images * k  # with replacement up to k
+            chunks = [pool[i:i + k] for i in range(0, max(len(images), k), k)]
+            total += sum(len(c) == k for c in chunks) * k
+        return max(1, total // (p * k))
+
+    for p, k in ((4, 2), (2, 4), (3, 3), (16, 4)):
+        assert steps_per_epoch(samples, p, k) == reference(samples, p, k)
+
+
+def check_whole_identities(labels, replicas, k):
+    """Cut the global batch into contiguous per-replica slices (what tf.distribute does) and check
+    each slice holds whole groups of K images of one identity."""
+    for part in np.split(labels, replicas):
+        ids = group_runs(part, k)
+        assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_replica_slices_hold_whole_identities(samples, replicas):
+    k = 3
+    ds = make_train_dataset(samples, num_ids_per_batch=8, images_per_id=k, image_size=SIZE,
+                            num_replicas=replicas, augment=False)
+    for _, labels in batches(ds, 3):
+        check_whole_identities(labels, replicas, k)
+
+
+def test_mirrored_strategy_replicas_hold_whole_identities(samples):
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "tests/conftest.py should split the CPU into 2 logical devices"
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    p, k = 4, 3
+    ds = make_train_dataset(samples, num_ids_per_batch=p, images_per_id=k, image_size=SIZE,
+                            num_replicas=2, augment=False)
+    dist = strategy.experimental_distribute_dataset(ds)
+    for step, (images, labels) in zip(range(3), dist):
+        parts = [t.numpy() for t in strategy.experimental_local_results(labels)]
+        pictures = [t.numpy() for t in strategy.experimental_local_results(images)]
+        assert [len(x) for x in parts] == [p * k // 2] * 2
+        for part, picture in zip(parts, pictures):
+            ids = group_runs(part, k)
+            assert len(set(ids)) == p // 2
+            assert [samples[index_of(x)].person_id for x in picture] == part.tolist()
+
+
+def test_train_argument_errors(samples):
+    with pytest.raises(ValueError, match="not divisible by num_replicas=4"):
+        make_train_dataset(samples, num_ids_per_batch=6, num_replicas=4)
+    with pytest.raises(ValueError, match="only 12 identities"):
+        make_train_dataset(samples, num_ids_per_batch=16)
+    with pytest.raises(ValueError, match="images_per_id must be a positive integer"):
+        make_train_dataset(samples, num_ids_per_batch=4, images_per_id=0)
+    with pytest.raises(ValueError, match="image_size must be"):
+        make_train_dataset(samples, num_ids_per_batch=4, image_size=(16,))
+    with pytest.raises(ValueError, match="no samples"):
+        make_train_dataset([], num_ids_per_batch=4)
+    with pytest.raises(ValueError, match="person ids must be >= 0"):
+        make_train_dataset([Sample(samples[0].path, -1, 1)] + samples, num_ids_per_batch=4)
+    with pytest.raises(ValueError, match="integer ids"):
+        make_train_dataset([("a.jpg", "x", 1)], num_ids_per_batch=1)
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+
+
+@pytest.fixture(scope="module")
+def noise_samples(tmp_path_factory):
+    """8 identities × 2 random-noise PNGs of 18×9, i.e. exactly 1.125 × the 16×8 output size."""
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    items, pictures = [], []
+    for i in range(16):
+        picture = rng.integers(0, 256, (18, 9, 3), dtype=np.uint8)
+        Image.fromarray(picture).save(root / f"{i}.png")
+        items.append(Sample(str(root / f"{i}.png"), i // 2, 1))
+        pictures.append(picture)
+    return items, pictures
+
+
+def crop_offset(out, picture):
+    """(top, left) if ``out`` is exactly a 16×8 crop of the 18×9 picture, else None."""
+    for top in range(3):
+        for left in range(2):
+            if np.array_equal(out, picture[top:top + 16, left:left + 8]):
+                return top, left
+    return None
+
+
+def train_outputs(items, n, **kwargs):
+    ds = make_train_dataset(items, num_ids_per_batch=4, images_per_id=2, image_size=SIZE, **kwargs)
+    images = np.concatenate([x for x, _ in batches(ds, n)])
+    assert images.shape[1:] == (*SIZE, 3)
+    return images
+
+
+def test_translate_crop_is_a_crop_of_the_enlarged_image(noise_samples):
+    items, pictures = noise_samples
+    images = train_outputs(items, 12, augment=True, translate_prob=1.0, flip_prob=0.0, erase_prob=0.0)
+    offsets = []
+    for image in images:
+        found = [crop_offset(image, pic) for pic in pictures]
+        offsets += [o for o in found if o is not None]
+    # resizing 18×9 to 18×9 is exact, so every output is an exact crop, and all 6 offsets occur
+    assert len(offsets) >= len(images) and set(offsets) == {(t, l) for t in range(3) for l in range(2)}
+    half = train_outputs(items, 24, augment=True, translate_prob=0.5, flip_prob=0.0, erase_prob=0.0)
+    cropped = np.mean([any(crop_offset(x, pic) for pic in pictures) for x in half])
+    assert 0.38 < cropped < 0.62  # 192 draws with p = 0.5
+
+
+def test_flip_mirrors(samples, noise_samples):
+    items, pictures = noise_samples
+    plain = train_outputs(items, 4, augment=False)
+    flipped = train_outputs(items, 4, augment=True, translate_prob=0.0, flip_prob=1.0, erase_prob=0.0)
+    assert np.allclose(flipped, plain[:, :, ::-1])
+    some = train_outputs(items, 24, augment=True, translate_prob=0.0, flip_prob=0.5, erase_prob=0.0)
+    unflipped = train_outputs(items, 24, augment=False)
+    rate = np.mean([not np.allclose(a, b) for a, b in zip(some, unflipped)])
+    assert 0.38 < rate < 0.62
+
+
+def test_full_augmentation_value_range_and_erasing_rate(noise_samples):
+    items, _ = noise_samples
+    images = train_outputs(items, 32, augment=True)
+    assert images.min() >= 0.0 and images.max() <= 255.0
+    erased = [(x == np.array(IMAGENET_MEAN_255, np.float32)).all(-1).mean() for x in images]
+    decisions = np.array(erased).reshape(-1, 2) > 0  # consecutive pairs: the K = 2 images of a group
+    assert 0.4 < decisions.mean() < 0.6  # 256 draws with p = 0.5
+    assert 0.3 < np.mean(decisions[:, 0] != decisions[:, 1]) < 0.7  # drawn independently per image
+    assert 0.0 < min(e for e in erased if e > 0) and max(erased) <= 0.45
+
+
+def test_random_erasing_rectangle_bounds():
+    h, w = 64, 32
+    image = tf.fill([h, w, 3], 7.0)
+    rng = np.random.default_rng(1)
+    fractions = []
+    for _ in range(200):
+        out = random_erasing(image, tf.constant(rng.random(40), tf.float32)).numpy()
+        mask = (out == np.array(IMAGENET_MEAN_255, np.float32)).all(-1)
+        assert ((out == 7.0).all(-1) | mask).all()  # only the fill value or the original
+        if not mask.any():
+            continue
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        eh, ew = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert mask.sum() == eh * ew  # one solid rectangle
+        assert eh < h and ew < w
+        # the drawn real-valued sides (within half a pixel of these) have area 2–40 % and aspect 0.3–1/0.3
+        assert (eh + 0.5) * (ew + 0.5) >= 0.02 * h * w and (eh - 0.5) * (ew - 0.5) <= 0.4 * h * w
+        assert (eh + 0.5) / (ew - 0.5) >= 0.3 and (eh - 0.5) / (ew + 0.5) <= 1 / 0.3
+        fractions.append(eh * ew / (h * w))
+    assert len(fractions) >= 190  # with 10 attempts a fitting rectangle is nearly always found
+    assert min(fractions) < 0.06 and max(fractions) > 0.3
+    untouched = random_erasing(image, tf.constant(rng.random(40), tf.float32), erase=False)
+    assert np.array_equal(untouched.numpy(), image.numpy())
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def test_eval_order_metadata_and_flip(samples, noise_samples):
+    ds = make_eval_dataset(samples, image_size=SIZE, batch_size=5)
+    images, pids, cams, paths = [], [], [], []
+    sizes = []
+    for x, meta in ds:
+        sizes.append(len(x))
+        images.append(x.numpy())
+        pids += meta["person_id"].numpy().tolist()
+        cams += meta["camera_id"].numpy().tolist()
+        paths += [p.decode() for p in meta["path"].numpy()]
+    assert sizes == [5] * (len(samples) // 5) + [len(samples) % 5]
+    assert [index_of(x) for x in np.concatenate(images)] == list(range(len(samples)))
+    assert pids == [s.person_id for s in samples] and cams == [s.camera_id for s in samples]
+    assert paths == [s.path for s in samples]
+    items, _ = noise_samples
+    plain = np.concatenate([x.numpy() for x, _ in make_eval_dataset(items, image_size=(18, 9))])
+    flipped = np.concatenate([x.numpy() for x, _ in make_eval_dataset(items, image_size=(18, 9), flip=True)])
+    assert np.array_equal(flipped, plain[:, :, ::-1])
+    with pytest.raises(ValueError, match="batch_size"):
+        make_eval_dataset(samples, batch_size=0)
+    with pytest.raises(ValueError, match="no samples"):
+        make_eval_dataset([])
+
+
+# ---------------------------------------------------------------------------------------- corrupt files
+
+
+@pytest.fixture()
+def with_corrupt(samples, tmp_path):
+    """The samples with three files made unreadable: truncated, garbage in the middle, not an image."""
+    items = list(samples)
+    data = open(samples[5].path, "rb").read()
+    bad = {
+        1: data[: len(data) // 2],
+        9: data[:40] + bytes(range(256))[: len(data) - 52] + data[-12:],
+        len(items) - 1: b"hello",
+    }
+    for index, content in bad.items():
+        path = tmp_path / f"bad{index}.png"
+        path.write_bytes(content)
+        items[index] = items[index]._replace(path=str(path))
+    return items, sorted(items[i].path for i in bad)
+
+
+def test_corrupt_files_skipped_and_counted_in_training(with_corrupt):
+    items, bad = with_corrupt
+    log = CorruptImages()
+    ds = make_train_dataset(items, num_ids_per_batch=4, images_per_id=2, image_size=SIZE, augment=False,
+                            corrupt_log=log)
+    for images, labels in batches(ds, 30):
+        assert images.shape == (8, *SIZE, 3)
+        group_runs(labels, 2)
+        assert all(items[index_of(x)].path not in bad for x in images)
+    assert log.paths == bad and log.count >= 3 and log.unexplained == 0
+    assert f"{log.count} corrupt image reads skipped (3 distinct files)" == log.summary()
+
+
+def test_corrupt_files_skipped_and_counted_in_evaluation(with_corrupt):
+    items, bad = with_corrupt
+    log = CorruptImages()
+    out = [(x.numpy(), meta) for x, meta in make_eval_dataset(items, image_size=SIZE, corrupt_log=log)]
+    paths = [p.decode() for _, meta in out for p in meta["path"].numpy()]
+    assert paths == [s.path for s in items if s.path not in bad]  # order kept, bad ones (incl. the last) out
+    images = np.concatenate([x for x, _ in out])
+    assert [items[index_of(x)].path for x in images] == paths
+    assert log.paths == bad and log.count == 3
+
+
+def test_all_unreadable_fails_early(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+    items = [Sample(str(tmp_path / f"{i}.jpg"), i, 1) for i in range(3)]
+    with pytest.raises(ValueError, match="could be read"):
+        make_train_dataset(items, num_ids_per_batch=2, images_per_id=1)
+    with pytest.raises(ValueError, match="could be read"):
+        make_eval_dataset(items)
