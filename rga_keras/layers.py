@@ -150,9 +150,13 @@ class RelationAttention(keras.layers.Layer):
         return tf.linalg.matmul(a, tf.cast(kernel, a.dtype), transpose_a=transpose_a)
 
     def _relation_features(self, theta: tf.Tensor, phi: tf.Tensor, return_relation: bool):
-        """W_rᵀ [R[i,:], R[:,i]] for every node i (eq. 3-4 before BN), in float32, and R if asked."""
-        theta, phi = tf.cast(theta, tf.float32), tf.cast(phi, tf.float32)
-        kernel = tf.cast(self.relation_kernel, tf.float32)
+        """W_rᵀ [R[i,:], R[:,i]] for every node i (eq. 3-4 before BN), and R if asked.
+
+        Half-precision inputs are promoted to float32: these are sums of thousands of products.
+        """
+        dtype = tf.float32 if theta.dtype in (tf.float16, tf.bfloat16) else theta.dtype
+        theta, phi = tf.cast(theta, dtype), tf.cast(phi, dtype)
+        kernel = tf.cast(self.relation_kernel, dtype)
         relation = None
         if self.relation == "explicit" or return_relation:
             relation = tf.linalg.matmul(theta, phi, transpose_b=True)  # R[i, j] = θ_i · φ_j

@@ -171,8 +171,23 @@ def attention_model(model: keras.Model) -> keras.Model:
     layers = rga_layers(model)
     if not layers:
         raise ValueError(f"model '{model.name}' has no RGA layers (a baseline model has no attention maps)")
-    outputs = {layer.name: layer(layer.input, return_maps=True)[1] for layer in layers}
+    outputs = {layer.name: _AttentionMaps(layer, name=f"{layer.name}_maps")(layer.input) for layer in layers}
     return keras.Model(model.inputs, outputs, name=f"{model.name}_attention")
+
+
+class _AttentionMaps(keras.layers.Layer):
+    """Calls an existing RGA layer (same weights) with ``return_maps=True`` and returns its maps.
+
+    A wrapper rather than a second call of the RGA layer itself: Keras' functional graph cannot re-run
+    a layer node whose outputs change structure with a call argument.
+    """
+
+    def __init__(self, rga: RGA, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rga = rga
+
+    def call(self, inputs, training=None):
+        return self.rga(inputs, training=training, return_maps=True)[1]
 
 
 def count_parameters(model: keras.Model) -> int:

@@ -1,0 +1,163 @@
+"""RGA layers against the independent NumPy reference, fused vs explicit, precision, errors, serialisation."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rga_keras.layers import RGA, RelationAttention
+from tests import numpy_reference as ref
+
+ABLATIONS = [
+    {},
+    {"use_relation": False},
+    {"use_original": False},
+    {"embedding": "symmetric"},
+    {"embedding": "none"},
+]
+
+
+def _randomise_batchnorms(layer, rng):
+    for bn in layer._flatten_layers():
+        if isinstance(bn, keras.layers.BatchNormalization):
+            c = bn.gamma.shape[0]
+            bn.gamma.assign(rng.uniform(0.5, 1.5, c))
+            bn.beta.assign(rng.normal(0, 0.2, c))
+            bn.moving_mean.assign(rng.normal(0, 0.2, c))
+            bn.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+
+
+def _bn(bn, sl=slice(None)):
+    return tuple(v.numpy()[sl] for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
+
+
+def _branch_params(b: RelationAttention) -> dict:
+    """Our fused weight layout ([θ | φ | g] columns) → the reference's per-embedding PyTorch layout."""
+    names = []
+    if b.use_relation:
+        names += {"asymmetric": ["theta", "phi"], "symmetric": ["theta"], "none": []}[b.embedding]
+    if b.use_original:
+        names.append("gx")
+    e = b.embed_dim
+    p = {n: (b.embed_kernel.numpy()[:, i * e:(i + 1) * e].T, _bn(b.embed_bn, slice(i * e, (i + 1) * e)))
+         for i, n in enumerate(names)}
+    if b.use_relation:
+        p["gg"] = (b.relation_kernel.numpy().T, _bn(b.relation_bn))
+    p["W1"] = (b.head_kernel1.numpy().T, _bn(b.head_bn1))
+    p["W2"] = (b.head_kernel2.numpy().T, _bn(b.head_bn2))
+    return p
+
+
+def _rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("mode", ["s", "c", "sc", "cs", "s//c"])
+@pytest.mark.parametrize("flags", ABLATIONS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "full")
+@pytest.mark.parametrize("relation", ["fused", "explicit"])
+def test_rga_matches_numpy_reference(mode, flags, relation):
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (2, 8, 4, 48)).astype(np.float32)
+    layer = RGA(mode, relation=relation, **flags)
+    layer(x)
+    _randomise_batchnorms(layer, rng)
+    got = layer(x, training=False)
+    branches = {b.axis: _branch_params(b) for b in layer.branches}
+    expected = ref.rga_module(x.astype(np.float64), branches, mode, **flags)
+    assert _rel_err(got, expected) < 1e-5
+    assert _rel_err(got, x) > 1e-2  # the attention does something
+
+
+def _fused_and_explicit(axis, embedding, x, dtype):
+    keras.utils.set_random_seed(7)
+    fused = RelationAttention(axis, embedding=embedding, relation="fused", dtype=dtype)
+    explicit = RelationAttention(axis, embedding=embedding, relation="explicit", dtype=dtype)
+    fused(x), explicit(x)
+    explicit.set_weights(fused.get_weights())
+    results = []
+    for layer in (fused, explicit):
+        with tf.GradientTape() as tape:
+            a = layer(x, training=True)
+            loss = tf.reduce_sum(a * a)
+        results.append((a.numpy(), [g.numpy() for g in tape.gradient(loss, layer.trainable_weights)]))
+    return results
+
+
+@pytest.mark.parametrize("axis", ["spatial", "channel"])
+@pytest.mark.parametrize("embedding", ["asymmetric", "symmetric", "none"])
+def test_fused_equals_explicit_at_stage1_size(axis, embedding):
+    """Stage 1 of a 256×128 input: N = 2048 positions, C = 256 channels, batch statistics (training).
+
+    Outputs agree to float32 rounding; gradients are compared in float64, where the two paths are the
+    same function to ~1e-12 (in float32 BN's mean subtraction can amplify rounding of large relations).
+    """
+    x = np.random.default_rng(1).normal(0, 1, (2, 64, 32, 256))
+    (a_f, _), (a_e, _) = _fused_and_explicit(axis, embedding, tf.constant(x, tf.float32), "float32")
+    assert _rel_err(a_f, a_e) < 1e-4
+    (a_f, g_f), (a_e, g_e) = _fused_and_explicit(axis, embedding, tf.constant(x, tf.float64), "float64")
+    assert _rel_err(a_f, a_e) < 1e-10
+    for gf, ge in zip(g_f, g_e):
+        assert _rel_err(gf, ge) < 1e-8
+
+
+def test_maps_are_what_the_layer_applies():
+    x = np.random.default_rng(2).normal(0, 1, (2, 8, 4, 32)).astype(np.float32)
+    layer = RGA("sc", relation="fused")
+    out, maps = layer(x, return_maps=True)
+    step1 = x * maps["spatial_attention"].numpy()
+    np.testing.assert_allclose(out, step1 * maps["channel_attention"].numpy(), rtol=1e-6, atol=1e-6)
+    s = layer.spatial
+    flat = x.reshape(2, 32, 32)
+    emb = tf.nn.relu(s.embed_bn(flat @ s.embed_kernel.numpy(), training=False)).numpy()
+    e = s.embed_dim
+    np.testing.assert_allclose(maps["spatial_relation"], emb[..., :e] @ emb[..., e:2 * e].transpose(0, 2, 1),
+                               rtol=1e-5, atol=1e-5)
+    assert maps["channel_relation"].shape == (2, 32, 32)
+
+
+def test_wrong_spatial_size_is_a_clear_error():
+    layer = RGA("sc", name="rga_test")
+    layer(np.zeros((1, 16, 8, 32), np.float32))
+    with pytest.raises(ValueError, match=r"rga_test.*16x8x32.*got 8x8x32"):
+        layer(np.zeros((1, 8, 8, 32), np.float32))
+
+
+def test_invalid_options():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        RGA("x")
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        RGA("s", embedding="shared")
+    with pytest.raises(ValueError, match="cannot both be False"):
+        RGA("s", use_relation=False, use_original=False)
+    with pytest.raises(ValueError, match="fixed spatial size"):
+        RGA("s")(keras.Input((None, None, 8)))
+
+
+def test_serialisation_round_trip():
+    layer = RGA("cs", s1=4, s2=2, use_original=False, embedding="symmetric", relation="explicit")
+    x = np.random.default_rng(3).normal(0, 1, (2, 8, 4, 16)).astype(np.float32)
+    y = layer(x, training=False)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert clone.get_config() == layer.get_config()
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(clone(x, training=False), y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy, tol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 6e-2)])
+def test_mixed_precision_stays_close_and_finite(policy, tol):
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 3, (2, 16, 8, 64)).astype(np.float32)
+    reference = RGA("sc")
+    expected = reference(x, training=False).numpy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        layer = RGA("sc")
+        layer(x)
+        layer.set_weights(reference.get_weights())
+        got = layer(x, training=False)
+        big = layer(x * 100.0, training=True)  # relation sums of many products must not overflow
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert got.dtype == tf.as_dtype(policy.split("_")[1])
+    assert _rel_err(tf.cast(got, tf.float32), expected) < tol
+    assert np.all(np.isfinite(tf.cast(big, tf.float32).numpy()))
