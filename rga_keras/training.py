@@ -1,0 +1,362 @@
+"""Training helpers around `model.fit`: strategy, precision, compile, callbacks.
+
+Typical use (the model maps images to {"features": f, "logits": z}, DESIGN.md §2)::
+
+    strategy = get_strategy()                      # before any other TensorFlow work
+    set_precision("mixed_float16")                 # before building the model
+    with strategy.scope():
+        model = build_model(...)
+        use_sync_batchnorm(model)                  # optional, before compile
+        sched = WarmupMultiStepSchedule(steps_per_epoch=steps)
+        compile_reid(model, optimizer=make_optimizer("adam", sched))
+    model.fit(to_reid_targets(train_ds), epochs=600, callbacks=make_callbacks(run_dir))
+
+Distribution. Each global batch (P×K images) is split into contiguous equal slices, one per
+replica, and the batch-hard triplet loss mines inside each slice: order the batch so every slice
+holds whole identities (K ≥ 2 images each), i.e. the global batch must divide into
+replicas × identities-per-replica × K. Gradients are averaged over the global batch, so keep the
+learning rate when only the replica count changes at a fixed global batch; scale it linearly if you
+grow the global batch. BatchNorm statistics are per replica (global batch / replicas images) unless
+`use_sync_batchnorm` is used.
+
+Several machines: run the same program on each with TF_CONFIG set, e.g. on the first machine
+``TF_CONFIG='{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker",
+"index": 0}}'`` and ``"index": 1`` on the second; `get_strategy()` then returns a
+MultiWorkerMirroredStrategy. Worker 0 (or the "chief") writes checkpoints and logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import json
+import math
+import os
+import tempfile
+import warnings
+from typing import Iterator, Sequence
+
+import keras
+import tensorflow as tf
+
+from rga_keras.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
+
+_STRATEGIES = ("auto", "mirrored", "multi_worker", "default")
+_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+# ---- strategy and precision --------------------------------------------------------------------
+
+def _tf_config() -> dict:
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"TF_CONFIG must be a JSON object, found {raw[:200]!r}")
+    return config
+
+
+def _cluster_size() -> int:
+    cluster = _tf_config().get("cluster", {})
+    return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+
+
+def is_chief() -> bool:
+    """True unless TF_CONFIG names this process a non-chief worker (only the chief writes files)."""
+    config = _tf_config()
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    if _cluster_size() <= 1:
+        return True
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy patched for Keras 3's fit (keras-team/keras#20585).
+
+    Keras 3.x hands ``reduce`` a whole nested data batch (to build the model) and reduces scalar
+    metric values with ``axis=0``; the stock multi-worker strategy rejects both. Here ``reduce``
+    maps over nests and reduces scalars across replicas only.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        parent = super()
+
+        def one(v):
+            first = v.values[0] if isinstance(v, tf.distribute.DistributedValues) else v
+            return parent.reduce(reduce_op, v, axis if len(getattr(first, "shape", ())) else None)
+
+        return tf.nest.map_structure(one, value)
+
+
+def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None) -> tf.distribute.Strategy:
+    """The distribution strategy to build and train the model under.
+
+    kind "auto": MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
+    MirroredStrategy over all GPUs when there is one, else the default one-device strategy.
+    "mirrored", "multi_worker", "default" force a kind. ``devices`` (e.g. ["/cpu:0", "/cpu:1"])
+    builds a MirroredStrategy over exactly those devices. Call it first: MultiWorkerMirroredStrategy
+    must be created before any other TensorFlow operation.
+    """
+    if kind not in _STRATEGIES:
+        raise ValueError(f"strategy kind must be one of {_STRATEGIES}, found {kind!r}")
+    if devices is not None:
+        if kind not in ("auto", "mirrored"):
+            raise ValueError(f"devices= only applies to a mirrored strategy, found kind={kind!r}")
+        return tf.distribute.MirroredStrategy(list(devices))
+    if kind == "auto":
+        if _cluster_size() > 1:
+            kind = "multi_worker"
+        elif tf.config.list_physical_devices("GPU"):
+            kind = "mirrored"
+        else:
+            kind = "default"
+    if kind == "multi_worker":
+        return _MultiWorkerStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def set_precision(policy: str = "float32") -> str:
+    """Set Keras' global dtype policy; call before building the model.
+
+    "mixed_float16": float16 compute with dynamic loss scaling (Keras wraps the optimiser in a
+    LossScaleOptimizer at compile); for GPUs with tensor cores. "mixed_bfloat16": no loss scaling
+    needed (recent GPUs, TPUs, CPUs with AMX). Losses and the model's outputs stay float32.
+    """
+    if policy not in _POLICIES:
+        raise ValueError(f"precision policy must be one of {_POLICIES}, found {policy!r}")
+    if policy == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        warnings.warn("mixed_float16 without a GPU is emulated and much slower than float32 on CPU; "
+                      "use float32 (or mixed_bfloat16 on CPUs with bfloat16 support)", stacklevel=2)
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def use_sync_batchnorm(model: keras.Model) -> int:
+    """Make every BatchNormalization in ``model`` (nested layers included) synchronise its batch
+    statistics over the replicas; returns how many were switched. Call before compile/fit. The flag
+    is saved with the model and is harmless on one device."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+            count += 1
+    return count
+
+
+# ---- compile -------------------------------------------------------------------------------------
+
+def compile_reid(model: keras.Model, *, optimizer: keras.optimizers.Optimizer,
+                 triplet_weight: float = 1.0, ce_weight: float = 1.0, margin: float = 0.3,
+                 epsilon: float = 0.1, soft_margin: bool = False, jit_compile: bool = False,
+                 steps_per_execution: int = 1) -> keras.Model:
+    """Compile with the paper's losses (DESIGN.md §2): ce_weight · label-smoothed CE on "logits" +
+    triplet_weight · batch-hard triplet on "features"; accuracy on the logits.
+
+    Train with targets {"logits": y, "features": y} (see `to_reid_targets`). Call inside the
+    strategy scope. Returns the model.
+    """
+    outputs = getattr(model, "output", None)
+    if not (isinstance(outputs, dict) and {"features", "logits"} <= set(outputs)):
+        found = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise ValueError("compile_reid needs a functional model whose output is a dict with keys "
+                         f"'features' and 'logits'; found {found}")
+    model.compile(
+        optimizer=optimizer,
+        loss={"logits": LabelSmoothingCrossEntropy(epsilon=epsilon),
+              "features": BatchHardTripletLoss(margin=margin, soft_margin=soft_margin)},
+        loss_weights={"logits": ce_weight, "features": triplet_weight},
+        metrics={"logits": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]},
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def to_reid_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Map a dataset of (images, labels) to (images, {"logits": labels, "features": labels})."""
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise ValueError(f"to_reid_targets expects a dataset of (images, labels) pairs, found {spec}")
+    return dataset.map(lambda x, y: (x, {"logits": y, "features": y}),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@contextlib.contextmanager
+def explain_oom(hint: str = "") -> Iterator[None]:
+    """Turn an out-of-memory error (tf ResourceExhaustedError) inside the block into a short
+    MemoryError saying what to change. Checkpoints are written atomically, so none is left half."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as e:
+        first = (e.message or "").strip().splitlines()[:1]
+        raise MemoryError(
+            "Out of device memory while training"
+            + (f" ({first[0][:200]})" if first else "") + ". Reduce the batch (P×K), use "
+            "set_precision('mixed_float16'), a smaller input size, or more replicas."
+            + (f" {hint}" if hint else "")) from None
+
+
+# ---- files written atomically --------------------------------------------------------------------
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path``.
+
+    A crash or error mid-write leaves ``path`` as it was (and removes the temp file).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base, ext = (name[: -len(".weights.h5")], ".weights.h5") if name.endswith(".weights.h5") \
+        else os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+def save_model_atomic(model: keras.Model, path: str) -> None:
+    """``model.save(path)`` (a .keras file) through a temp file and rename."""
+    if not path.endswith(".keras"):
+        raise ValueError(f"checkpoint path must end in .keras, found {path!r}")
+    _atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
+
+
+# ---- callbacks -----------------------------------------------------------------------------------
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore with each backup file (weights, epoch counter) replaced atomically,
+    so a kill during a backup leaves the previous one loadable. A kill between the two renames
+    makes the resumed run repeat one epoch."""
+
+    def _save_model(self):
+        _atomic_write(self._weights_path,
+                      lambda tmp: self.model.save_weights(tmp, overwrite=True))
+        _write_text(self._training_metadata_path,
+                    json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Save the model (.keras) every epoch, or only when ``monitor`` improves, atomically.
+
+    With a monitor the best value is kept in ``<path>.json`` so it survives a resume; epochs
+    whose logs lack the monitor (e.g. no evaluation that epoch) are skipped. ``mode`` "auto"
+    maximises names containing acc/map/rank/cmc and minimises the rest.
+    """
+
+    def __init__(self, filepath: str, monitor: str | None = None, mode: str = "auto"):
+        super().__init__()
+        if not filepath.endswith(".keras"):
+            raise ValueError(f"checkpoint path must end in .keras, found {filepath!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', found {mode!r}")
+        if mode == "auto" and monitor is not None:
+            mode = "max" if any(k in monitor.lower() for k in ("acc", "map", "rank", "cmc")) else "min"
+        self.filepath, self.monitor, self.mode = filepath, monitor, mode
+        self.best = None
+
+    def on_train_begin(self, logs=None):
+        if self.monitor and os.path.exists(self.filepath + ".json"):
+            with open(self.filepath + ".json", encoding="utf-8") as f:
+                state = json.load(f)
+            if state.get("monitor") == self.monitor:
+                self.best = state["value"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is None:
+            save_model_atomic(self.model, self.filepath)
+            return
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return
+        value = float(value)
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            save_model_atomic(self.model, self.filepath)
+            self.best = value
+            _write_text(self.filepath + ".json",
+                        json.dumps({"monitor": self.monitor, "value": value, "epoch": epoch + 1}))
+
+
+class HistoryLog(keras.callbacks.Callback):
+    """Per-epoch logs to ``history.json`` and ``history.csv`` in ``run_dir`` (rewritten
+    atomically each epoch; a resumed run continues the same files, one row per epoch)."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.json_path = os.path.join(run_dir, "history.json")
+        self.csv_path = os.path.join(run_dir, "history.csv")
+        self.rows: dict[int, dict] = {}
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.json_path):
+            with open(self.json_path, encoding="utf-8") as f:
+                self.rows = {row["epoch"]: row for row in json.load(f)}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows[epoch + 1] = {"epoch": epoch + 1,
+                                **{k: float(v) for k, v in (logs or {}).items()}}
+        rows = [self.rows[e] for e in sorted(self.rows)]
+        _write_text(self.json_path, json.dumps(rows, indent=1))
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        _atomic_write(self.csv_path, write_csv)
+
+
+def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = True,
+                   checkpoint_best_monitor: str | None = None,
+                   best_mode: str = "auto") -> list[keras.callbacks.Callback]:
+    """Callbacks for a resumable run writing into ``run_dir``.
+
+    - ``tensorboard/``: TensorBoard logs (skipped with a warning when tensorboard is missing);
+    - ``history.json`` / ``history.csv``: per-epoch logs (``epoch`` counted from 1);
+    - ``last.keras`` every epoch, ``best.keras`` (+ ``best.keras.json``) when
+      ``checkpoint_best_monitor`` improves; both written atomically;
+    - ``backup/``: BackupAndRestore state, so re-running the same fit after a kill resumes at the
+      epoch after the last completed one (weights, optimiser state and step count restored);
+      it is deleted when fit completes. It comes last, so an epoch only counts as done once the
+      other callbacks have written its files.
+    Under several workers only the chief writes logs and checkpoints; other workers keep only
+    their own backup (``backup-worker<i>/``).
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    callbacks: list[keras.callbacks.Callback] = []
+    chief = is_chief()
+    if chief:
+        if tensorboard and importlib.util.find_spec("tensorboard") is None:
+            warnings.warn("tensorboard is not installed (pip install tensorboard): "
+                          "training without TensorBoard logs", stacklevel=2)
+        elif tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")))
+        callbacks.append(HistoryLog(run_dir))
+        callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "last.keras")))
+        if checkpoint_best_monitor:
+            callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "best.keras"),
+                                              monitor=checkpoint_best_monitor, mode=best_mode))
+    if backup:
+        index = _tf_config().get("task", {}).get("index", 0)
+        name = "backup" if chief else f"backup-worker{index}"
+        callbacks.append(AtomicBackupAndRestore(os.path.join(run_dir, name)))
+    return callbacks
