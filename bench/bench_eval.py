@@ -67,7 +67,8 @@ def main() -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
           f"(shared with other jobs), Python {platform.python_version()}")
-    print("| case | queries × gallery × dim | re-rank | time (s) | traced peak (MiB) | max RSS (MiB) | inputs (MiB) |")
+    print("| case | queries × gallery × dim | re-rank | time (s) | traced peak (MiB) | max RSS (MiB) "
+          "| inputs (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.cases:
         out = subprocess.run([sys.executable, __file__, "--child", name], env=env, capture_output=True, text=True)

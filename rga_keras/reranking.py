@@ -17,7 +17,7 @@ The algorithm, over all n = q + g images (p, g_i below range over all of them):
 * Neighbour ties are broken by index (query images first, then gallery order).
 
 Memory (n = q + g, d-dim features, E ≈ |R*| ≈ 30–60 for k1 = 20): the features are stacked once
-(n·d float32); distances are produced ~4 Mi entries at a time and only the k1+1 nearest neighbours
+(n·d float32); distances are produced ~8 Mi entries at a time and only the k1+1 nearest neighbours
 per row are kept (n·(k1+1) int32); V is a scipy CSR matrix with n·E entries, n·k2·E after query
 expansion; the Jaccard step walks V's inverted index a query chunk at a time. The only dense
 matrix is the (q, g) float32 result, which doubles as the buffer for d — 214 MB for Market-1501,
@@ -107,11 +107,12 @@ def _jaccard_into(out: np.ndarray, v: sp.csr_matrix, num_query: int, rowmax: np.
     qv = v[:num_query].tocsr()
     q_rows = np.repeat(np.arange(num_query), np.diff(qv.indptr))
     work = np.cumsum(np.bincount(q_rows, col_count[qv.indices], minlength=num_query))  # pairs so far
-    max_rows = max(1, _CHUNK_ENTRIES // num_gallery)
+    max_rows = max(1, _CHUNK_ENTRIES // num_gallery)  # rows of the dense Σ min block
+    max_pairs = max(1, _CHUNK_ENTRIES // 2)  # (i, k, j) triples walked per chunk, ~40 bytes each
     s = 0
     while s < num_query:
         done = work[s - 1] if s else 0
-        e = min(num_query, s + max_rows, max(s + 1, int(np.searchsorted(work, done + 2 * _CHUNK_ENTRIES, "right"))))
+        e = min(num_query, s + max_rows, max(s + 1, int(np.searchsorted(work, done + max_pairs, "right"))))
         sub = qv[s:e].tocoo()
         count, start = col_count[sub.col], col_start[sub.col]
         total = int(count.sum())

@@ -99,7 +99,8 @@ def test_evaluate_rerank_uses_reranked_distances():
     feats, ids = clustered(rng, num_ids=12, per_id=5, dim=8, spread=0.9)
     cams = np.tile(np.arange(5), 12)
     q, g = np.arange(0, 60, 5), np.setdiff1d(np.arange(60), np.arange(0, 60, 5))
-    want = evaluate_distances(reference_rerank(feats[q], feats[g], 20, 6, 0.3, "cosine"), ids[q], ids[g], cams[q], cams[g])
+    reranked = reference_rerank(feats[q], feats[g], 20, 6, 0.3, "cosine")
+    want = evaluate_distances(reranked, ids[q], ids[g], cams[q], cams[g])
     got = evaluate(feats[q], feats[g], ids[q], ids[g], cams[q], cams[g], rerank=True)
     for key in ("rank1", "rank5", "mAP", "mINP"):
         assert got[key] == pytest.approx(want[key])
