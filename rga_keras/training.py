@@ -11,18 +11,21 @@ Typical use (the model maps images to {"features": f, "logits": z}, DESIGN.md §
         compile_reid(model, optimizer=make_optimizer("adam", sched))
     model.fit(to_reid_targets(train_ds), epochs=600, callbacks=make_callbacks(run_dir))
 
-Distribution. Each global batch (P×K images) is split into contiguous equal slices, one per
-replica, and the batch-hard triplet loss mines inside each slice: order the batch so every slice
-holds whole identities (K ≥ 2 images each), i.e. the global batch must divide into
+Distribution. With MirroredStrategy each global batch (P×K images) is split into contiguous equal
+slices, one per replica, and the batch-hard triplet loss mines inside each slice: order the batch
+so every slice holds whole identities (K ≥ 2 images each), i.e. the global batch must divide into
 replicas × identities-per-replica × K. Gradients are averaged over the global batch, so keep the
 learning rate when only the replica count changes at a fixed global batch; scale it linearly if you
-grow the global batch. BatchNorm statistics are per replica (global batch / replicas images) unless
-`use_sync_batchnorm` is used.
+grow the global batch. Without `use_sync_batchnorm`, BatchNorm normalises each replica's slice
+(global batch / replicas images) with its own statistics and the moving statistics that get saved
+come from one replica's slices; with it, statistics are those of the whole global batch.
 
 Several machines: run the same program on each with TF_CONFIG set, e.g. on the first machine
 ``TF_CONFIG='{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker",
 "index": 0}}'`` and ``"index": 1`` on the second; `get_strategy()` then returns a
-MultiWorkerMirroredStrategy. Worker 0 (or the "chief") writes checkpoints and logs.
+MultiWorkerMirroredStrategy. Feed it with ``strategy.distribute_datasets_from_function``, each
+replica drawing its own identity-contiguous per-replica P×K batch (seeded by
+``input_context.input_pipeline_id``). Worker 0 (or the "chief") writes checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -128,7 +131,8 @@ def set_precision(policy: str = "float32") -> str:
 
     "mixed_float16": float16 compute with dynamic loss scaling (Keras wraps the optimiser in a
     LossScaleOptimizer at compile); for GPUs with tensor cores. "mixed_bfloat16": no loss scaling
-    needed (recent GPUs, TPUs, CPUs with AMX). Losses and the model's outputs stay float32.
+    needed (recent GPUs, TPUs, CPUs with AMX). The losses compute in float32 whatever the model
+    outputs.
     """
     if policy not in _POLICIES:
         raise ValueError(f"precision policy must be one of {_POLICIES}, found {policy!r}")
