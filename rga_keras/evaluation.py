@@ -308,29 +308,26 @@ def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: i
     cardinality = int(dataset.cardinality())
     progbar = keras.utils.Progbar(cardinality if cardinality >= 0 else None, verbose=verbose, unit_name="batch")
 
-    def embed(images):
-        out = model(images, training=False)
-        if not (hasattr(out, "shape") and len(out.shape) == 2):
+    def embed(images) -> np.ndarray:
+        out = model.predict_on_batch(images)  # Keras compiles and caches the inference step
+        if not (isinstance(out, np.ndarray) and out.ndim == 2):
             raise ValueError(
                 "model must map a batch of images to one (batch, dim) embedding tensor, "
                 f"got {type(out).__name__} {getattr(out, 'shape', '')}"
             )
-        return out
-
-    @tf.function
-    def step(images):
-        features = embed(images)
-        if flip:
-            features = (features + embed(tf.image.flip_left_right(images))) / 2.0
-        return features
+        return out.astype(np.float32, copy=False)
 
     features, ids, cams, paths = [], [], [], []
     for images, meta in dataset:
-        features.append(np.asarray(step(images), dtype=np.float32))
+        feature = embed(images)
+        if flip:
+            feature = (feature + embed(tf.image.flip_left_right(images))) / 2.0
+        features.append(feature)
         ids.append(meta["person_id"].numpy())
         cams.append(meta["camera_id"].numpy())
         paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in meta["path"].numpy())
         progbar.add(1)
+    progbar.update(len(features), finalize=True)
     if not features:
         raise ValueError("dataset is empty: no images to extract features from")
     meta = {
