@@ -188,6 +188,7 @@ def plot_training_curves(history: dict | str | os.PathLike, out_png: str | os.Pa
     (400 × panels) × 350 pixels. Raises ValueError when the log has none of the three kinds.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     series = read_history(history)
     panels = [(title, [k for k in series if k != "epoch" and wanted(_normalise(k))]) for title, wanted in _PANELS]
@@ -205,6 +206,7 @@ def plot_training_curves(history: dict | str | os.PathLike, out_png: str | os.Pa
             ok = np.isfinite(values)
             ax.plot(epochs[: len(values)][ok], values[ok], marker="." if ok.sum() < 30 else None, label=key)
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=CURVE_DPI))
