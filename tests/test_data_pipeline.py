@@ -12,9 +12,9 @@ from rga_keras.data import (
     Sample,
     make_eval_dataset,
     make_train_dataset,
-    random_erasing,
     steps_per_epoch,
 )
+from rga_keras.data.pipeline import erasing_boxes
 
 SIZE = (16, 8)
 NO_AUG = {"translate_prob": 0.0, "flip_prob": 0.0, "erase_prob": 0.0}
@@ -245,15 +245,20 @@ def test_full_augmentation_value_range_and_erasing_rate(noise_samples):
     assert 0.0 < min(e for e in erased if e > 0) and max(erased) <= 0.45
 
 
-def test_random_erasing_rectangle_bounds():
+def test_erasing_measured_from_output(tmp_path):
+    """Constant images, erasing always on: each output shows one solid rectangle of the mean pixel
+    whose size respects area 2–40 % and aspect 0.3–1/0.3 (up to rounding the sides to pixels)."""
+    items = []
+    for i in range(8):
+        Image.fromarray(np.full((40, 20, 3), 7, np.uint8)).save(tmp_path / f"{i}.png")
+        items.append(Sample(str(tmp_path / f"{i}.png"), i, 1))
     h, w = 64, 32
-    image = tf.fill([h, w, 3], 7.0)
-    rng = np.random.default_rng(1)
+    ds = make_train_dataset(items, num_ids_per_batch=4, images_per_id=2, image_size=(h, w), erase_prob=1.0)
+    images = np.concatenate([x for x, _ in batches(ds, 40)])
     fractions = []
-    for _ in range(200):
-        out = random_erasing(image, tf.constant(rng.random(40), tf.float32)).numpy()
-        mask = (out == np.array(IMAGENET_MEAN_255, np.float32)).all(-1)
-        assert ((out == 7.0).all(-1) | mask).all()  # only the fill value or the original
+    for image in images:
+        mask = (image == np.array(IMAGENET_MEAN_255, np.float32)).all(-1)
+        assert ((image == 7.0).all(-1) | mask).all()  # only the fill value or the original
         if not mask.any():
             continue
         rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
@@ -264,10 +269,14 @@ def test_random_erasing_rectangle_bounds():
         assert (eh + 0.5) * (ew + 0.5) >= 0.02 * h * w and (eh - 0.5) * (ew - 0.5) <= 0.4 * h * w
         assert (eh + 0.5) / (ew - 0.5) >= 0.3 and (eh - 0.5) / (ew + 0.5) <= 1 / 0.3
         fractions.append(eh * ew / (h * w))
-    assert len(fractions) >= 190  # with 10 attempts a fitting rectangle is nearly always found
-    assert min(fractions) < 0.06 and max(fractions) > 0.3
-    untouched = random_erasing(image, tf.constant(rng.random(40), tf.float32), erase=False)
-    assert np.array_equal(untouched.numpy(), image.numpy())
+    assert len(fractions) >= 0.97 * len(images)  # with 10 attempts a fitting rectangle is nearly always found
+    assert min(fractions) < 0.04 and max(fractions) > 0.35
+
+
+def test_erasing_boxes_when_nothing_fits():
+    u = tf.constant(np.random.default_rng(2).random((50, 40)), tf.float32)
+    boxes = erasing_boxes(u, (64, 32), area=(0.99, 0.999)).numpy()  # > 63·31 pixels never fits
+    assert boxes.shape == (50, 4) and not boxes.any()
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -349,3 +358,13 @@ def test_all_unreadable_fails_early(tmp_path):
         make_train_dataset(items, num_ids_per_batch=2, images_per_id=1)
     with pytest.raises(ValueError, match="could be read"):
         make_eval_dataset(items)
+
+
+@pytest.mark.parametrize("source", [(40, 20), (10, 6), (30, 5)])
+def test_resize_matches_pil_bilinear(tmp_path, source):
+    """Shrinking is antialiased and enlarging plain bilinear, both as PIL's BILINEAR (PIL rounds to uint8)."""
+    picture = np.random.default_rng(3).integers(0, 256, (*source, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "x.png")
+    (image, _), = make_eval_dataset([Sample(str(tmp_path / "x.png"), 1, 1)], image_size=SIZE)
+    reference = np.asarray(Image.fromarray(picture).resize(SIZE[::-1], Image.BILINEAR), np.float32)
+    assert np.abs(image.numpy()[0] - reference).max() <= 1.0

@@ -5,7 +5,6 @@ from rga_keras.data.pipeline import (
     corrupt_images,
     make_eval_dataset,
     make_train_dataset,
-    random_erasing,
     steps_per_epoch,
 )
 from rga_keras.data.readers import OFFICIAL_COUNTS, DatasetWarning, ReidDataset, Sample, load_dataset
@@ -21,6 +20,5 @@ __all__ = [
     "load_dataset",
     "make_eval_dataset",
     "make_train_dataset",
-    "random_erasing",
     "steps_per_epoch",
 ]
