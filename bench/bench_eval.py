@@ -8,8 +8,9 @@ values). Each case runs in a fresh subprocess so that ru_maxrss is its own. Repo
   time      wall-clock seconds of the evaluate() call (features already in memory)
   traced    tracemalloc peak during evaluate(): NumPy/SciPy allocations made by the call,
             on top of the inputs (BLAS scratch is not traced)
-  max RSS   the child process's peak resident memory: inputs + Python + the imported packages
-            (importing rga_keras pulls in TensorFlow/Keras, several hundred MB) + the call
+  RSS before  the child's resident memory just before the call: Python, the imported packages
+            (importing rga_keras pulls in TensorFlow/Keras) and the inputs
+  max RSS   the child process's peak resident memory (so max RSS - RSS before ≈ what the call adds)
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ CASES = {
 }
 
 
+def _current_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def run_case(name: str) -> dict:
     import numpy as np
 
@@ -43,6 +49,7 @@ def run_case(name: str) -> dict:
     gallery = rng.standard_normal((ng, dim), dtype=np.float32)
     qids, gids = rng.integers(1, num_ids, nq), rng.integers(-1, num_ids, ng)
     qcams, gcams = rng.integers(0, num_cams, nq), rng.integers(0, num_cams, ng)
+    rss_before = _current_rss_mib()
     tracemalloc.start()
     start = time.perf_counter()
     result = evaluate(query, gallery, qids, gids, qcams, gcams, metric="cosine", rerank=rerank)
@@ -51,7 +58,7 @@ def run_case(name: str) -> dict:
     tracemalloc.stop()
     return {
         "case": name, "queries": nq, "gallery": ng, "dim": dim, "rerank": rerank, "seconds": seconds,
-        "traced_mib": traced / 2**20, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "traced_mib": traced / 2**20, "rss_before_mib": rss_before, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "inputs_mib": (query.nbytes + gallery.nbytes) / 2**20, "mAP": result["mAP"],
     }
 
@@ -67,9 +74,9 @@ def main() -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
           f"(shared with other jobs), Python {platform.python_version()}")
-    print("| case | queries × gallery × dim | re-rank | time (s) | traced peak (MiB) | max RSS (MiB) "
-          "| inputs (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | queries × gallery × dim | re-rank | time (s) | traced peak (MiB) | RSS before (MiB) "
+          "| max RSS (MiB) | inputs (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.cases:
         out = subprocess.run([sys.executable, __file__, "--child", name], env=env, capture_output=True, text=True)
         if out.returncode != 0:
@@ -77,7 +84,8 @@ def main() -> None:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {r['case']} | {r['queries']:,} × {r['gallery']:,} × {r['dim']} | {'yes' if r['rerank'] else 'no'} "
-              f"| {r['seconds']:.1f} | {r['traced_mib']:.0f} | {r['max_rss_mib']:.0f} | {r['inputs_mib']:.0f} |",
+              f"| {r['seconds']:.1f} | {r['traced_mib']:.0f} | {r['rss_before_mib']:.0f} | {r['max_rss_mib']:.0f} "
+              f"| {r['inputs_mib']:.0f} |",
               flush=True)
 
 
