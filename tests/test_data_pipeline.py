@@ -84,6 +84,9 @@ def test_identities_per_pass_and_image_cycles(samples):
     for labels in passes:
         assert sorted(set(labels)) == sorted({s.person_id for s in samples})
     assert any(not np.array_equal(passes[0], other) for other in passes[1:])  # reshuffled each pass
+    for labels in passes:  # a random order: few identities at their sorted place (expected 1)
+        order = group_runs(labels, k)
+        assert np.sum(order == np.sort(order)) <= 4
     cycles = []
     for pid, used in seen.items():
         mine = sorted(i for i, s in enumerate(samples) if s.person_id == pid)

@@ -304,7 +304,9 @@ def _index_shuffle(index, max_index, seed: int, stream: int, key, cycle=0):
     def flat(value):
         return tf.reshape(tf.broadcast_to(tf.cast(value, tf.int64), shape), [-1])
 
-    seeds = tf.stack([flat(seed), flat(key) * 2 + stream, flat(cycle)], axis=1)
+    # The op's shuffles are weak when the first seed word is 0 (as a user seed of 0 would make it),
+    # so offset it by the constant tf.random.experimental.index_shuffle puts there.
+    seeds = tf.stack([flat(seed + 498247692), flat(key) * 2 + stream, flat(cycle)], axis=1)
     out = tf.raw_ops.RandomIndexShuffle(index=flat(index), seed=seeds, max_index=flat(max_index), rounds=4)
     return tf.reshape(out, shape)
 

@@ -52,7 +52,7 @@ def generate(out_dir: str | Path, *, num_ids: int = 100, images_per_id: int = 20
     params = _params(num_ids, images_per_id, num_cameras, image_size, seed)
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or overwrite it")
+        raise FileExistsError(f"{out_dir} exists and is not empty (overwrite=True replaces it)")
     return build_atomically(out_dir, lambda tmp: _render_dataset(tmp, **params["args"]), params)
 
 
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                        image_size=tuple(args.size), seed=args.seed, overwrite=args.force)
     except ValueError as err:
         parser.error(str(err))
-    except FileExistsError as err:
-        parser.error(f"{err} (--force replaces it)")
+    except FileExistsError:
+        parser.error(f"{args.out} exists and is not empty; pass --force to replace it")
     from rga_keras.data.readers import load_dataset
 
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
