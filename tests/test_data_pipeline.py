@@ -87,16 +87,19 @@ def test_identities_per_pass_and_image_cycles(samples):
     for labels in passes:  # a random order: few identities at their sorted place (expected 1)
         order = group_runs(labels, k)
         assert np.sum(order == np.sort(order)) <= 4
-    cycles = []
-    for pid, used in seen.items():
-        mine = sorted(i for i, s in enumerate(samples) if s.person_id == pid)
-        n = len(mine)
-        for start in range(0, len(used) - n + 1, n):  # each cycle uses every image once
-            assert sorted(used[start:start + n]) == mine
-            cycles.append((pid, tuple(used[start:start + n])))
     orders = {}
-    for pid, order in cycles:
-        orders.setdefault(pid, set()).add(order)
+    for pid, used in seen.items():  # one group of k per pass, in pass order
+        n = sum(s.person_id == pid for s in samples)
+        mine = {i for i, s in enumerate(samples) if s.person_id == pid}
+        groups = [used[i:i + k] for i in range(0, len(used), k)]
+        if n < k:  # all of them in every group
+            assert all(set(g) == mine for g in groups)
+            continue
+        per_cycle = n // k  # groups per cycle: together K·⌊n/K⌋ distinct images of this identity
+        for start in range(0, len(groups) - per_cycle + 1, per_cycle):
+            cycle = [i for g in groups[start:start + per_cycle] for i in g]
+            assert len(set(cycle)) == len(cycle) and set(cycle) <= mine
+            orders.setdefault(pid, set()).add(tuple(cycle))
     assert sum(len(o) > 1 for o in orders.values()) >= 6  # image order reshuffled between cycles
 
 

@@ -4,10 +4,11 @@ Training (DESIGN.md §3): each batch holds P identities × K images, laid out id
 (K images of the first identity, then K of the second, ...), so that when tf.distribute cuts the
 global batch into contiguous per-replica slices every replica holds whole identities and the
 batch-hard triplet loss sees all positives. Identities are visited in passes, each a fresh random
-permutation cut into batches of P (the num_ids mod P left over sit the pass out). In pass q an
-identity takes places qK … qK+K−1 of its own image order, reshuffled on every cycle through its
-images: its images are used evenly, all of them before any repeats (an identity with fewer than K
-images repeats some within its group). All randomness is stateless and keyed on (seed, position in
+permutation cut into batches of P (the num_ids mod P left over sit the pass out). An identity with
+n ≥ K images takes K distinct ones per visit, the next chunk of its own image order, which is
+reshuffled on every cycle of ⌊n/K⌋ visits (the n mod K left over sit that cycle out, as in the
+usual PyTorch identity sampler); one with fewer than K images gives all of them, some twice.
+All randomness is stateless and keyed on (seed, position in
 the stream), so the output is identical for a given seed however many threads decode.
 
 Images are float32 RGB in 0–255 (the model normalises internally). Augmentations: random translate
@@ -135,8 +136,9 @@ def make_train_dataset(
         passes = groups // groups_per_pass
         ident = _index_shuffle(groups % groups_per_pass, num_ids - 1, seed, 0, key=passes)
         n = tf.gather(counts_t, ident)[:, None]
-        position = passes[:, None] * k + tf.range(k, dtype=tf.int64)  # places in the identity's image cycle
-        order = _index_shuffle(position % n, n - 1, seed, 1, key=ident[:, None], cycle=position // n)
+        chunks = tf.maximum(n // k, 1)  # groups of K distinct images per cycle through the identity's images
+        place = ((passes[:, None] % chunks) * k + tf.range(k, dtype=tf.int64)) % n
+        order = _index_shuffle(place, n - 1, seed, 1, key=ident[:, None], cycle=passes[:, None] // chunks)
         return ident, tf.gather(starts_t, ident)[:, None] + order
 
     def plan_batch(batch):
