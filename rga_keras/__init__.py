@@ -4,6 +4,8 @@
     model = rga_keras.build_rga_resnet50(num_classes=751)          # RGA-SC, 256×128 input
     embed = rga_keras.embedding_model(model, feature="after_bn")   # images → 2048-d embedding
 """
+# losses and optimizers register their classes, so `keras.models.load_model` reads our checkpoints.
+from rga_keras import losses, optimizers  # noqa: F401
 from rga_keras.layers import RGA, RelationAttention
 from rga_keras.models import (
     BNNeck,
