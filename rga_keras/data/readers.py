@@ -163,9 +163,10 @@ def _find_layout(root: Path, required: tuple[str, ...]) -> Path | None:
 
 
 def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
-    present = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else ["(not a folder)"]
+    present = sorted(p.name for p in root.iterdir()) if root.is_dir() else ["(not a folder)"]
+    listing = ", ".join(present[:5]) + (f", … ({len(present)} entries)" if len(present) > 5 else "")
     return FileNotFoundError(f"{name}: expected {expected} in {root} or one level below; "
-                             f"found: {', '.join(present) or '(empty folder)'}")
+                             f"found: {listing or '(empty folder)'}")
 
 
 def _market_files(folder: Path, skipped: _Skipped) -> list[Sample]:
