@@ -145,7 +145,8 @@ def make_train_dataset(
         """Group numbers, identities, image indices and augmentation parameters of one batch."""
         groups = batch * p + tf.range(p, dtype=tf.int64)
         ident, images = plan(groups)
-        u = tf.random.stateless_uniform([p * k, 5 + 4 * ERASE_ATTEMPTS], seed=tf.stack([tf.constant(seed, tf.int64), batch]))
+        u = tf.random.stateless_uniform([p * k, 5 + 4 * ERASE_ATTEMPTS],
+                                        seed=tf.stack([tf.constant(seed, tf.int64), batch]))
         params = augment_parameters(u, (height, width), translate_prob, flip_prob, erase_prob)
         return groups, ident, images, tf.reshape(params, [p, k, 8])
 
@@ -153,9 +154,10 @@ def make_train_dataset(
         """Decode and augment the K images of one group."""
         pictures = []
         for j in range(k):
-            contents_j = tf.gather(contents, images[j]) if cache else tf.io.read_file(tf.gather(paths_t, images[j]))
-            picture = _decode(contents_j)
-            pictures.append(_augment(picture, params[j], height, width) if augment else _resize(picture, height, width))
+            data = tf.gather(contents, images[j]) if cache else tf.io.read_file(tf.gather(paths_t, images[j]))
+            picture = _decode(data)
+            pictures.append(_augment(picture, params[j], height, width) if augment
+                            else _resize(picture, height, width))
         return group, tf.stack(pictures), tf.cast(tf.gather(ids_t, ident), tf.int32)
 
     def group_paths(first, stop):
