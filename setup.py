@@ -28,10 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rga-train=train.__main__:main",
-            "rga-eval=train.evaluate:main",
-            "rga-export=export.__main__:main",
             "rga-synth=rga_keras.data.synthetic:main",
-            "rga-visualize=rga_keras.visualize:main",
         ]
     },
 )

@@ -303,6 +303,6 @@ def print_summary(result: dict) -> None:
     print("\n" + result["dataset"])
     print(f"untrained model : {fmt(result['untrained'])}")
     print(f"trained model   : {fmt(result['final'])}   ({result['epochs']} epochs, {result['train_seconds']} s)")
-    for name, path in {**result["artefacts"], **result.get("export", {}).get("artefacts", {})}.items():
+    for name, path in result["artefacts"].items():
         print(f"{name:16s}: {path}")
     print(f"{'summary':16s}: {Path(result['run_dir']) / 'summary.json'}")

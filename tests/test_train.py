@@ -49,7 +49,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     """A tiny demo on the synthetic dataset: trains, evaluates before/after, writes every artefact."""
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
-    code = main(["--demo", "--quiet", "--no-export", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16",
+    code = main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16",
                  "-o", "dataset.images_per_id=8", "-o", "model.input_size=[64, 32]", "-o", "training.epochs=2",
                  "-o", "training.steps_per_epoch=2", "-o", "training.eval_every=1", "-o", "sampler.num_ids_per_batch=4",
                  "-o", "training.tensorboard=false"])

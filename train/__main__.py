@@ -1,7 +1,7 @@
 """rga-train: train an RGA re-id model with model.fit (python -m train --help).
 
 With no arguments it runs the demo: the built-in synthetic dataset → train RGA-SC for a few minutes on
-CPU → evaluate (untrained vs trained) → export, and prints where everything went.
+CPU → evaluate (untrained vs trained), and prints where everything went.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="shortcut for -o training.epochs=N")
     parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. -o sampler.num_ids_per_batch=8 (repeatable)")
-    parser.add_argument("--no-export", action="store_true", help="skip the export step of the demo")
     parser.add_argument("--list-configs", action="store_true", help="list the bundled recipes and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -71,8 +70,6 @@ def main(argv=None) -> int:
         else:
             config = experiment.load_config(_config_path(args.config), overrides)
         result = experiment.run(config, verbose=0 if args.quiet else 1)
-        if demo and not args.no_export:
-            result["export"] = experiment.export_demo(result)
     except (FileNotFoundError, ValueError, KeyError, MemoryError, ImportError) as exc:
         print(f"rga-train: error: {exc}", file=sys.stderr)
         return 2
