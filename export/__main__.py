@@ -1,0 +1,163 @@
+"""``rga-export`` / ``python -m export``: a trained RGA model → TF Serving SavedModel and TFLite, with parity report.
+
+The work is `rga_keras.export.export_all`; this is its command line (docs/EXPORT.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+EPILOG = """\
+examples:
+  rga-export --model runs/demo/best.keras --out exported/
+  rga-export --model best.keras --out exported/ --formats saved_model,tflite_int8 --data-root ~/data/market
+  rga-export --untrained --attention sc --num-classes 751 --out /tmp/dry-run     # dry run, random weights
+
+Output: OUT/serving/NAME/VERSION/ (TF Serving: --model_base_path=OUT/serving/NAME),
+OUT/tflite/NAME_vVERSION_KIND.tflite, OUT/NAME_vVERSION_export_report.{json,md}.
+Parity and retrieval are checked on the query/gallery split of --data-root (default: the built-in
+synthetic dataset); a missed threshold publishes nothing and exits with status 1 unless --allow-failures.
+"""
+
+
+def _formats(text: str) -> list[str]:
+    from rga_keras.export import FORMATS
+
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    if names == ["all"]:
+        return list(FORMATS)
+    unknown = [f for f in names if f not in FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {unknown or text!r}; choose from {', '.join(FORMATS)} "
+                                         "(comma-separated) or 'all'")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rga_keras.export import FORMATS, INT8_FLOAT_OPS, SERVING_DTYPES
+    from rga_keras.layers import MODES
+
+    parser = argparse.ArgumentParser(
+        prog="rga-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Export an RGA re-id model (images → L2-normalised embedding) as a TF Serving SavedModel "
+                    "and TFLite models (float32, float16, dynamic-range, int8), each checked against the Keras "
+                    "model: cosine similarity, Rank-1/mAP, size and CPU latency.")
+    source = parser.add_argument_group("model (one of)")
+    which = source.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="trained model file (.keras), e.g. runs/demo/best.keras")
+    which.add_argument("--untrained", action="store_true",
+                       help="dry run: build an untrained model (random weights; BatchNorm statistics estimated "
+                            "on the calibration images so its activations have realistic scales)")
+    source.add_argument("--attention", default="sc", choices=MODES, help="--untrained: RGA mode (default sc)")
+    source.add_argument("--num-classes", type=int, default=751, help="--untrained: classifier width (default 751)")
+    source.add_argument("--input-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+                        help="--untrained: input height and width (default 256 128)")
+    source.add_argument("--relation", choices=("fused", "explicit"),
+                        help="export with this RGA relation path (same weights; default: the model's own, fused)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="output folder")
+    out.add_argument("--formats", type=_formats, default=list(FORMATS),
+                     help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    out.add_argument("--model-name", default="rga", help="model name: TF Serving folder and file prefix (default rga)")
+    out.add_argument("--version", type=int, default=1, help="TF Serving version folder, a positive integer (default 1)")
+    out.add_argument("--feature", choices=("after_bn", "before_bn"), default="after_bn",
+                     help="embedding: BNNeck output (after_bn, default) or the pooled feature (before_bn)")
+    out.add_argument("--serving-dtype", choices=SERVING_DTYPES, default="float32",
+                     help="dtype of serving_default's images input (default float32; uint8 makes requests 4x smaller)")
+    out.add_argument("--int8-io", action="store_true",
+                     help="int8 TFLite model takes uint8 pixels and returns int8 embeddings (default: float32)")
+    out.add_argument("--int8-float-ops", default=",".join(INT8_FLOAT_OPS), metavar="OPS",
+                     help="comma-separated TFLite ops kept in float32 in the int8 model; '' for none "
+                          f"(default {','.join(INT8_FLOAT_OPS)}: the relation products)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing version / files of the same name")
+
+    data = parser.add_argument_group("images for calibration and checks")
+    data.add_argument("--data-root", type=Path,
+                      help="dataset folder: train split for int8 calibration, query/gallery for the checks "
+                           "(default: the built-in synthetic dataset, generated on first use)")
+    data.add_argument("--dataset", default="market1501",
+                      help="layout of --data-root for rga_keras.data.load_dataset (default market1501)")
+    data.add_argument("--calibration-dir", type=Path,
+                      help="folder of images (.jpg/.png, searched recursively) for int8 calibration instead")
+    data.add_argument("--num-calibration", type=int, default=200, help="calibration images (default 200)")
+
+    checks = parser.add_argument_group("checks")
+    checks.add_argument("--skip-parity-check", action="store_true",
+                        help="write the artefacts without measuring parity, retrieval or latency")
+    checks.add_argument("--allow-failures", action="store_true",
+                        help="publish even if a parity threshold is missed (the report still says so)")
+    checks.add_argument("--latency-runs", type=int, default=30, help="timed runs at batch 1 (default 30)")
+    checks.add_argument("--threads", type=int, help="TFLite CPU threads (default: all available cores)")
+    checks.add_argument("--quiet", action="store_true", help="print only the final table")
+    return parser
+
+
+def _calibration_images(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--calibration-dir {folder} is not a folder")
+    paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"--calibration-dir {folder} holds no .jpg/.jpeg/.png images")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_calibration < 1 or args.latency_runs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--num-calibration, --latency-runs and --threads must be positive")
+
+    from rga_keras import export as ex
+
+    try:
+        data = None
+        if args.data_root is not None:
+            from rga_keras.data import load_dataset
+
+            data = load_dataset(args.dataset, args.data_root)
+            print(data.summary())
+        calibration = _calibration_images(args.calibration_dir) if args.calibration_dir else (data and data.train)
+        if args.untrained:
+            model = _untrained_model(args, calibration)
+        else:
+            model = ex.load_reid_model(args.model)
+        if args.relation:
+            model = ex.with_relation(model, args.relation)
+        float_ops = [op.strip() for op in args.int8_float_ops.split(",") if op.strip()]
+        report = ex.export_all(
+            model, args.out, formats=args.formats, feature=args.feature, model_name=args.model_name,
+            version=args.version, calibration_samples=calibration, num_calibration=args.num_calibration,
+            eval_split=(data.query, data.gallery) if data else None, serving_dtype=args.serving_dtype,
+            int8_io=args.int8_io, int8_float_ops=float_ops, check=not args.skip_parity_check,
+            enforce=not args.allow_failures, latency_runs=args.latency_runs, num_threads=args.threads,
+            overwrite=args.overwrite, verbose=not args.quiet)
+    except (ex.ExportError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"rga-export: error: {err}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(ex.format_table(report))
+    for name, path in report["artefacts"].items():
+        print(f"{name:16s} {path}")
+    return 0
+
+
+def _untrained_model(args: argparse.Namespace, calibration):
+    """build_rga_resnet50 with random weights and BatchNorm statistics estimated on 32 calibration images."""
+    from rga_keras import build_rga_resnet50
+    from rga_keras.export import default_synthetic_dataset, load_images, estimate_batchnorm_statistics
+
+    model = build_rga_resnet50(args.num_classes, args.attention, input_shape=(*args.input_size, 3))
+    samples = calibration if calibration is not None else default_synthetic_dataset().train
+    estimate_batchnorm_statistics(model, load_images(samples, args.input_size, limit=32))
+    return model
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,466 @@
+"""Tests of rga_keras.export and the rga-export program (issue 6).
+
+A tiny re-id model made of the library's own layers (Normalization, RGA-SC, BNNeck, 64×32 input) keeps the
+conversions to a few seconds; the real ResNet-50 network runs in the slow test. Every number of the export
+report is recomputed here independently: embeddings with the Keras model, TFLite with LiteRT's interpreter
+directly, cosine similarity with NumPy and Rank-1/mAP with a per-query loop.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from rga_keras import RGA, build_rga_resnet50
+from rga_keras import export as ex
+from rga_keras.data import load_dataset, make_eval_dataset, make_train_dataset
+from rga_keras.data.synthetic import ensure_synthetic
+from rga_keras.models import IMAGENET_MEAN, IMAGENET_STD, BNNeck
+from rga_keras.optimizers import make_optimizer
+from rga_keras.training import compile_reid, to_reid_targets
+
+SIZE = (64, 32)
+
+
+def tiny_reid_model(num_classes: int, name: str = "tiny_rga") -> keras.Model:
+    """The structure of build_rga_resnet50 in miniature: two conv stages, each followed by RGA-SC."""
+    keras.utils.set_random_seed(0)
+    images = keras.Input((*SIZE, 3), name="images")
+    x = keras.layers.Normalization(mean=[255 * m for m in IMAGENET_MEAN],
+                                   variance=[(255 * s) ** 2 for s in IMAGENET_STD])(images)
+    for stage, filters in enumerate((16, 32), start=1):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(x))
+        x = RGA("sc", name=f"rga{stage}")(x)
+    features = keras.layers.Activation("linear", name="features")(keras.layers.GlobalAveragePooling2D()(x))
+    after_bn = BNNeck(momentum=0.9, name="bnneck")(features)
+    logits = keras.layers.Dense(num_classes, use_bias=False, name="classifier")(after_bn)
+    return keras.Model(images, {"features": features, "logits": logits}, name=name)
+
+
+def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def keras_embeddings(model, images, layer="bnneck"):
+    return unit(keras.Model(model.inputs, model.get_layer(layer).output).predict(images, verbose=0))
+
+
+def images_of(samples):
+    return np.concatenate([x.numpy() for x, _ in make_eval_dataset(samples, image_size=SIZE, batch_size=64)])
+
+
+def litert_embeddings(path, images):
+    """One image at a time through LiteRT's interpreter, (de)quantising with the model's parameters."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    result = []
+    for image in images:
+        x = image[None]
+        if inp["dtype"] != np.float32:
+            scale, zero = inp["quantization"]
+            x = np.clip(np.round(x / scale + zero), 0, 255).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"]).astype(np.float64)
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            y = (y - zero) * scale
+        result.append(y[0])
+    return np.array(result)
+
+
+def brute_force_retrieval(qf, gf, query, gallery):
+    """Rank-1 and mAP by a plain loop over queries (same id and camera removed, ties in gallery order)."""
+    qf, gf = unit(qf), unit(gf)
+    hits, aps = [], []
+    for i, (_, pid, cam) in enumerate(query):
+        dist = 1.0 - gf @ qf[i]
+        keep = [j for j, (_, gpid, gcam) in enumerate(gallery) if not (gpid == pid and gcam == cam)]
+        order = sorted(keep, key=lambda j: (np.float32(dist[j]), j))
+        match = [gallery[j][1] == pid for j in order]
+        if not any(match):
+            continue
+        hits.append(match[0])
+        ranks = [r + 1 for r, m in enumerate(match) if m]
+        aps.append(np.mean([(k + 1) / r for k, r in enumerate(ranks)]))
+    return float(np.mean(hits)), float(np.mean(aps))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return ensure_synthetic(tmp_path_factory.mktemp("synthetic") / "market", num_ids=12, images_per_id=6,
+                            num_cameras=3, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def data(data_root):
+    return load_dataset("market1501", data_root)
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    """Trained for a few dozen steps: a random network's embeddings vary so little between images that
+    int8 rounding dominates them, which says nothing about exporting a trained model."""
+    model = tiny_reid_model(data.num_train_ids)
+    compile_reid(model, optimizer=make_optimizer("adam", 1e-3))
+    batches = make_train_dataset(data.train, num_ids_per_batch=6, images_per_id=4, image_size=SIZE)
+    model.fit(to_reid_targets(batches), epochs=1, steps_per_epoch=40, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    report = ex.export_all(model, out, calibration_samples=data.train, num_calibration=24,
+                           eval_split=(data.query, data.gallery), latency_runs=3, verbose=False)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(str(saved_model_dir(exported[0])))
+
+
+def saved_model_dir(out):
+    return out / "serving" / "rga" / "1"
+
+
+# --------------------------------------------------------------------------- layout and report
+
+
+def test_layout_report_and_metadata(exported):
+    out, report = exported
+    version = saved_model_dir(out)
+    for part in ("saved_model.pb", "variables", "assets.extra/tf_serving_warmup_requests", "assets/rga_metadata.json"):
+        assert (version / part).exists(), part
+    for kind in ("float32", "float16", "dynamic", "int8"):
+        assert (out / "tflite" / f"rga_v1_{kind}.tflite").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    assert json.loads((out / "rga_v1_export_report.json").read_text())["checks"] == json.loads(
+        json.dumps(report["checks"]))
+    markdown = (out / "rga_v1_export_report.md").read_text()
+    assert "| tflite_int8 |" in markdown and "| keras (float32) |" in markdown
+    assert set(report["artefacts"]) == set(ex.FORMATS) | {"report"} and report["passed"] and report["published"]
+    meta = json.loads((version / "assets" / "rga_metadata.json").read_text())
+    assert meta["feature"] == "after_bn" and meta["l2_normalised"] and meta["version"] == 1
+    assert (meta["input"]["height"], meta["input"]["width"], meta["input"]["dtype"]) == (*SIZE, "float32")
+    assert meta["model"]["rga"] == {"rga1": "sc", "rga2": "sc"} and meta["model"]["relation"] == "fused"
+    for fmt, check in report["checks"].items():
+        path = out / report["artefacts"][fmt]
+        size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        assert check["size_bytes"] == size
+        assert check["latency_ms"]["runs"] == 3 and 0 < check["latency_ms"]["min_ms"] <= check["latency_ms"]["median_ms"]
+    sizes = {fmt: report["checks"][fmt]["size_bytes"] for fmt in report["checks"]}
+    assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]
+
+
+def test_parity_and_retrieval_numbers_match_an_independent_computation(exported, loaded, model, data):
+    out, report = exported
+    images = np.concatenate([images_of(data.query), images_of(data.gallery)])
+    nq = len(data.query)
+    reference = keras_embeddings(model, images)
+    rank1, mean_ap = brute_force_retrieval(reference[:nq], reference[nq:], data.query, data.gallery)
+    assert report["reference"]["rank1"] == pytest.approx(rank1) and report["reference"]["mAP"] == pytest.approx(mean_ap)
+    signature = loaded.signatures["serving_default"]
+    embeddings = {"saved_model": signature(images=tf.constant(images))["embedding"].numpy()}
+    for kind in ("float32", "float16", "dynamic", "int8"):
+        embeddings[f"tflite_{kind}"] = litert_embeddings(out / "tflite" / f"rga_v1_{kind}.tflite", images)
+    for fmt, emb in embeddings.items():
+        check = report["checks"][fmt]
+        cos = np.sum(unit(emb) * reference, axis=1)
+        assert check["cosine_mean"] == pytest.approx(cos.mean(), abs=2e-6), fmt
+        assert check["cosine_min"] == pytest.approx(cos.min(), abs=2e-6), fmt
+        rank1, mean_ap = brute_force_retrieval(emb[:nq], emb[nq:], data.query, data.gallery)
+        assert (check["rank1"], check["mAP"]) == (pytest.approx(rank1), pytest.approx(mean_ap)), fmt
+        # the issue's thresholds, restated here
+        floor = {"saved_model": 0.9999, "tflite_float32": 0.9999, "tflite_float16": 0.999}.get(fmt)
+        assert cos.min() >= floor if floor else cos.mean() >= 0.98, fmt
+        assert abs(100 * (mean_ap - report["reference"]["mAP"])) <= 1.0, fmt
+        assert check["passed"] and not check["failures"], fmt
+
+
+def test_tflite_models_use_builtin_ops_only_and_int8_is_integer(exported):
+    out, report = exported
+    from ai_edge_litert.interpreter import Interpreter
+
+    for kind in ("float32", "float16", "dynamic", "int8"):
+        path = out / "tflite" / f"rga_v1_{kind}.tflite"
+        Interpreter(model_path=str(path)).allocate_tensors()  # plain LiteRT: no Flex delegate, no custom ops
+        ops = report["checks"][f"tflite_{kind}"]
+        assert ops["builtin_only"] and not any(op.startswith("Flex") for op in ops["ops"])
+    int8 = report["checks"]["tflite_int8"]
+    assert set(int8["float_ops"]) == {"BATCH_MATMUL"}  # only the relation products stay float (the default)
+    assert int8["ops"]["BATCH_MATMUL"] == int8["float_ops"]["BATCH_MATMUL"] == 8  # 2 modules × 2 branches × 2
+    assert int8["ops"]["CONV_2D"] == 2 and "CONV_2D" not in int8["float_ops"]
+    assert "QUANTIZE" not in report["checks"]["tflite_float32"]["ops"]
+
+
+# --------------------------------------------------------------------------- the SavedModel
+
+
+def test_saved_model_signatures_have_named_inputs_and_outputs(exported):
+    from tensorflow.python.tools import saved_model_utils  # what saved_model_cli show --all reads
+
+    out, _ = exported
+    signatures = saved_model_utils.get_meta_graph_def(str(saved_model_dir(out)), "serve").signature_def
+    assert {"serving_default", "serve_image_bytes"} <= set(signatures)
+    default, image_bytes = signatures["serving_default"], signatures["serve_image_bytes"]
+    assert list(default.inputs) == ["images"] and default.inputs["images"].dtype == tf.float32.as_datatype_enum
+    assert len(default.inputs["images"].tensor_shape.dim) == 4
+    assert list(image_bytes.inputs) == ["image_bytes"] and image_bytes.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    for signature in (default, image_bytes):
+        assert list(signature.outputs) == ["embedding"]
+        assert [d.size for d in signature.outputs["embedding"].tensor_shape.dim] == [-1, 32]
+
+
+def test_both_signatures_match_the_keras_model(loaded, model, data):
+    images = images_of(data.query)
+    reference = keras_embeddings(model, images)
+    got = loaded.signatures["serving_default"](images=tf.constant(images))["embedding"].numpy()
+    np.testing.assert_allclose(got, reference, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # encoded files as a client sends them: decoded and resized in the graph like the evaluation pipeline
+    raw = [open(s.path, "rb").read() for s in data.query]
+    got = loaded.signatures["serve_image_bytes"](image_bytes=tf.constant(raw))["embedding"].numpy()
+    np.testing.assert_allclose(got, reference, atol=2e-5)
+    # PNGs of other sizes, colour and greyscale: resized in the graph (bilinear, antialiased)
+    colour = np.asarray(Image.open(data.query[0].path).convert("RGB").resize((50, 100)))
+    grey = np.asarray(Image.open(data.query[1].path).convert("L").resize((20, 40)))
+    pngs, arrays = [], [colour, np.repeat(grey[..., None], 3, axis=2)]
+    for array in (colour, grey):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    expected = keras_embeddings(model, np.stack([tf.image.resize(a, SIZE, antialias=True).numpy() for a in arrays]))
+    got = loaded.signatures["serve_image_bytes"](image_bytes=tf.constant(pngs))["embedding"].numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_warmup_file_parses_back_and_runs(exported, loaded):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = saved_model_dir(exported[0]) / "assets.extra" / "tf_serving_warmup_requests"
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == ["serving_default", "serve_image_bytes"]
+    for log in logs:
+        request = log.predict_log.request
+        assert request.model_spec.name == "rga"
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        embedding = loaded.signatures[request.model_spec.signature_name](**inputs)["embedding"].numpy()
+        assert embedding.shape == (1, 32) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 32, 32, 3), np.float32), r"expected images of shape \(batch, 64, 32, 3\).*\[2 32 32 3\]"),
+    (np.zeros((1, 64, 32, 1), np.float32), r"expected images of shape.*\[1 64 32 1\]"),
+    (np.zeros((64, 32, 3), np.float32), r"expected images of shape.*\[64 32 3\]"),
+    (np.full((1, 64, 32, 3), -1.0, np.float32), r"raw RGB pixel values in \[0, 255\]"),
+    (np.full((1, 64, 32, 3), 300.0, np.float32), r"raw RGB pixel values in \[0, 255\]"),
+    (np.full((1, 64, 32, 3), np.nan, np.float32), r"raw RGB pixel values in \[0, 255\]"),
+    (np.zeros((0, 64, 32, 3), np.float32), r"at least one image"),
+    (np.zeros((1, 64, 32, 3), np.uint8), r"expected to be a float tensor but is a uint8"),
+])
+def test_serving_default_rejects_bad_input_clearly(loaded, images, message):
+    signature = loaded.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        signature(images=tf.constant(images))
+    assert signature(images=tf.zeros((1, *SIZE, 3)))["embedding"].shape == (1, 32)  # still serving
+
+
+def test_serve_image_bytes_names_the_bad_item(loaded, data):
+    signature = loaded.signatures["serve_image_bytes"]
+    good = [open(s.path, "rb").read() for s in data.query[:3]]
+    cases = {1: [good[0], b"not an image", good[1]], 2: [good[0], good[1], good[2][: len(good[2]) // 2]],
+             0: [b""]}
+    for index, batch in cases.items():
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=rf"serve_image_bytes: item\] \[{index}\] \[of the batch is not a complete JPEG or PNG"):
+            signature(image_bytes=tf.constant(batch))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected at least one image"):
+        signature(image_bytes=tf.constant([], tf.string))
+
+
+def test_uint8_serving_signature(model, data, tmp_path):
+    path = ex.write_saved_model(model, tmp_path / "7", serving_dtype="uint8", model_name="u8")
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    images = np.round(images_of(data.query[:4])).astype(np.uint8)
+    got = signature(images=tf.constant(images))["embedding"].numpy()
+    np.testing.assert_allclose(got, keras_embeddings(model, images.astype(np.float32)), atol=2e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a uint8 tensor"):
+        signature(images=tf.constant(images.astype(np.float32)))
+    assert json.loads((path / "assets" / "rga_metadata.json").read_text())["input"]["dtype"] == "uint8"
+    with pytest.raises(FileExistsError):
+        ex.write_saved_model(model, path)
+
+
+# --------------------------------------------------------------------------- TFLite options
+
+
+def test_int8_io_and_full_integer_option(model, data, tmp_path):
+    source = ex.write_tflite_source(model, tmp_path / "source")
+    calibration = images_of(data.train)[::2]
+    images = images_of(data.query)
+    reference = keras_embeddings(model, images)
+    selective = tmp_path / "io.tflite"
+    selective.write_bytes(ex.convert_tflite(source, "int8", representative_images=calibration, int8_io=True))
+    embedder = ex.TFLiteEmbedder(selective)
+    details = embedder.interpreter
+    assert details.get_input_details()[0]["dtype"] == np.uint8 and details.get_output_details()[0]["dtype"] == np.int8
+    for got in (embedder(images), litert_embeddings(selective, images)):
+        assert np.mean(np.sum(unit(got) * reference, axis=1)) >= 0.98
+    full = ex.convert_tflite(source, "int8", representative_images=calibration, float_ops=())
+    ops = ex.tflite_ops(full)
+    assert ops["float_ops"] == {} and ops["ops"]["BATCH_MATMUL"] == 8  # everything in int8
+    assert np.mean(np.sum(unit(ex.TFLiteEmbedder(full)(images)) * reference, axis=1)) >= 0.98
+    with pytest.raises(ValueError, match="representative_images"):
+        ex.convert_tflite(source, "int8")
+    with pytest.raises(ValueError, match="int8_io applies to the int8 model only"):
+        ex.convert_tflite(source, "float16", int8_io=True)
+
+
+def test_relation_paths_give_the_same_embeddings(model, data):
+    explicit = ex.with_relation(model, "explicit")
+    assert {layer.branch_config["relation"] for layer in explicit.layers if isinstance(layer, RGA)} == {"explicit"}
+    assert ex.reid_model_info(explicit)["relation"] == "explicit"
+    images = images_of(data.query)
+    np.testing.assert_allclose(keras_embeddings(explicit, images), keras_embeddings(model, images), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- errors and atomicity
+
+
+def test_not_a_reid_model_is_refused(tmp_path):
+    plain = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    with pytest.raises(ex.ExportError, match="not an RGA re-id model"):
+        ex.export_all(plain, tmp_path / "out")
+    plain.save(tmp_path / "plain.keras")
+    with pytest.raises(ex.ExportError, match="not an RGA re-id model"):
+        ex.load_reid_model(tmp_path / "plain.keras")
+    (tmp_path / "junk.keras").write_text("not a model")
+    with pytest.raises(ex.ExportError, match="could not load .*junk.keras"):
+        ex.load_reid_model(tmp_path / "junk.keras")
+    with pytest.raises(ex.ExportError, match="does not exist"):
+        ex.load_reid_model(tmp_path / "missing.keras")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_suffix_and_bad_options(model, tmp_path):
+    (tmp_path / "model.h5").write_text("x")
+    with pytest.raises(ex.ExportError, match="ending in .keras"):
+        ex.load_reid_model(tmp_path / "model.h5")
+    for kwargs, message in [({"formats": ["onnx"]}, "format must be one of"), ({"feature": "logits"}, "feature"),
+                            ({"version": 0}, "positive integer"), ({"model_name": "a/b"}, "model_name"),
+                            ({"serving_dtype": "float16"}, "serving_dtype")]:
+        with pytest.raises(ValueError, match=message):
+            ex.export_all(model, tmp_path / "out", **kwargs)
+
+
+def test_existing_version_is_left_alone(exported, model):
+    out, _ = exported
+    before = (saved_model_dir(out) / "saved_model.pb").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="already exported"):
+        ex.export_all(model, out, formats=["saved_model"], check=False, verbose=False)
+    assert (saved_model_dir(out) / "saved_model.pb").stat().st_mtime_ns == before
+
+
+def test_failed_check_publishes_nothing_unless_allowed(model, data, tmp_path, monkeypatch):
+    monkeypatch.setitem(ex.THRESHOLDS, "tflite_float32", {"cosine_min": 1.5, "max_map_diff": 1.0})
+    kwargs = dict(formats=["saved_model", "tflite_float32"], eval_split=(data.query, data.gallery),
+                  latency_runs=1, verbose=False)
+    with pytest.raises(ex.ParityError, match=r"tflite_float32: minimum cosine similarity .* < 1.5") as failure:
+        ex.export_all(model, tmp_path, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rga_v1_export_report.json", "rga_v1_export_report.md"]
+    saved = json.loads((tmp_path / "rga_v1_export_report.json").read_text())
+    assert not saved["passed"] and not saved["published"] and saved["checks"]["saved_model"]["passed"]
+    assert failure.value.report["checks"]["tflite_float32"]["failures"]
+    report = ex.export_all(model, tmp_path, enforce=False, **{**kwargs, "formats": ["tflite_float32"]})
+    assert not report["passed"] and report["published"] and (tmp_path / "tflite/rga_v1_float32.tflite").is_file()
+
+
+def test_an_error_midway_leaves_nothing_behind(model, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(ex, "convert_tflite", broken)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        ex.export_all(model, tmp_path, formats=["saved_model", "tflite_float32"], check=False, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_estimate_batchnorm_statistics_sets_batch_statistics(data):
+    model = tiny_reid_model(3, name="bn_check")
+    images = images_of(data.train[:16])
+    bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    conv_out = keras.Model(model.inputs, bn.input).predict(images, verbose=0).astype(np.float64)
+    ex.estimate_batchnorm_statistics(model, images)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), conv_out.var(axis=(0, 1, 2)), rtol=1e-3)
+    assert bn.momentum == 0.9 and model.get_layer("bnneck").momentum == 0.9
+
+
+def test_cosine_rows_and_latency_helpers():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 7)), rng.normal(size=(5, 7))
+    expected = [float(a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])) for i in range(5)]
+    np.testing.assert_allclose(ex.cosine_rows(a, b), expected, rtol=1e-12)
+    calls = []
+    stats = ex.measure_latency(calls.append, np.zeros(1), runs=5, warmup=2)
+    assert len(calls) == 7 and stats["runs"] == 5 and stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def test_cli_help(capsys):
+    from export.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--formats", "tflite_int8", "--allow-failures", "--skip-parity-check", "--calibration-dir",
+                 "--untrained", "--version", "--model-name", "--feature"):
+        assert flag in text
+
+
+def test_cli_exports_and_reports_errors(model, data_root, tmp_path, capsys):
+    from export.__main__ import main
+
+    model.save(tmp_path / "tiny.keras")
+    out = tmp_path / "out"
+    args = ["--model", str(tmp_path / "tiny.keras"), "--out", str(out), "--formats", "tflite_float32",
+            "--data-root", str(data_root), "--latency-runs", "2", "--quiet", "--version", "3"]
+    assert main(args) == 0
+    assert (out / "tflite" / "rga_v3_float32.tflite").is_file()
+    assert "tflite_float32" in capsys.readouterr().out
+    assert main(args) == 1 and "already exported" in capsys.readouterr().err
+    (tmp_path / "junk.keras").write_text("x")
+    assert main(["--model", str(tmp_path / "junk.keras"), "--out", str(out)]) == 1
+    assert "could not load" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["--model", "m.keras", "--out", str(out), "--formats", "onnx"])
+    assert done.value.code == 2
+
+
+@pytest.mark.slow
+def test_real_network_all_formats(data, tmp_path):
+    """The full RGA-SC ResNet-50 (64×32 input, random weights with estimated BatchNorm statistics)."""
+    model = build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
+    ex.estimate_batchnorm_statistics(model, images_of(data.train))
+    report = ex.export_all(model, tmp_path, calibration_samples=data.train, num_calibration=24,
+                           eval_split=(data.query, data.gallery), latency_runs=3, verbose=False)
+    assert report["passed"], ex.format_table(report)
+    assert report["checks"]["tflite_int8"]["float_ops"] == {"BATCH_MATMUL": 16}
