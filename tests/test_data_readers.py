@@ -159,6 +159,9 @@ def test_folder_layout(tmp_path):
     (empty / "query").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images found"):
         load_dataset("folder", empty)
+    touch(empty / "query", ["-1_c1_x.jpg"])
+    with pytest.raises(ValueError, match=r"no images found.*\(1 junk images"):
+        load_dataset("folder", empty)
     with pytest.raises(FileNotFoundError, match="train/ .*query/"):
         load_dataset("folder", tmp_path / "train")
 

@@ -113,11 +113,12 @@ def _count(samples: list[Sample]) -> tuple[int, int]:
 def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, folder: Path,
             skipped: _Skipped) -> ReidDataset:
     """Drop junk, relabel training ids, check counts, and collect the notes."""
-    if not any(splits.values()):
-        raise ValueError(f"{name}: no images found under {folder}")
     notes = []
     junk = sum(s.person_id == JUNK_ID for samples in splits.values() for s in samples)
     splits = {k: [s for s in v if s.person_id != JUNK_ID] for k, v in splits.items()}
+    if not any(splits.values()):
+        junk_note = f" ({junk} junk images, id -1)" if junk else ""
+        raise ValueError(f"{name}: no images found under {folder}{junk_note}")
     if junk:
         notes.append(f"dropped {junk} junk images (id -1)")
     if skipped.items:
