@@ -189,7 +189,7 @@ def make_eval_dataset(
     height, width = _check_size(image_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not samples:
+    if len(samples) == 0:
         raise ValueError("make_eval_dataset: no samples")
     log = corrupt_log or corrupt_images
     paths = [str(s[0]) for s in samples]
@@ -344,7 +344,7 @@ def _drop_position(position, *rest):
 
 def _identity_table(samples: Sequence) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Paths sorted by identity (stable), with each identity's first index, image count and id."""
-    if not samples:
+    if len(samples) == 0:
         raise ValueError("make_train_dataset: no samples")
     try:
         items = sorted(((int(s[1]), str(s[0])) for s in samples), key=lambda item: item[0])

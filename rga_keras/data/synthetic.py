@@ -16,6 +16,7 @@ camera goes to query/, the rest to bounding_box_test/, as in Market-1501. Names 
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from pathlib import Path
 
@@ -61,21 +62,22 @@ def ensure_synthetic(root: str | Path | None = None, **kwargs) -> Path:
 
     root defaults to a folder under :func:`default_synthetic_root` named after the arguments.
     """
-    args = {"num_ids": 100, "images_per_id": 20, "num_cameras": 6, "image_size": (128, 64), "seed": 0}
+    args = {name: p.default for name, p in inspect.signature(generate).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and name != "overwrite"}
     unknown = set(kwargs) - set(args)
     if unknown:
         raise TypeError(f"unexpected argument(s) {sorted(unknown)}; accepted: {', '.join(args)}")
-    args.update(kwargs)
-    params = _params(**args)
+    params = _params(**{**args, **kwargs})
+    chosen = params["args"]
     if root is None:
-        h, w = params["args"]["image_size"]
+        h, w = chosen["image_size"]
         root = default_synthetic_root() / (
-            f"market_ids{args['num_ids']}_per{args['images_per_id']}_cams{args['num_cameras']}"
-            f"_{h}x{w}_seed{args['seed']}_v{VERSION}")
+            f"market_ids{chosen['num_ids']}_per{chosen['images_per_id']}_cams{chosen['num_cameras']}"
+            f"_{h}x{w}_seed{chosen['seed']}_v{VERSION}")
     root = Path(root).expanduser()
     if read_marker(root) == params:
         return root
-    return generate(root, overwrite=True, **args)
+    return generate(root, overwrite=True, **chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
