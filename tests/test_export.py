@@ -417,8 +417,10 @@ def test_cosine_rows_and_latency_helpers():
     expected = [float(a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])) for i in range(5)]
     np.testing.assert_allclose(ex.cosine_rows(a, b), expected, rtol=1e-12)
     calls = []
-    stats = ex.measure_latency(calls.append, np.zeros(1), runs=5, warmup=2)
-    assert len(calls) == 7 and stats["runs"] == 5 and stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    stats = ex.measure_latencies({"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")},
+                                 np.zeros(1), runs=4, rounds=2, warmup=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up, then interleaved rounds
+    assert stats["a"]["runs"] == 4 and stats["a"]["min_ms"] <= stats["a"]["median_ms"] <= stats["a"]["p90_ms"]
 
 
 # --------------------------------------------------------------------------- the program
