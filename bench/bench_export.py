@@ -1,0 +1,111 @@
+"""Export benchmark at full size (256×128): size and CPU latency of every format, fused vs explicit relation path.
+
+    python bench/bench_export.py                              # RGA-SC, random weights (see below)
+    python bench/bench_export.py --model runs/x/best.keras    # a trained model: its parity numbers count too
+
+Without --model the network is RGA-SC at 256×128 with random weights whose BatchNorm statistics are
+estimated on 64 synthetic training images. Size and latency do not depend on the weights; parity does,
+and a random deep network is chaotic (float16 rounding of its weights alone changes its embeddings), so
+the parity columns of such a run say nothing about a trained model (docs/BENCHMARKS.md has trained-model
+parity).
+
+Each relation path is exported with rga_keras.export.export_all (parity on the synthetic query/gallery
+split, int8 calibration on 200 synthetic training images, latency at batch 1 interleaved across the Keras
+model and the artefacts). The exported int8 model is also timed with 1 LiteRT thread, next to the
+full-integer variant (relation products quantised too). Results are printed and written to
+OUT/bench_export.json. The CPU may be shared: latencies are noisy, compare within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def random_model(size: tuple[int, int]):
+    """RGA-SC with random weights and BatchNorm statistics estimated on 64 synthetic training images."""
+    import keras
+
+    from rga_keras import build_rga_resnet50
+    from rga_keras import export as ex
+
+    keras.utils.set_random_seed(0)
+    data = ex.default_synthetic_dataset()
+    model = build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*size, 3))
+    ex.estimate_batchnorm_statistics(model, ex.load_images(data.train, size, limit=64))
+    return model
+
+
+def extra_int8_timings(model, report: dict, runs: int) -> dict:
+    """The exported int8 model with 1 and 2 threads and the full-integer variant (relation products in int8
+    too), interleaved with Keras; the full-integer model's parity on the synthetic query images."""
+    import numpy as np
+    import tensorflow as tf
+
+    from rga_keras import export as ex
+
+    size = report["model"]["input_size"]
+    data = ex.default_synthetic_dataset()
+    source = ex.write_tflite_source(model, Path(report["artefacts"]["tflite_int8"]).parent / "_bench_source",
+                                    report["model"]["feature"])
+    full = ex.convert_tflite(source, "int8", representative_images=ex.load_images(data.train, size, limit=200),
+                             float_ops=())
+    embedder = ex.embedding_model(model, report["model"]["feature"])
+    keras_fn = tf.function(lambda x: embedder([x], training=False))
+    full_embedder = ex.TFLiteEmbedder(full)
+    images = ex.load_images(data.query, size)
+    pairs = [(keras_fn(tf.constant(images[i:i + 32])).numpy(), full_embedder(images[i:i + 32]))
+             for i in range(0, len(images), 32)]
+    cos = ex.cosine_rows(np.concatenate([p[1] for p in pairs]), np.concatenate([p[0] for p in pairs]))
+    runners = {
+        "keras": lambda x: keras_fn(tf.constant(x)).numpy(),
+        "tflite_int8 (1 thread)": ex.TFLiteEmbedder(report["artefacts"]["tflite_int8"], num_threads=1),
+        "tflite_int8 (2 threads)": ex.TFLiteEmbedder(report["artefacts"]["tflite_int8"], num_threads=2),
+        "tflite_int8 full-integer (2 threads)": full_embedder,
+    }
+    latency = ex.measure_latencies(runners, images[:1], runs=runs)
+    shutil.rmtree(source, ignore_errors=True)
+    return {"latency_ms": latency,
+            "full_integer": {"query_images": len(images), "cosine_mean": float(cos.mean()),
+                             "cosine_min": float(cos.min()), "size_bytes": len(full), **ex.tflite_ops(full)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, help="trained .keras model (default: random-weight RGA-SC 256x128)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/rga_bench_export"), help="output folder")
+    parser.add_argument("--relations", default="fused,explicit", help="relation paths to export")
+    parser.add_argument("--explicit-formats", default="saved_model,tflite_float32,tflite_int8",
+                        help="formats for the explicit path (fused gets all)")
+    parser.add_argument("--latency-runs", type=int, default=40)
+    args = parser.parse_args()
+
+    from rga_keras import export as ex
+
+    model = ex.load_reid_model(args.model) if args.model else random_model((256, 128))
+    results = {}
+    for relation in args.relations.split(","):
+        formats = list(ex.FORMATS) if relation == "fused" else args.explicit_formats.split(",")
+        start = time.perf_counter()
+        report = ex.export_all(ex.with_relation(model, relation), args.out / relation, formats=formats,
+                               model_name=f"rga_{relation}", latency_runs=args.latency_runs, enforce=False,
+                               overwrite=True)
+        report["seconds"] = round(time.perf_counter() - start)
+        results[relation] = report
+        print(f"\n== relation path: {relation} ({report['seconds']} s)\n{ex.format_table(report)}\n")
+    if "fused" in results and "tflite_int8" in results["fused"]["artefacts"]:
+        results["int8_extra"] = extra_int8_timings(model, results["fused"], args.latency_runs)
+        print(json.dumps(results["int8_extra"], indent=1))
+    (args.out / "bench_export.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {args.out / 'bench_export.json'}")
+
+
+if __name__ == "__main__":
+    main()
