@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rga-train=train.__main__:main",
+            "rga-export=export.__main__:main",
             "rga-synth=rga_keras.data.synthetic:main",
         ]
     },
