@@ -211,12 +211,6 @@ class PeriodicEvaluation(keras.callbacks.Callback):
               f"mINP {100 * result['mINP']:.1f}", flush=True)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    os.replace(tmp, path)
-
-
 def run(config: dict, *, verbose: int = 1) -> dict:
     """Train as the config says and return the summary (also written to ``run_dir/summary.json``).
 
@@ -228,6 +222,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     from rga_keras.optimizers import WarmupCosineSchedule, WarmupMultiStepSchedule, make_optimizer
     from rga_keras.training import (compile_reid, explain_oom, get_strategy, make_callbacks, set_precision,
                                     to_reid_targets, use_sync_batchnorm)
+    from rga_keras.training import _write_text as write_text_atomic
     from rga_keras.visualize import plot_training_curves
 
     training, sampler, opt = config["training"], config["sampler"], config["optimizer"]
@@ -285,7 +280,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
         "artefacts": {"last": str(run_dir / "last.keras"), "best": str(run_dir / "best.keras"),
                       "curves": str(curves), "tensorboard": str(run_dir / "tensorboard")},
     }
-    _write_json(run_dir / "summary.json", summary)
+    write_text_atomic(str(run_dir / "summary.json"), json.dumps(summary, indent=2))
     return {**summary, "model": model, "data": data}
 
 

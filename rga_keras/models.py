@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import keras
 import numpy as np
 
-from rga_keras.layers import MODES, RGA, batch_norm
+from rga_keras.layers import BN_EPSILON, BN_MOMENTUM, MODES, RGA, batch_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,7 +117,7 @@ def build_rga_resnet50(
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     # The head runs in float32 under mixed precision, as Keras advises for model outputs.
     features = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
-    after_bn = BNNeck(momentum=0.9, epsilon=1e-5, dtype="float32", synchronized=synchronized_bn, name="bnneck")(
+    after_bn = BNNeck(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype="float32", synchronized=synchronized_bn, name="bnneck")(
         features
     )
     logits = keras.layers.Dense(
