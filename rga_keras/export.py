@@ -204,8 +204,10 @@ def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: st
             message = ("serving_default: expected raw RGB pixel values in [0, 255] (the model normalises "
                        "them itself; do not scale or normalise the images), found a value outside")
             # 0.5 of slack: resizing (antialiased bilinear) can overshoot 255 by float rounding
-            checks += [tf.debugging.assert_greater_equal(tf.reduce_min(images), -0.5, message=message),
-                       tf.debugging.assert_less_equal(tf.reduce_max(images), 255.5, message=message)]
+            # After the shape check: the reductions assume rank 4 and would fail first, without the message.
+            with tf.control_dependencies(checks):
+                checks += [tf.debugging.assert_greater_equal(tf.reduce_min(images), -0.5, message=message),
+                           tf.debugging.assert_less_equal(tf.reduce_max(images), 255.5, message=message)]
         with tf.control_dependencies(checks):
             images = tf.ensure_shape(tf.cast(images, tf.float32), [None, height, width, 3])
         return embed(images)
