@@ -23,6 +23,7 @@ Output: OUT/serving/NAME/VERSION/ (TF Serving: --model_base_path=OUT/serving/NAM
 OUT/tflite/NAME_vVERSION_KIND.tflite, OUT/NAME_vVERSION_export_report.{json,md}.
 Parity and retrieval are checked on the query/gallery split of --data-root (default: the built-in
 synthetic dataset); a missed threshold publishes nothing and exits with status 1 unless --allow-failures.
+Bad input (a model that does not load, an existing version without --overwrite) exits with status 2.
 """
 
 
@@ -131,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num-calibration, --latency-runs and --threads must be positive")
 
     from rga_keras import export as ex
+    from rga_keras.cli import run_command
 
-    try:
+    def work() -> int:
         data = None
         if args.data_root is not None:
             from rga_keras.data import load_dataset
@@ -147,22 +149,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.relation:
             model = ex.with_relation(model, args.relation)
         float_ops = [op.strip() for op in args.int8_float_ops.split(",") if op.strip()]
-        report = ex.export_all(
-            model, args.out, formats=args.formats, feature=args.feature, model_name=args.model_name,
-            version=args.version, calibration_samples=calibration, num_calibration=args.num_calibration,
-            eval_split=(data.query, data.gallery) if data else None, serving_dtype=args.serving_dtype,
-            int8_io=args.int8_io, int8_float_ops=float_ops,
-            int8_range_percentile=args.int8_range_percentile, check=not args.skip_parity_check,
-            enforce=not args.allow_failures, latency_runs=args.latency_runs, num_threads=args.threads,
-            overwrite=args.overwrite, verbose=not args.quiet)
-    except (ex.ExportError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"rga-export: error: {err}", file=sys.stderr)
-        return 1
-    if args.quiet:
-        print(ex.format_table(report))
-    for name, path in report["artefacts"].items():
-        print(f"{name:16s} {path}")
-    return 0
+        try:
+            report = ex.export_all(
+                model, args.out, formats=args.formats, feature=args.feature, model_name=args.model_name,
+                version=args.version, calibration_samples=calibration, num_calibration=args.num_calibration,
+                eval_split=(data.query, data.gallery) if data else None, serving_dtype=args.serving_dtype,
+                int8_io=args.int8_io, int8_float_ops=float_ops,
+                int8_range_percentile=args.int8_range_percentile, check=not args.skip_parity_check,
+                enforce=not args.allow_failures, latency_runs=args.latency_runs, num_threads=args.threads,
+                overwrite=args.overwrite, verbose=not args.quiet)
+        except ex.ParityError as err:  # the export ran but missed a threshold: status 1, every failure named
+            print(f"rga-export: {err}", file=sys.stderr)
+            return 1
+        if args.quiet:
+            print(ex.format_table(report))
+        for name, path in report["artefacts"].items():
+            print(f"{name:16s} {path}")
+        return 0
+
+    return run_command("rga-export", work, errors=(ex.ExportError,))
 
 
 def _untrained_model(args: argparse.Namespace, calibration):

@@ -287,7 +287,8 @@ def run(config: dict, *, verbose: int = 1) -> dict:
                                               tensorboard=training["tensorboard"], checkpoint_best_monitor="val_mAP",
                                               best_mode="max")
     with explain_oom("lower sampler.num_ids_per_batch or model.input_size, or use training.precision=mixed_float16"):
-        history = model.fit(to_reid_targets(train_ds), epochs=epochs, steps_per_epoch=steps,
+        # shuffle=False: the P×K sampler shuffles; Keras cannot shuffle a tf.data.Dataset (and warns if asked).
+        history = model.fit(to_reid_targets(train_ds), epochs=epochs, steps_per_epoch=steps, shuffle=False,
                             callbacks=callbacks, verbose=verbose)
     final = evaluation.results.get(epochs) or evaluate_model(model, data, config)
     curves = plot_training_curves(run_dir / "history.json", run_dir / "training_curves.png")

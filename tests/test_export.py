@@ -491,9 +491,9 @@ def test_cli_exports_and_reports_errors(model, data_root, tmp_path, capsys):
     assert main(args) == 0
     assert (out / "tflite" / "rga_v3_float32.tflite").is_file()
     assert "tflite_float32" in capsys.readouterr().out
-    assert main(args) == 1 and "already exported" in capsys.readouterr().err
+    assert main(args) == 2 and "already exported" in capsys.readouterr().err
     (tmp_path / "junk.keras").write_text("x")
-    assert main(["--model", str(tmp_path / "junk.keras"), "--out", str(out)]) == 1
+    assert main(["--model", str(tmp_path / "junk.keras"), "--out", str(out)]) == 2
     assert "could not load" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         main(["--model", "m.keras", "--out", str(out), "--formats", "onnx"])

@@ -6,8 +6,11 @@ CPU → evaluate (untrained vs trained), and prints where everything went.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines, unless the user chose
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -55,8 +58,9 @@ def main(argv=None) -> int:
             print(f"{path.stem:28s} {path.read_text().splitlines()[0].lstrip('# ')}")
         return 0
     from rga_keras import experiment
+    from rga_keras.cli import run_command
 
-    try:
+    def work() -> int:
         demo = args.demo or not args.config
         overrides = list(args.overrides)
         if args.data_root:
@@ -70,12 +74,11 @@ def main(argv=None) -> int:
         else:
             config = experiment.load_config(_config_path(args.config), overrides)
         result = experiment.run(config, verbose=0 if args.quiet else 1)
-    except (FileNotFoundError, ValueError, KeyError, MemoryError, ImportError) as exc:
-        print(f"rga-train: error: {exc}", file=sys.stderr)
-        return 2
-    experiment.print_summary(result)
-    export = result.get("export")
-    return 1 if export and not export["passed"] and config["export"]["enforce"] else 0
+        experiment.print_summary(result)
+        export = result.get("export")
+        return 1 if export and not export["passed"] and config["export"]["enforce"] else 0
+
+    return run_command("rga-train", work)
 
 
 if __name__ == "__main__":

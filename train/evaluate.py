@@ -25,10 +25,6 @@ EPILOG = """examples:
   rga-eval best.keras --dataset msmt17 --data-root ~/data/MSMT17_V1 --feature before_bn"""
 
 
-class CommandError(Exception):
-    """A problem with the command's inputs, reported as one line and exit status 2."""
-
-
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The model file and dataset options shared by rga-eval and rga-visualize."""
     parser.add_argument("model", type=Path, help="trained model file (.keras), e.g. runs/demo/best.keras")
@@ -57,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(path: Path, image_size: list[int] | None = None):
     """The RGA re-id model in ``path``, checked (`rga_keras.export.load_reid_model`), and its (H, W)."""
+    from rga_keras.cli import CommandError
     from rga_keras.export import ExportError, load_reid_model
 
     try:
@@ -99,16 +96,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--data-root is required for --dataset {args.dataset}")
 
 
-def run_command(prog: str, work) -> int:
-    """Run ``work()``; input problems become ``prog: error: <one line>`` on stderr and status 2."""
-    try:
-        return work()
-    except (CommandError, FileNotFoundError, ValueError, KeyError, MemoryError) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
-
-
 def format_results(result: dict) -> str:
     """The metrics table (percent) and the query counts."""
     names = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
@@ -131,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+
+    from rga_keras.cli import run_command
 
     def work() -> int:
         from rga_keras.experiment import evaluate_model

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import (CommandError, add_model_and_data_arguments, check_arguments, eval_config, load_data,
-                            load_model, run_command)
+from train.evaluate import add_model_and_data_arguments, check_arguments, eval_config, load_data, load_model
 
 EPILOG = """examples:
   rga-visualize runs/demo/best.keras --dataset synthetic --out pictures --run-dir runs/demo
@@ -46,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _history_file(run_dir: Path) -> Path:
+    from rga_keras.cli import CommandError
+
     for name in ("history.json", "history.csv"):
         if (run_dir / name).is_file():
             return run_dir / name
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     check_arguments(parser, args)
     if args.num_queries < 1 or args.top_k < 1:
         parser.error("--num-queries and --top-k must be positive")
+    from rga_keras.cli import CommandError, run_command
 
     def work() -> int:
         history = _history_file(args.run_dir) if args.run_dir else None
