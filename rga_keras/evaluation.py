@@ -306,13 +306,15 @@ def evaluate(
     return _summarise(stats, int(max_rank))
 
 
-def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: int = 1) -> tuple[np.ndarray, dict]:
+def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: int = 1,
+                     num_batches: int | None = None) -> tuple[np.ndarray, dict]:
     """Run an inference model (images → embeddings) over a ``tf.data`` dataset.
 
     ``dataset`` yields ``(images, {"person_id", "camera_id", "path"})`` batches. With
     ``flip=True`` the feature is the mean of the image's and its horizontal mirror's
     (``tf.image.flip_left_right`` on the batch), the usual flip test-time augmentation.
-    A ``keras.utils.Progbar`` shows progress (``verbose=0`` hides it).
+    A ``keras.utils.Progbar`` shows progress (``verbose=0`` hides it); its length is the dataset's
+    cardinality or, where that is unknown (e.g. after the pipeline's corrupt-image filter), ``num_batches``.
 
     Returns ``(features (n, d) float32, {"person_id": int64 (n,), "camera_id": int64 (n,),
     "path": str (n,)})``.
@@ -333,7 +335,8 @@ def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: i
         raise ValueError(f"dataset images must be batched (batch, height, width, channels), got {spec[0].shape}")
 
     cardinality = int(dataset.cardinality())
-    progbar = keras.utils.Progbar(cardinality if cardinality >= 0 else None, verbose=verbose, unit_name="batch")
+    progbar = keras.utils.Progbar(cardinality if cardinality >= 0 else num_batches, verbose=verbose,
+                                  unit_name="batch")
 
     def embed(images) -> np.ndarray:
         out = model.predict_on_batch(images)  # Keras compiles and caches the inference step

@@ -197,7 +197,8 @@ def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: i
 
     def features(samples):
         ds = make_eval_dataset(samples, image_size=size, batch_size=ev["batch_size"])
-        return extract_features(embed, ds, flip=ev["flip"], verbose=verbose)
+        return extract_features(embed, ds, flip=ev["flip"], verbose=verbose,
+                                num_batches=-(-len(samples) // ev["batch_size"]))
 
     return features(dataset.query), features(dataset.gallery)
 
