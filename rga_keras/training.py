@@ -23,9 +23,10 @@ come from one replica's slices; with it, statistics are those of the whole globa
 Several machines: run the same program on each with TF_CONFIG set, e.g. on the first machine
 ``TF_CONFIG='{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker",
 "index": 0}}'`` and ``"index": 1`` on the second; `get_strategy()` then returns a
-MultiWorkerMirroredStrategy. Feed it with ``strategy.distribute_datasets_from_function``, each
-replica drawing its own identity-contiguous per-replica P×K batch (seeded by
-``input_context.input_pipeline_id``). Worker 0 (or the "chief") writes checkpoints and logs.
+MultiWorkerMirroredStrategy. Feed fit the same P×K dataset as on one machine (built with
+``num_replicas=strategy.num_replicas_in_sync``): tf.distribute gives worker w the w-th contiguous slices
+of every global batch, so each replica still holds whole identities (tested with two processes).
+Worker 0 (or the "chief") writes checkpoints and logs.
 """
 from __future__ import annotations
 

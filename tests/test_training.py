@@ -289,12 +289,24 @@ WORKER = textwrap.dedent("""
     data = strategy.distribute_datasets_from_function(per_replica)
     callbacks = make_callbacks(sys.argv[2])  # only the chief (worker 0) writes files
     hist = model.fit(data, epochs=1, steps_per_epoch=3, verbose=0, callbacks=callbacks)
-    np.savez(sys.argv[1], loss=hist.history["loss"], *model.get_weights())
+
+    # What rga-train feeds fit: the plain P x K pipeline, which tf.distribute shards over the workers.
+    from rga_keras.data import load_dataset, make_train_dataset
+    train = make_train_dataset(load_dataset("market1501", sys.argv[3]).train, num_ids_per_batch=4,
+                               images_per_id=2, image_size=(16, 8), augment=False, num_replicas=2)
+    batches = iter(strategy.experimental_distribute_dataset(train))
+    labels = [strategy.experimental_local_results(next(batches)[1])[0].numpy() for _ in range(3)]
+    np.savez(sys.argv[1], *model.get_weights(), loss=hist.history["loss"], labels=np.stack(labels))
 """)
 
 
 def test_multi_worker_two_processes(tmp_path):
-    """Two processes on 127.0.0.1 via TF_CONFIG (~20 s: two TensorFlow start-ups)."""
+    """Two processes on 127.0.0.1 via TF_CONFIG (~20 s: two TensorFlow start-ups): fit trains both workers
+    to the same weights, and the P x K pipeline gives each worker whole identities of the global batch."""
+    from rga_keras.data import load_dataset, make_train_dataset
+    from rga_keras.data.synthetic import generate
+
+    generate(tmp_path / "data", num_ids=16, images_per_id=4, num_cameras=2, image_size=(32, 16))
     ports = []
     for _ in range(2):
         with socket.socket() as s:
@@ -309,14 +321,14 @@ def test_multi_worker_two_processes(tmp_path):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root,
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
         procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"out{i}.npz"),
-                                       str(tmp_path / "run")],
+                                       str(tmp_path / "run"), str(tmp_path / "data")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     outs = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
     init = tiny_reid_model().get_weights()
-    assert len(outs[0].files) == len(init) + 1
+    assert len(outs[0].files) == len(init) + 2
     for o in outs:
         assert o["loss"].shape == (1,) and np.isfinite(o["loss"]).all()
     for i, w0 in enumerate(init):  # both workers trained, and hold identical weights and BN stats
@@ -324,3 +336,10 @@ def test_multi_worker_two_processes(tmp_path):
         np.testing.assert_allclose(outs[1][f"arr_{i}"], outs[0][f"arr_{i}"], rtol=1e-6, atol=1e-7)
     assert sorted(os.listdir(tmp_path / "run")) == ["history.csv", "history.json", "last.keras",
                                                     "tensorboard"]
+    # Each step, worker w gets slice w of the single-process global batch: whole identities, K=2 images each.
+    train = make_train_dataset(load_dataset("market1501", tmp_path / "data").train, num_ids_per_batch=4,
+                               images_per_id=2, image_size=(16, 8), augment=False, num_replicas=2)
+    expected = np.stack([labels.numpy() for _, labels in train.take(3)])
+    np.testing.assert_array_equal(np.concatenate([o["labels"] for o in outs], axis=1), expected)
+    for o in outs:
+        assert all(sorted(np.unique(step, return_counts=True)[1]) == [2, 2] for step in o["labels"])
