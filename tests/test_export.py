@@ -434,7 +434,7 @@ def test_an_error_midway_leaves_nothing_behind(model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("converter crashed")
 
-    monkeypatch.setattr(ex, "convert_tflite", broken)
+    monkeypatch.setattr(ex.exporter, "convert_tflite", broken)  # where export_all looks it up
     with pytest.raises(RuntimeError, match="converter crashed"):
         ex.export_all(model, tmp_path, formats=["saved_model", "tflite_float32"], check=False, verbose=False)
     assert list(tmp_path.iterdir()) == []

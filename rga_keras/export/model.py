@@ -1,0 +1,126 @@
+"""The model an export starts from: is it an RGA re-id model, loading it, its relation path, its BatchNorm
+statistics, and the one function every artefact computes (images → L2-normalised embedding)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rga_keras.layers import RELATIONS, RGA
+from rga_keras.models import count_parameters
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked (not a re-id model, bad options, an artefact that fails)."""
+
+
+class ParityError(ExportError):
+    """An artefact missed a parity threshold; ``report`` holds every measured number."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def check_choice(name: str, value: Any, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_percentile(name: str, value: Any) -> None:
+    if value != "auto" and not (isinstance(value, (int, float)) and 0 < value <= 100):
+        raise ValueError(f"{name} must be 'auto' or a percentile in (0, 100], got {value!r}")
+
+
+def reid_model_info(model: Any) -> dict:
+    """Check that ``model`` is an RGA re-id model and describe it; `ExportError` saying why not otherwise.
+
+    A re-id model is what `rga_keras.build_rga_resnet50` builds: one (H, W, 3) image input and the layers
+    "features" (pooled feature) and "bnneck". Baseline models (no RGA module) are accepted too.
+    """
+    if not isinstance(model, keras.Model):
+        raise ExportError(f"expected a keras.Model built by rga_keras.build_rga_resnet50, got {type(model).__name__}")
+    names = {layer.name for layer in model.layers}
+    shapes = [tuple(t.shape) for t in model.inputs]
+    if not {"features", "bnneck"} <= names or len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][3] != 3 \
+            or None in shapes[0][1:]:
+        raise ExportError(
+            f"model '{model.name}' is not an RGA re-id model: expected one image input of shape (batch, H, W, 3) "
+            f"and the layers 'features' and 'bnneck' (as rga_keras.build_rga_resnet50 builds), found inputs "
+            f"{shapes} and layers {sorted(names)[:10]}{' ...' if len(names) > 10 else ''}")
+    rga = [layer for layer in model.layers if isinstance(layer, RGA)]
+    relations = sorted({layer.branch_config["relation"] for layer in rga})
+    return {
+        "keras_name": model.name,
+        "input_size": [int(shapes[0][1]), int(shapes[0][2])],
+        "embedding_dim": int(model.get_layer("features").output.shape[-1]),
+        "parameters": count_parameters(model),
+        "rga": {layer.name: layer.mode for layer in rga},
+        "relation": relations[0] if len(relations) == 1 else (relations or None),
+    }
+
+
+def load_reid_model(path: str | os.PathLike) -> keras.Model:
+    """Load a ``.keras`` file and check it is an RGA re-id model (clear `ExportError` otherwise)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ExportError(f"model file {path} does not exist")
+    if path.suffix != ".keras":
+        raise ExportError(f"expected a Keras model file ending in .keras (model.save('model.keras')), got {path}")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as err:  # a zip that is not a model, unknown classes, ...: say which file and why
+        raise ExportError(f"could not load {path} as a Keras model: {type(err).__name__}: {err}") from None
+    reid_model_info(model)
+    return model
+
+
+def with_relation(model: keras.Model, relation: str) -> keras.Model:
+    """The same network and weights with every RGA module on the "fused" or "explicit" relation path.
+
+    Both paths compute the same function with the same weights (DESIGN.md §1); they differ in cost.
+    """
+    check_choice("relation", relation, RELATIONS)
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"].endswith("RGA"):
+            layer["config"]["relation"] = relation
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def estimate_batchnorm_statistics(model: keras.Model, images: np.ndarray) -> None:
+    """Set every BatchNorm's moving mean/variance to its statistics over ``images`` (one training-mode pass).
+
+    For untrained models (dry runs, size and latency benchmarks): with initial statistics (mean 0,
+    variance 1) a random ResNet gives nearly the same embedding for every image (pairwise cosine ≈ 0.99999);
+    with estimated ones every layer sees normalised activations. A random network stays chaotic, though:
+    tiny weight changes (float16 rounding) move its embeddings, so its reduced-precision parity means nothing.
+    """
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 0.0  # moving statistics := this batch's statistics
+        model(tf.constant(images, tf.float32), training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+def embed_function(embedder: keras.Model) -> Callable:
+    def embed(images):  # a one-element list: the structure of the embedding model's inputs
+        return {"embedding": tf.math.l2_normalize(embedder([images], training=False), axis=-1)}
+
+    return embed
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.einsum("ij,ij->i", a, b) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)

@@ -1,0 +1,120 @@
+"""The export report: settings and versions, the text table the programs print, and the JSON/Markdown files."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from rga_keras.export.parity import THRESHOLDS
+from rga_keras.export.tflite import cpu_count
+from rga_keras.files import write_text_atomic
+
+
+def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_percentile, serving_dtype, num_threads,
+              latency_runs) -> dict:
+    import importlib.metadata as metadata
+
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "formats": formats, "serving_dtype": serving_dtype,
+        "calibration_images": None if calibration is None else len(calibration),
+        "int8_io": int8_io, "int8_float_ops": list(int8_float_ops), "int8_range_percentile": int8_range_percentile,
+        "latency": {"batch": 1, "runs": latency_runs, "tflite_threads": num_threads or cpu_count(),
+                    "statistic": "median", "interleaved": True},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": cpu_count()},
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "ai-edge-litert": version("ai-edge-litert")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_reports(report: dict, out_dir: Path, name: str, version: int) -> tuple[Path, Path]:
+    """``<name>_v<version>_export_report.json`` and ``.md`` in ``out_dir``, each written atomically."""
+    paths = (out_dir / f"{name}_v{version}_export_report.json", out_dir / f"{name}_v{version}_export_report.md")
+    for path, text in zip(paths, (json.dumps(report, indent=2), report_markdown(report))):
+        write_text_atomic(path, text)
+    return paths
+
+
+def _rows(report: dict) -> list[list[str]]:
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    ref = report.get("reference")
+    rows = []
+    if ref:
+        rows.append(["keras (float32)", "–", "–", "–", pct(ref["rank1"]), f"{100 * ref['mAP']:.2f}", "–",
+                     f"{ref['latency_ms']['median_ms']:.1f}", "1.00×", "reference"])
+    for fmt, c in report["checks"].items():
+        checked = "cosine_mean" in c
+        rows.append([
+            fmt, f"{c['size_bytes'] / 2**20:.1f}",
+            f"{c['cosine_mean']:.5f}" if checked else "–", f"{c['cosine_min']:.5f}" if checked else "–",
+            pct(c.get("rank1")), f"{100 * c['mAP']:.2f}" if checked else "–",
+            f"{c['map_diff_points']:+.2f}" if checked else "–",
+            f"{c['latency_ms']['median_ms']:.1f}" if checked else "–",
+            f"{c['speedup_vs_keras']:.2f}×" if checked else "–",
+            ("ok" if c["passed"] else "FAILED") if checked else "not checked",
+        ])
+    return rows
+
+
+_HEADER = ["artefact", "size MiB", "cos mean", "cos min", "Rank-1", "mAP", "ΔmAP", "latency ms", "speed-up", "check"]
+
+
+def format_table(report: dict) -> str:
+    """The report as a fixed-width text table (latency: median at batch 1, CPU)."""
+    rows = [_HEADER] + _rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _range_text(report: dict) -> str:
+    int8 = report["checks"].get("tflite_int8", {})
+    if "range_percentile" not in int8:
+        return str(report["settings"]["int8_range_percentile"])
+    tried = ", ".join(f"{p:g}: {c:.4f}" for p, c in int8["calibration_cosine"].items())
+    return (f"percentile {int8['range_percentile']:g} of the per-image extremes"
+            + (f" (chosen by mean cosine on the calibration images: {tried})" if tried else ""))
+
+
+def report_markdown(report: dict) -> str:
+    """The report as Markdown: model, settings, the table, thresholds and failures."""
+    m, s = report["model"], report["settings"]
+    lines = [
+        f"# Export report: {m['name']} v{m['version']}", "",
+        f"Model `{m['keras_name']}`, input {m['input_size'][0]}×{m['input_size'][1]}, feature `{m['feature']}` "
+        f"(L2-normalised, {m['embedding_dim']}-d), RGA {m['rga'] or 'none (baseline)'}, relation path "
+        f"`{m['relation']}`, {m['parameters']:,} parameters.", "",
+        f"Created {s['created']} on {s['machine']['platform']} ({s['machine']['cpus']} CPUs); TensorFlow "
+        f"{s['versions']['tensorflow']}, Keras {s['versions']['keras']}, LiteRT {s['versions']['ai-edge-litert']}.",
+    ]
+    if "eval_images" in s:
+        lines += ["", f"Parity and retrieval on {s['eval_images']['query']} query / {s['eval_images']['gallery']} "
+                      f"gallery images; latency: median of {s['latency']['runs']} runs at batch 1 on the CPU, "
+                      f"interleaved across artefacts (TFLite with {s['latency']['tflite_threads']} threads)."]
+    if s["calibration_images"]:
+        lines += ["", f"int8 calibration on {s['calibration_images']} images; ops kept in float32: "
+                      f"{', '.join(s['int8_float_ops']) or 'none'}; activation ranges: "
+                      f"{_range_text(report)}; int8 input/output: {s['int8_io']}."]
+    lines += ["", "| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    lines += ["", "Thresholds: " + "; ".join(
+        f"{fmt} " + ", ".join(f"{k} {v}" for k, v in THRESHOLDS[fmt].items()) for fmt in report["checks"]) + "."]
+    failures = [f"- {fmt}: {msg}" for fmt, c in report["checks"].items() for msg in c.get("failures", [])]
+    lines += ["", "**Failed checks:**", *failures] if failures else []
+    if report.get("artefacts"):
+        lines += ["", "Artefacts:", *[f"- {k}: `{v}`" for k, v in report["artefacts"].items()]]
+    return "\n".join(lines) + "\n"

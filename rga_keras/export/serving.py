@@ -1,0 +1,160 @@
+"""The TF Serving SavedModel: signatures ``serving_default`` (pixels) and ``serve_image_bytes`` (encoded
+JPEG/PNG) with input checks, a warm-up file and ``assets/rga_metadata.json`` (docs/EXPORT.md)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rga_keras.export.model import check_choice, embed_function, reid_model_info
+from rga_keras.models import FEATURES, embedding_model
+
+SERVING_DTYPES = ("float32", "uint8")
+METADATA_FILE = "rga_metadata.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+def _contains(chars: tf.Tensor, pattern: bytes) -> tf.Tensor:
+    """Whether the 1-D tensor of single bytes ``chars`` contains ``pattern`` as a contiguous run."""
+    stop = tf.maximum(tf.size(chars) - len(pattern) + 1, 0)
+    hits = [tf.equal(chars[j : stop + j], pattern[j : j + 1]) for j in range(len(pattern))]
+    return tf.reduce_any(tf.reduce_all(tf.stack(hits), axis=0))
+
+
+def _complete_jpeg_or_png(data: tf.Tensor) -> tf.Tensor:
+    """Cheap structural check of one encoded image: a JPEG or PNG signature at the start and the format's
+    end marker (JPEG EOI ``FFD9``, PNG ``IEND`` chunk) in the last 64 bytes, which catches non-images and
+    truncated files before the decoder (whose own errors cannot name the batch item)."""
+    tail = tf.strings.bytes_split(tf.strings.substr(data, tf.maximum(tf.strings.length(data) - 64, 0), 64))
+    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff") & _contains(tail, b"\xff\xd9")
+    png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n") & _contains(tail, b"IEND")
+    return jpeg | png
+
+
+def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: str) -> dict:
+    """The two signature functions, with input checks that fail with a message instead of deep in the graph."""
+    from rga_keras.data.pipeline import decode_image, resize_image  # the evaluation pipeline's preprocessing
+
+    embed = embed_function(embedder)
+
+    def serving_default(images):
+        got = tf.shape(images)  # the signature does not enforce the rank, so check it here too
+        padded = tf.pad(got, [[0, 4]])
+        shape_ok = tf.equal(tf.size(got), 4) & tf.reduce_all(tf.equal(padded[1:4], [height, width, 3]))
+        checks = [
+            tf.debugging.Assert(shape_ok, [
+                f"serving_default: expected images of shape (batch, {height}, {width}, 3) (raw RGB pixels, resized "
+                f"to the model's {height}x{width}; serve_image_bytes takes encoded images of any size), got shape",
+                got], summarize=8),
+            tf.debugging.Assert(padded[0] > 0, ["serving_default: expected at least one image, got an empty batch"]),
+        ]
+        if dtype == "float32":
+            message = ("serving_default: expected raw RGB pixel values in [0, 255] (the model normalises "
+                       "them itself; do not scale or normalise the images), found a value outside")
+            # 0.5 of slack: resizing (antialiased bilinear) can overshoot 255 by float rounding
+            # After the shape check: the reductions assume rank 4 and would fail first, without the message.
+            with tf.control_dependencies(checks):
+                checks += [tf.debugging.assert_greater_equal(tf.reduce_min(images), -0.5, message=message),
+                           tf.debugging.assert_less_equal(tf.reduce_max(images), 255.5, message=message)]
+        with tf.control_dependencies(checks):
+            images = tf.ensure_shape(tf.cast(images, tf.float32), [None, height, width, 3])
+        return embed(images)
+
+    def serve_image_bytes(image_bytes):
+        def load(item):
+            index, data = item
+            check = tf.debugging.Assert(_complete_jpeg_or_png(data), [
+                "serve_image_bytes: item", index, "of the batch is not a complete JPEG or PNG image "
+                "(wrong format, or truncated)"])
+            with tf.control_dependencies([check]):
+                return resize_image(decode_image(data), height, width)
+
+        count = tf.shape(image_bytes)[0]
+        nonempty = tf.debugging.Assert(count > 0, ["serve_image_bytes: expected at least one image, got none"])
+        with tf.control_dependencies([nonempty]):
+            items = (tf.range(count), image_bytes)
+        images = tf.map_fn(load, items, fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
+        return embed(images)
+
+    return {
+        "serving_default": (serving_default, tf.TensorSpec([None, None, None, None], dtype, name="images")),
+        "serve_image_bytes": (serve_image_bytes, tf.TensorSpec([None], tf.string, name="image_bytes")),
+    }
+
+
+def _write_warmup(path: Path, model_name: str, height: int, width: int, dtype: str) -> None:
+    """TF Serving warm-up records: one grey-image request per signature (PredictionLog TFRecords)."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    grey = np.full((1, height, width, 3), 128, dtype=dtype)
+    jpeg = tf.io.encode_jpeg(grey[0].astype(np.uint8)).numpy()
+    requests = [("serving_default", "images", tf.make_tensor_proto(grey)),
+                ("serve_image_bytes", "image_bytes", tf.make_tensor_proto([jpeg]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for signature, key, tensor in requests:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
+            request.inputs[key].CopyFrom(tensor)
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def write_saved_model(
+    model: keras.Model,
+    export_dir: str | os.PathLike,
+    *,
+    feature: str = "after_bn",
+    model_name: str = "rga",
+    serving_dtype: str = "float32",
+    metadata: dict | None = None,
+) -> Path:
+    """Write the TF Serving SavedModel of ``model`` into ``export_dir`` (a version folder, which must not exist).
+
+    Built in a temporary sibling folder and renamed into place when complete. Signatures:
+    ``serving_default``: images (batch, H, W, 3) of ``serving_dtype`` → {"embedding"}; ``serve_image_bytes``:
+    (batch,) encoded JPEG/PNG strings → {"embedding"}. Adds the warm-up file and ``assets/rga_metadata.json``
+    (``metadata`` entries are added to it).
+    """
+    info = reid_model_info(model)
+    check_choice("feature", feature, FEATURES)
+    check_choice("serving_dtype", serving_dtype, SERVING_DTYPES)
+    export_dir = Path(export_dir)
+    if export_dir.exists():
+        raise FileExistsError(f"{export_dir} already exists; choose another version or remove it")
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    height, width = info["input_size"]
+    embedder = embedding_model(model, feature)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    try:
+        # add_endpoint tracks the variables the endpoints use; track(embedder) would store each twice.
+        archive = keras.export.ExportArchive()
+        for name, (fn, spec) in _serving_functions(embedder, height, width, serving_dtype).items():
+            archive.add_endpoint(name, fn, input_signature=[spec])
+        archive.write_out(str(tmp), verbose=False)
+        _write_warmup(tmp / "assets.extra" / WARMUP_FILE, model_name, height, width, serving_dtype)
+        meta = {
+            "model_name": model_name, "feature": feature, "l2_normalised": True,
+            "embedding_dim": info["embedding_dim"],
+            "input": {"height": height, "width": width, "channels": 3, "dtype": serving_dtype,
+                      "pixels": "raw RGB 0-255, not normalised"},
+            "signatures": {
+                "serving_default": {"inputs": {"images": f"{serving_dtype} (batch, {height}, {width}, 3)"},
+                                    "outputs": {"embedding": f"float32 (batch, {info['embedding_dim']})"}},
+                "serve_image_bytes": {"inputs": {"image_bytes": "string (batch,) encoded JPEG or PNG"},
+                                      "outputs": {"embedding": f"float32 (batch, {info['embedding_dim']})"}},
+            },
+            "model": info, **(metadata or {}),
+        }
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, export_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return export_dir
