@@ -190,17 +190,15 @@ class RelationAttention(keras.layers.Layer):
         spatial = self.axis == "spatial"
         nodes = flat if spatial else tf.linalg.matrix_transpose(flat)  # (B, nodes, features)
 
-        # The head's first projection W_1 y = W_1[0] ori + W_1[1:] rel, summed rather than concatenated
-        # so that the (B, nodes, r) relation features are not copied once more.
+        # Every BN here follows a product linear in its kernel, so at inference each is folded into that
+        # kernel (`_linear_bn`), the relation BN and the head's first BN included.
         relation = emb = None
-        pre_hidden = 0.0
-        k1 = tf.cast(self.head_kernel1, dtype)
         if self.embed_kernel is not None:  # θ, φ, g from one matmul: (B, nodes, k·e)
             emb = tf.nn.relu(self._linear_bn(self.embed_bn, training, self.embed_kernel,
                                              lambda kernel: self._project(nodes, kernel)))
         e = self.embed_dim
         if self.use_original:
-            pre_hidden = tf.reduce_mean(emb[..., -e:], axis=-1, keepdims=True) * k1[0]
+            mean_g = tf.reduce_mean(emb[..., -e:], axis=-1, keepdims=True)  # (B, nodes, 1)
         if self.use_relation:
             if self.embedding == "asymmetric":
                 theta, phi = emb[..., :e], emb[..., e : 2 * e]
@@ -215,11 +213,17 @@ class RelationAttention(keras.layers.Layer):
                 phi = theta if symmetric else tf.cast(phi, tf.float32)
             if self.relation == "explicit" or return_relation:
                 relation = tf.linalg.matmul(theta, phi, transpose_b=True)  # R[i, j] = θ_i · φ_j
-            rel = self._relation_features(theta, phi, self.relation_kernel, relation)
-            rel = tf.nn.relu(self.relation_bn(tf.cast(rel, dtype), training=training))
-            pre_hidden = pre_hidden + self._project(rel, k1[int(self.use_original) :])
+            rel = self._linear_bn(self.relation_bn, training, self.relation_kernel,
+                                  lambda kernel: self._relation_features(theta, phi, kernel, relation))
+            rel = tf.nn.relu(tf.cast(rel, dtype))
 
-        hidden = tf.nn.relu(self.head_bn1(pre_hidden, training=training))
+        def head_projection(kernel):  # W_1 y = W_1[0] ori + W_1[1:] rel: summed, not concatenated (no copy of rel)
+            out = mean_g * tf.cast(kernel[0], dtype) if self.use_original else 0.0
+            if self.use_relation:
+                out = out + self._project(rel, tf.cast(kernel[int(self.use_original) :], dtype))
+            return out
+
+        hidden = tf.nn.relu(self._linear_bn(self.head_bn1, training, self.head_kernel1, head_projection))
         score = self._linear_bn(self.head_bn2, training, self.head_kernel2,
                                 lambda kernel: self._project(hidden, kernel))
         attention = tf.sigmoid(tf.cast(score, tf.float32))  # (B, nodes, 1)
