@@ -347,6 +347,18 @@ def test_percentile_ranges_match_numpy_percentiles_of_per_image_extremes():
 
 
 
+def test_tflite_embedder_is_independent_of_the_batch_size(exported, data):
+    """Growing, shrinking and growing the batch again gives each image the embedding it gets alone (one
+    LiteRT interpreter resized to a larger batch gave wrong int8 embeddings; the embedder avoids that)."""
+    images = images_of(data.query)[:9]
+    for kind in ("int8", "float32"):
+        path = exported[0] / "tflite" / f"rga_v1_{kind}.tflite"
+        alone = litert_embeddings(path, images)
+        embed = ex.TFLiteEmbedder(path)
+        for n in (1, 4, 9, 2, 9):
+            np.testing.assert_allclose(embed(images[:n]), alone[:n], atol=1e-5, err_msg=f"{kind}, batch {n}")
+
+
 def test_int8_io_and_full_integer_option(model, data, tmp_path):
     source = ex.write_tflite_source(model, tmp_path / "source")
     calibration = images_of(data.train)[::2]

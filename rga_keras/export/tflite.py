@@ -210,25 +210,31 @@ class TFLiteEmbedder:
     """Runs a TFLite embedding model with LiteRT: float32 raw pixels (n, H, W, 3) → float32 embeddings (n, d).
 
     Quantised inputs/outputs (an ``int8_io`` model) are converted with the model's own scale and zero point.
+    Each batch size gets a fresh interpreter: resizing one LiteRT interpreter (2.3, XNNPACK delegate) to a
+    larger batch than it first ran gave wrong embeddings from some int8 models (cosine 0.1–0.5 to the right
+    ones), while a new interpreter at that batch is right (docs/EXPORT.md, "TFLite").
     """
 
     def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None) -> None:
+        self._source = ({"model_content": bytes(model)} if isinstance(model, (bytes, bytearray))
+                        else {"model_path": str(model)})
+        self.num_threads = num_threads or cpu_count()
+        self._prepare(None)
+        self.input_shape = tuple(int(d) for d in self._input["shape_signature"][1:])
+
+    def _prepare(self, batch: int | None) -> None:
+        """A new interpreter allocated for ``batch`` images, unless the current one already is."""
         from ai_edge_litert.interpreter import Interpreter
 
-        kwargs = ({"model_content": bytes(model)} if isinstance(model, (bytes, bytearray))
-                  else {"model_path": str(model)})
-        self.num_threads = num_threads or cpu_count()
-        self.interpreter = Interpreter(num_threads=self.num_threads, **kwargs)
+        if batch is not None and batch == self._batch:
+            return
+        self.interpreter = Interpreter(num_threads=self.num_threads, **self._source)
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
-        self.input_shape = tuple(int(d) for d in self._input["shape_signature"][1:])
-        self._batch = None
-
-    def _prepare(self, batch: int) -> None:
-        if batch != self._batch:
-            self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
+        if batch is not None:
+            self.interpreter.resize_tensor_input(self._input["index"], [batch, *self._input["shape_signature"][1:]])
             self.interpreter.allocate_tensors()
-            self._batch = batch
+        self._batch = batch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
