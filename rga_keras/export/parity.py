@@ -71,7 +71,11 @@ def check_artefacts(model, feature, built, report, query, gallery, batch_size, l
     (qf, qmeta), (gf, gmeta) = (extract_features(embedder, d, verbose=0) for d in datasets)
     labels = (qmeta["person_id"], gmeta["person_id"], qmeta["camera_id"], gmeta["camera_id"])
     image = next(iter(datasets[0]))[0].numpy()[:1]
-    keras_fn = tf.function(lambda x: embedder([x], training=False))
+
+    @tf.function
+    def keras_fn(x):  # a named function: AutoGraph cannot read a lambda's source here (it warns)
+        return embedder([x], training=False)
+
     report["reference"] = {"format": "keras float32 (tf.function)", **_retrieval(qf, gf, labels)}
     report["settings"]["eval_images"] = {"query": len(qf), "gallery": len(gf)}
     runners = {"keras": lambda x: keras_fn(tf.constant(x)).numpy()}

@@ -92,9 +92,11 @@ def convert_tflite(
     converter.representative_dataset = representative
     # Selective quantisation and calibrated ranges: TFLite's quantisation debugger calibrates once
     # (`calibrated_model`, float32 with each activation's min/max) and quantises with a denylist.
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=representative,
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops) or None))
+    with warnings.catch_warnings():  # the debugger runs TF's own (deprecated) tf.lite.Interpreter
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=representative,
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops) or None))
     percentiles = INT8_RANGE_PERCENTILES if range_percentile == "auto" else (float(range_percentile),)
     calibrated, scores = debugger.calibrated_model, {}
     extremes = _activation_extremes(calibrated, images) if percentiles != (100.0,) else None
@@ -106,7 +108,8 @@ def convert_tflite(
             flatbuffer, best = candidate, percentile
             break
         # Choose by the embeddings' cosine to the float model on the calibration images themselves.
-        got = np.concatenate([TFLiteEmbedder(candidate)(images[i : i + 32]) for i in range(0, len(images), 32)])
+        embed = TFLiteEmbedder(candidate)
+        got = np.concatenate([embed(images[i : i + 32]) for i in range(0, len(images), 32)])
         scores[percentile] = float(cosine_rows(got, extremes[3]).mean())
         if scores[percentile] >= max(scores.values()):
             flatbuffer, best = candidate, percentile
@@ -129,7 +132,9 @@ def _activation_extremes(calibrated: bytes, images: np.ndarray) -> tuple[list[in
     tensors = flatbuffer_utils.read_model_from_bytearray(calibrated).subgraphs[0].tensors
     ranged = [i for i, t in enumerate(tensors) if t.quantization is not None and t.quantization.min is not None
               and len(t.quantization.min) == 1]  # activations: weights carry no calibrated range
-    interpreter = Interpreter(model_content=bytes(calibrated), experimental_preserve_all_tensors=True)
+    with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging leftover
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors", category=UserWarning)
+        interpreter = Interpreter(model_content=bytes(calibrated), experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     source, output = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
     lows, highs, outputs = np.empty((len(images), len(ranged))), np.empty((len(images), len(ranged))), []
