@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int8 TFLite model takes uint8 pixels and returns int8 embeddings (default: float32)")
     out.add_argument("--int8-float-ops", default=",".join(INT8_FLOAT_OPS), metavar="OPS",
                      help="comma-separated TFLite ops kept in float32 in the int8 model; '' for none "
-                          f"(default {','.join(INT8_FLOAT_OPS)}: the relation products)")
+                          f"(default {','.join(INT8_FLOAT_OPS)}: the relation products and the additions)")
     out.add_argument("--int8-range-percentile", type=_percentile, default="auto", metavar="P",
                      help="int8 activation ranges: percentile P of each tensor's per-image extremes over the "
                           "calibration images (100 = TFLite's plain min/max); default auto: the best of "

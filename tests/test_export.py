@@ -199,7 +199,7 @@ def test_tflite_models_use_builtin_ops_only_and_int8_is_integer(exported):
         ops = report["checks"][f"tflite_{kind}"]
         assert ops["builtin_only"] and not any(op.startswith("Flex") for op in ops["ops"])
     int8 = report["checks"]["tflite_int8"]
-    assert set(int8["float_ops"]) == {"BATCH_MATMUL"}  # only the relation products stay float (the default)
+    assert set(int8["float_ops"]) == {"BATCH_MATMUL", "ADD"}  # relation products and additions (the default)
     assert report["settings"]["int8_range_percentile"] == "auto"  # the default: best of INT8_RANGE_PERCENTILES
     assert set(int8["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
     assert int8["calibration_cosine"][int8["range_percentile"]] == max(int8["calibration_cosine"].values())
@@ -522,7 +522,8 @@ def test_real_network_all_formats(data, tmp_path):
                            eval_split=(data.query, data.gallery), latency_runs=3, enforce=False, verbose=False)
     assert report["checks"]["saved_model"]["passed"] and report["checks"]["tflite_float32"]["passed"]
     assert all(report["checks"][f"tflite_{k}"]["builtin_only"] for k in ("float32", "float16", "dynamic", "int8"))
-    assert report["checks"]["tflite_int8"]["float_ops"] == {"BATCH_MATMUL": 16}
+    assert set(report["checks"]["tflite_int8"]["float_ops"]) == {"BATCH_MATMUL", "ADD"}
+    assert report["checks"]["tflite_int8"]["float_ops"]["BATCH_MATMUL"] == 16
     images = images_of(data.query)
     reference = keras_embeddings(model, images)
     got = tf.saved_model.load(str(saved_model_dir(tmp_path))).signatures["serving_default"](images=tf.constant(images))
