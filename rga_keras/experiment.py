@@ -145,13 +145,14 @@ def check_config(config: dict, num_replicas: int = 1) -> None:
     size = config["model"]["input_size"]
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and min(size) >= 32):
         raise ValueError(f"model.input_size must be [height, width] with both >= 32, found {size!r}")
-    if config["optimizer"]["schedule"] not in ("multistep", "cosine"):
-        raise ValueError(f"optimizer.schedule must be 'multistep' or 'cosine', found {config['optimizer']['schedule']!r}")
+    schedule = config["optimizer"]["schedule"]
+    if schedule not in ("multistep", "cosine"):
+        raise ValueError(f"optimizer.schedule must be 'multistep' or 'cosine', found {schedule!r}")
     from rga_keras.export import FORMATS
 
-    unknown = [f for f in config["export"]["formats"] if f not in FORMATS]
-    if unknown or not config["export"]["formats"]:
-        raise ValueError(f"export.formats must be a non-empty list from {list(FORMATS)}, found {config['export']['formats']!r}")
+    formats = config["export"]["formats"]
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ValueError(f"export.formats must be a non-empty list from {list(FORMATS)}, found {formats!r}")
 
 
 def load_data(config: dict):
@@ -344,7 +345,9 @@ def _metrics(result: dict | None) -> dict | None:
 def print_summary(result: dict) -> None:
     """What the run produced and where it went, for the terminal."""
     def fmt(m):
-        return "–" if m is None else f"Rank-1 {100 * m['rank1']:5.1f}  mAP {100 * m['mAP']:5.1f}  mINP {100 * m['mINP']:5.1f}"
+        if m is None:
+            return "–"
+        return f"Rank-1 {100 * m['rank1']:5.1f}  mAP {100 * m['mAP']:5.1f}  mINP {100 * m['mINP']:5.1f}"
 
     print("\n" + result["dataset"])
     print(f"untrained model : {fmt(result['untrained'])}")

@@ -123,9 +123,8 @@ def build_rga_resnet50(
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     # The head runs in float32 under mixed precision, as Keras advises for model outputs.
     features = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
-    after_bn = BNNeck(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype="float32", synchronized=synchronized_bn, name="bnneck")(
-        features
-    )
+    after_bn = BNNeck(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype="float32", synchronized=synchronized_bn,
+                      name="bnneck")(features)
     logits = keras.layers.Dense(
         num_classes,
         use_bias=False,

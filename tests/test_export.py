@@ -159,7 +159,8 @@ def test_layout_report_and_metadata(exported):
         path = out / report["artefacts"][fmt]
         size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         assert check["size_bytes"] == size
-        assert check["latency_ms"]["runs"] == 3 and 0 < check["latency_ms"]["min_ms"] <= check["latency_ms"]["median_ms"]
+        latency = check["latency_ms"]
+        assert latency["runs"] == 3 and 0 < latency["min_ms"] <= latency["median_ms"]
     sizes = {fmt: report["checks"][fmt]["size_bytes"] for fmt in report["checks"]}
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]
 
@@ -220,7 +221,8 @@ def test_saved_model_signatures_have_named_inputs_and_outputs(exported):
     default, image_bytes = signatures["serving_default"], signatures["serve_image_bytes"]
     assert list(default.inputs) == ["images"] and default.inputs["images"].dtype == tf.float32.as_datatype_enum
     assert len(default.inputs["images"].tensor_shape.dim) == 4
-    assert list(image_bytes.inputs) == ["image_bytes"] and image_bytes.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+    assert list(image_bytes.inputs) == ["image_bytes"]
+    assert image_bytes.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
     for signature in (default, image_bytes):
         assert list(signature.outputs) == ["embedding"]
         assert [d.size for d in signature.outputs["embedding"].tensor_shape.dim] == [-1, 32]
@@ -254,7 +256,8 @@ def test_warmup_file_parses_back_and_runs(exported, loaded):
 
     path = saved_model_dir(exported[0]) / "assets.extra" / "tf_serving_warmup_requests"
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-    assert [log.predict_log.request.model_spec.signature_name for log in logs] == ["serving_default", "serve_image_bytes"]
+    signatures = [log.predict_log.request.model_spec.signature_name for log in logs]
+    assert signatures == ["serving_default", "serve_image_bytes"]
     for log in logs:
         request = log.predict_log.request
         assert request.model_spec.name == "rga"
@@ -287,8 +290,8 @@ def test_serve_image_bytes_names_the_bad_item(loaded, data):
     cases = {1: [good[0], b"not an image", good[1]], 2: [good[0], good[1], good[2][: len(good[2]) // 2]],
              0: [b""]}
     for index, batch in cases.items():
-        with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=rf"serve_image_bytes: item\] \[{index}\] \[of the batch is not a complete JPEG or PNG"):
+        message = rf"serve_image_bytes: item\] \[{index}\] \[of the batch is not a complete JPEG or PNG"
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             signature(image_bytes=tf.constant(batch))
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected at least one image"):
         signature(image_bytes=tf.constant([], tf.string))
@@ -344,7 +347,6 @@ def test_percentile_ranges_match_numpy_percentiles_of_per_image_extremes():
         assert 0 < expected[1] < values.max() / 2  # neither the black images nor the outlier set the range
     with pytest.raises(ValueError, match="percentile must be in"):
         ex.percentile_ranges(calibrated, images, 0)
-
 
 
 def test_tflite_embedder_is_independent_of_the_batch_size(exported, data):

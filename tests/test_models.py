@@ -127,7 +127,8 @@ def test_embedding_and_attention_models():
         rga_keras.attention_model(rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3)))
     # "w/o Rel." has attention maps but no relation matrices.
     no_rel = rga_keras.build_rga_resnet50(5, "sc", input_shape=(64, 32, 3), rga_stages=(4,), use_relation=False)
-    assert set(rga_keras.attention_model(no_rel)(x, training=False)["rga4"]) == {"spatial_attention", "channel_attention"}
+    maps = rga_keras.attention_model(no_rel)(x, training=False)["rga4"]
+    assert set(maps) == {"spatial_attention", "channel_attention"}
 
 
 def test_wrong_input_size_is_a_clear_error():

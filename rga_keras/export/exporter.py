@@ -113,8 +113,8 @@ def export_all(
     try:
         calibration = None
         if "tflite_int8" in formats:
-            calibration = load_images(synthetic.train if calibration_samples is None else calibration_samples,
-                                       size, num_calibration)
+            samples = synthetic.train if calibration_samples is None else calibration_samples
+            calibration = load_images(samples, size, num_calibration)
             log(f"int8 calibration: {len(calibration)} images")
         built = _build(model, formats, staging, feature=feature, model_name=model_name, version=version,
                        serving_dtype=serving_dtype, calibration=calibration, int8_io=int8_io,
@@ -122,13 +122,13 @@ def export_all(
         report = {
             "model": {"name": model_name, "version": version, "feature": feature, **info},
             "settings": describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_percentile,
-                                  serving_dtype, num_threads, latency_runs),
+                                          serving_dtype, num_threads, latency_runs),
             "checks": {fmt: {"size_bytes": _size(path), **extra} for fmt, (path, extra) in built.items()},
         }
         if check:
             query, gallery = eval_split if eval_split is not None else (synthetic.query, synthetic.gallery)
             check_artefacts(model, feature, built, report, query, gallery, eval_batch_size, latency_runs,
-                             num_threads, log)
+                            num_threads, log)
         report["passed"] = all(c.get("passed", True) for c in report["checks"].values())
         failures = [f"{fmt}: {msg}" for fmt, c in report["checks"].items() for msg in c.get("failures", [])]
         publish = report["passed"] or not enforce

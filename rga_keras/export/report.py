@@ -14,8 +14,9 @@ from rga_keras.export.tflite import cpu_count
 from rga_keras.files import write_text_atomic
 
 
-def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_percentile, serving_dtype, num_threads,
-              latency_runs) -> dict:
+def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_percentile, serving_dtype,
+                      num_threads, latency_runs) -> dict:
+    """The export's settings, machine and package versions, for the report."""
     import importlib.metadata as metadata
 
     def version(package):

@@ -125,8 +125,8 @@ def convert_tflite(
     return flatbuffer
 
 
-def _activation_extremes(calibrated: bytes, images: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray,
-                                                                          np.ndarray]:
+def _activation_extremes(calibrated: bytes,
+                         images: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
     """Run a calibrated (float32) TFLite model on each image: the tensors that carry a calibrated range,
     their per-image minima and maxima (n, tensors), and the model's outputs (n, d)."""
     from ai_edge_litert.interpreter import Interpreter
