@@ -174,7 +174,7 @@ def _build(model, formats, staging, *, feature, model_name, version, serving_dty
             chosen = {}
             flatbuffer = convert_tflite(source, kind, representative_images=calibration,
                                         int8_io=int8_io and kind == "int8", float_ops=int8_float_ops,
-                                        range_percentile=int8_range_percentile, info=chosen)
+                                        range_percentile=int8_range_percentile, info=chosen, log=log)
             path = staging / f"{kind}.tflite"
             path.write_bytes(flatbuffer)
             ops = tflite_ops(path)

@@ -15,7 +15,7 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -58,6 +58,7 @@ def convert_tflite(
     float_ops: Sequence[str] = INT8_FLOAT_OPS,
     range_percentile: float | str = "auto",
     info: dict | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> bytes:
     """Convert the SavedModel of `write_tflite_source` to a TFLite flatbuffer, builtin ops only.
 
@@ -68,7 +69,8 @@ def convert_tflite(
     each of `INT8_RANGE_PERCENTILES`, keeping the model whose embeddings of ``representative_images`` have
     the highest mean cosine to the float model's; ``info`` (a dict) gets "range_percentile" and
     "calibration_cosine" {percentile: mean cosine}), and ``int8_io`` makes the model take uint8 pixels and
-    return int8 embeddings (scale and zero point in the model) instead of float32.
+    return int8 embeddings (scale and zero point in the model) instead of float32. ``log`` receives a line
+    per int8 step (calibration, each candidate's cosine), which can take minutes at 256×128.
     """
     check_choice("kind", kind, TFLITE_KINDS)
     check_percentile("range_percentile", range_percentile)
@@ -100,7 +102,11 @@ def convert_tflite(
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=representative,
             debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops) or None))
+    log = log or (lambda line: None)
     percentiles = INT8_RANGE_PERCENTILES if range_percentile == "auto" else (float(range_percentile),)
+    if len(percentiles) > 1:
+        tried = ", ".join(f"{p:g}" for p in percentiles)
+        log(f"int8: calibrated; choosing activation ranges among percentiles {tried}")
     calibrated, scores = debugger.calibrated_model, {}
     extremes = _activation_extremes(calibrated, images) if percentiles != (100.0,) else None
     for percentile in percentiles:
@@ -114,6 +120,8 @@ def convert_tflite(
         embed = TFLiteEmbedder(candidate)
         got = np.concatenate([embed(images[i : i + 32]) for i in range(0, len(images), 32)])
         scores[percentile] = float(cosine_rows(got, extremes[3]).mean())
+        log(f"int8: ranges at percentile {percentile:g}: mean cosine {scores[percentile]:.4f} to the float "
+            f"model on the calibration images")
         if scores[percentile] >= max(scores.values()):
             flatbuffer, best = candidate, percentile
     if info is not None:
