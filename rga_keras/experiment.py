@@ -330,8 +330,9 @@ def export_model(model: keras.Model, data, config: dict, out_dir: Path) -> dict:
         print(f"\nexport FAILED, nothing was published: {err}", flush=True)
         return {"passed": False, "error": str(err), "artefacts": {}}
     table = format_table(report)
+    failures = [f"  {fmt}: {msg}" for fmt, check in report["checks"].items() for msg in check.get("failures", [])]
     print("\nexport (" + ("all checks passed" if report["passed"] else "SOME CHECKS FAILED, see the report")
-          + f"): {out_dir}\n{table}", flush=True)
+          + f"): {out_dir}\n{table}" + "".join(f"\n{line}" for line in failures), flush=True)
     return {"passed": bool(report["passed"]), "table": table,
             "artefacts": dict(report["artefacts"])}
 

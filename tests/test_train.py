@@ -96,3 +96,12 @@ def test_a_failed_export_is_reported_and_recorded(monkeypatch, capsys):
     record = experiment.export_model(None, data, experiment.demo_config(), Path("unused"))
     assert record == {"passed": False, "error": "tflite_int8: mean cosine similarity 0.5 < 0.98", "artefacts": {}}
     assert "export FAILED, nothing was published: tflite_int8" in capsys.readouterr().out
+
+    # enforce=False (the demo): published despite a failed check, which is named under the table
+    check = {"size_bytes": 1, "failures": ["mean cosine similarity 0.5 < 0.98"], "passed": False}
+    report = {"checks": {"tflite_int8": check}, "passed": False, "artefacts": {"tflite_int8": "x.tflite"}}
+    monkeypatch.setattr(export, "export_all", lambda *args, **kwargs: report)
+    record = experiment.export_model(None, data, experiment.demo_config(), Path("unused"))
+    assert not record["passed"] and record["artefacts"] == {"tflite_int8": "x.tflite"}
+    out = capsys.readouterr().out
+    assert "SOME CHECKS FAILED" in out and out.rstrip().endswith("tflite_int8: mean cosine similarity 0.5 < 0.98")
