@@ -318,7 +318,7 @@ def export_model(model: keras.Model, data, config: dict, out_dir: Path) -> dict:
     artefact paths. A re-run replaces an earlier export of the same run. An export that fails (a conversion
     error, or a missed threshold with ``enforce``) is reported and recorded, so the trained run is not lost.
     """
-    from rga_keras.export import ExportError, export_all, format_table
+    from rga_keras.export import ExportError, export_all, failed_checks, format_table
 
     ex = config["export"]
     try:
@@ -330,9 +330,8 @@ def export_model(model: keras.Model, data, config: dict, out_dir: Path) -> dict:
         print(f"\nexport FAILED, nothing was published: {err}", flush=True)
         return {"passed": False, "error": str(err), "artefacts": {}}
     table = format_table(report)
-    failures = [f"  {fmt}: {msg}" for fmt, check in report["checks"].items() for msg in check.get("failures", [])]
     print("\nexport (" + ("all checks passed" if report["passed"] else "SOME CHECKS FAILED, see the report")
-          + f"): {out_dir}\n{table}" + "".join(f"\n{line}" for line in failures), flush=True)
+          + f"): {out_dir}\n{table}" + "".join(f"\n  {line}" for line in failed_checks(report)), flush=True)
     return {"passed": bool(report["passed"]), "table": table,
             "artefacts": dict(report["artefacts"])}
 

@@ -27,7 +27,7 @@ from rga_keras.export.exporter import FORMATS, default_synthetic_dataset, export
 from rga_keras.export.model import (ExportError, ParityError, cosine_rows, estimate_batchnorm_statistics,
                                     load_reid_model, reid_model_info, with_relation)
 from rga_keras.export.parity import THRESHOLDS, measure_latencies
-from rga_keras.export.report import format_table, report_markdown
+from rga_keras.export.report import failed_checks, format_table, report_markdown
 from rga_keras.export.serving import METADATA_FILE, SERVING_DTYPES, WARMUP_FILE, write_saved_model
 from rga_keras.export.tflite import (INT8_FLOAT_OPS, INT8_RANGE_PERCENTILES, TFLITE_KINDS, TFLiteEmbedder,
                                      convert_tflite, percentile_ranges, tflite_ops, write_tflite_source)
@@ -38,5 +38,5 @@ __all__ = [
     "export_all", "load_reid_model", "reid_model_info", "with_relation", "estimate_batchnorm_statistics",
     "write_saved_model", "write_tflite_source", "convert_tflite", "percentile_ranges", "tflite_ops",
     "TFLiteEmbedder", "measure_latencies", "cosine_rows", "load_images", "default_synthetic_dataset",
-    "format_table", "report_markdown",
+    "format_table", "report_markdown", "failed_checks",
 ]

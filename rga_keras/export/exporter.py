@@ -15,7 +15,7 @@ import numpy as np
 
 from rga_keras.export.model import ExportError, ParityError, check_choice, check_percentile, reid_model_info
 from rga_keras.export.parity import check_artefacts
-from rga_keras.export.report import describe_settings, format_table, write_reports
+from rga_keras.export.report import describe_settings, failed_checks, format_table, write_reports
 from rga_keras.export.serving import SERVING_DTYPES, write_saved_model
 from rga_keras.export.tflite import INT8_FLOAT_OPS, convert_tflite, tflite_ops, write_tflite_source
 from rga_keras.models import FEATURES
@@ -130,7 +130,7 @@ def export_all(
             check_artefacts(model, feature, built, report, query, gallery, eval_batch_size, latency_runs,
                             num_threads, log)
         report["passed"] = all(c.get("passed", True) for c in report["checks"].values())
-        failures = [f"{fmt}: {msg}" for fmt, c in report["checks"].items() for msg in c.get("failures", [])]
+        failures = failed_checks(report)
         publish = report["passed"] or not enforce
         report["artefacts"] = {fmt: str(targets[fmt]) for fmt in built} if publish else {}
         report["published"] = publish

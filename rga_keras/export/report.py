@@ -91,6 +91,11 @@ def _range_text(report: dict) -> str:
             + (f" (chosen by mean cosine on the calibration images: {tried})" if tried else ""))
 
 
+def failed_checks(report: dict) -> list[str]:
+    """Every missed threshold of the report, one "artefact: what" line each, in artefact order."""
+    return [f"{fmt}: {msg}" for fmt, check in report["checks"].items() for msg in check.get("failures", [])]
+
+
 def report_markdown(report: dict) -> str:
     """The report as Markdown: model, settings, the table, thresholds and failures."""
     m, s = report["model"], report["settings"]
@@ -114,7 +119,7 @@ def report_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     lines += ["", "Thresholds: " + "; ".join(
         f"{fmt} " + ", ".join(f"{k} {v}" for k, v in THRESHOLDS[fmt].items()) for fmt in report["checks"]) + "."]
-    failures = [f"- {fmt}: {msg}" for fmt, c in report["checks"].items() for msg in c.get("failures", [])]
+    failures = [f"- {line}" for line in failed_checks(report)]
     lines += ["", "**Failed checks:**", *failures] if failures else []
     if report.get("artefacts"):
         lines += ["", "Artefacts:", *[f"- {k}: `{v}`" for k, v in report["artefacts"].items()]]
