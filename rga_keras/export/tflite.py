@@ -205,10 +205,9 @@ def tflite_ops(model: str | os.PathLike | bytes) -> dict:
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    kwargs = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
     try:
         interpreter = Interpreter(experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-                                  **kwargs)
+                                  **_interpreter_source(model))
     except (RuntimeError, ValueError) as err:
         raise ExportError(f"the TFLite model does not load with LiteRT's builtin ops: {err}") from None
     tensors = interpreter.get_tensor_details()
@@ -222,6 +221,11 @@ def tflite_ops(model: str | os.PathLike | bytes) -> dict:
     return {"ops": dict(sorted(ops.items())), "float_ops": dict(sorted(float_ops.items())), "builtin_only": builtin}
 
 
+def _interpreter_source(model: str | os.PathLike | bytes) -> dict:
+    """LiteRT Interpreter keyword arguments for a flatbuffer in memory or a file path."""
+    return {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
+
+
 class TFLiteEmbedder:
     """Runs a TFLite embedding model with LiteRT: float32 raw pixels (n, H, W, 3) → float32 embeddings (n, d).
 
@@ -232,24 +236,28 @@ class TFLiteEmbedder:
     """
 
     def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None) -> None:
-        self._source = ({"model_content": bytes(model)} if isinstance(model, (bytes, bytearray))
-                        else {"model_path": str(model)})
+        self._source = _interpreter_source(model)
         self.num_threads = num_threads or cpu_count()
-        self._prepare(None)
+        self._new_interpreter()
         self.input_shape = tuple(int(d) for d in self._input["shape_signature"][1:])
 
-    def _prepare(self, batch: int | None) -> None:
-        """A new interpreter allocated for ``batch`` images, unless the current one already is."""
+    def _new_interpreter(self) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        if batch is not None and batch == self._batch:
-            return
         self.interpreter = Interpreter(num_threads=self.num_threads, **self._source)
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
-        if batch is not None:
-            self.interpreter.resize_tensor_input(self._input["index"], [batch, *self._input["shape_signature"][1:]])
-            self.interpreter.allocate_tensors()
+        self._batch = None  # not allocated yet
+
+    def _prepare(self, batch: int) -> None:
+        """Allocate for ``batch`` images: an interpreter already allocated for another batch is replaced, not
+        resized (the LiteRT fault above)."""
+        if batch == self._batch:
+            return
+        if self._batch is not None:
+            self._new_interpreter()
+        self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
+        self.interpreter.allocate_tensors()
         self._batch = batch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
