@@ -220,7 +220,7 @@ class RelationAttention(keras.layers.Layer):
         def head_projection(kernel):  # W_1 y = W_1[0] ori + W_1[1:] rel: summed, not concatenated (no copy of rel)
             out = mean_g * tf.cast(kernel[0], dtype) if self.use_original else 0.0
             if self.use_relation:
-                out = out + self._project(rel, tf.cast(kernel[int(self.use_original) :], dtype))
+                out = out + self._project(rel, kernel[int(self.use_original) :])  # _project casts the kernel
             return out
 
         hidden = tf.nn.relu(self._linear_bn(self.head_bn1, training, self.head_kernel1, head_projection))
