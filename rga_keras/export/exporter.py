@@ -27,10 +27,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def load_images(samples: Sequence, image_size: Sequence[int], limit: int | None = None) -> np.ndarray:
     """Up to ``limit`` images (evenly spread over ``samples``) as raw-pixel float32 (n, H, W, 3)."""
     from rga_keras.data import make_eval_dataset
+    from rga_keras.visualize import spread_indices
 
     samples = list(samples)
-    if limit is not None and len(samples) > limit:
-        samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
+    if limit is not None:
+        samples = [samples[i] for i in spread_indices(len(samples), limit)]
     samples = [s if isinstance(s, (tuple, list)) else (str(s), 0, 0) for s in samples]
     dataset = make_eval_dataset(samples, image_size=tuple(image_size), batch_size=32)
     return np.concatenate([images.numpy() for images, _ in dataset])
