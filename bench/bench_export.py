@@ -58,7 +58,7 @@ def extra_int8_timings(model, report: dict, runs: int) -> dict:
     full = ex.convert_tflite(source, "int8", representative_images=ex.load_images(data.train, size, limit=200),
                              float_ops=())
     embedder = ex.embedding_model(model, report["model"]["feature"])
-    keras_fn = tf.function(lambda x: embedder([x], training=False))
+    keras_fn = tf.function(lambda x: embedder(x, training=False))
     full_embedder = ex.TFLiteEmbedder(full)
     images = ex.load_images(data.query, size)
     pairs = [(keras_fn(tf.constant(images[i:i + 32])).numpy(), full_embedder(images[i:i + 32]))

@@ -60,7 +60,7 @@ def attention_maps(model: keras.Model, images) -> dict[str, dict[str, np.ndarray
 
     images = _as_images(images)
     _check_model_input(model, images)
-    maps = attention_model(model)([images], training=False)
+    maps = attention_model(model)(images, training=False)
     return {stage: {k: np.asarray(v) for k, v in stage_maps.items() if v is not None}
             for stage, stage_maps in maps.items()}
 

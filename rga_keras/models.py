@@ -159,7 +159,7 @@ def embedding_model(model: keras.Model, feature: str = "after_bn") -> keras.Mode
         raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
     _require_reid_model(model)
     layer = "bnneck" if feature == "after_bn" else "features"
-    return keras.Model(model.inputs, model.get_layer(layer).output, name=f"{model.name}_embedding_{feature}")
+    return keras.Model(model.input, model.get_layer(layer).output, name=f"{model.name}_embedding_{feature}")
 
 
 def rga_layers(model: keras.Model) -> list[RGA]:
@@ -177,7 +177,7 @@ def attention_model(model: keras.Model) -> keras.Model:
     if not layers:
         raise ValueError(f"model '{model.name}' has no RGA layers (a baseline model has no attention maps)")
     outputs = {layer.name: _AttentionMaps(layer, name=f"{layer.name}_maps")(layer.input) for layer in layers}
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_attention")
+    return keras.Model(model.input, outputs, name=f"{model.name}_attention")
 
 
 class _AttentionMaps(keras.layers.Layer):

@@ -37,8 +37,8 @@ def reference_metrics(model, data, flip):
     def features(samples):
         x = np.stack([tf.io.decode_image(tf.io.read_file(s.path), channels=3).numpy() for s in samples])
         x = x.astype(np.float32)
-        f = embed([x], training=False).numpy()
-        return (f + embed([x[:, :, ::-1]], training=False).numpy()) / 2 if flip else f
+        f = embed(x, training=False).numpy()
+        return (f + embed(x[:, :, ::-1], training=False).numpy()) / 2 if flip else f
 
     qf, gf = features(data.query), features(data.gallery)
     qf /= np.linalg.norm(qf, axis=1, keepdims=True)

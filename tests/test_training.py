@@ -55,7 +55,7 @@ def one_step(strategy, weights, x, y):
         model.set_weights(weights)
         assert use_sync_batchnorm(model) == 1
         compile_reid(model, optimizer=make_optimizer("sgd", learning_rate=0.1, weight_decay=0.1))
-    hist = model.fit(dataset(x, y, len(x)), epochs=1, verbose=0)
+    hist = model.fit(dataset(x, y, len(x)), epochs=1, verbose=0, shuffle=False)
     return hist.history["loss"][0], model.get_weights()
 
 
@@ -101,7 +101,7 @@ def test_precision_and_xla_switches_train():
             use_sync_batchnorm(model)
             compile_reid(model, optimizer=make_optimizer("sgd", learning_rate=0.1, weight_decay=0.1),
                          jit_compile=jit)
-            loss = model.fit(dataset(x, y, len(x)), epochs=1, verbose=0).history["loss"][0]
+            loss = model.fit(dataset(x, y, len(x)), epochs=1, verbose=0, shuffle=False).history["loss"][0]
         finally:
             set_precision("float32")
         np.testing.assert_allclose(loss, loss_ref, rtol=tol, err_msg=policy)
@@ -133,18 +133,18 @@ def test_resume_after_crash_continues_training(tmp_path):
     data = dataset(x, y, 8)  # 2 steps per epoch, no shuffling
     weights = tiny_reid_model(1).get_weights()
     reference = compiled_model(1, weights)
-    reference.fit(data, epochs=4, verbose=0)
+    reference.fit(data, epochs=4, verbose=0, shuffle=False)
 
     run = str(tmp_path / "run")
     crashed = compiled_model(1, weights)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.fit(data, epochs=4, verbose=0, callbacks=make_callbacks(run) + [Crash()])
+        crashed.fit(data, epochs=4, verbose=0, shuffle=False, callbacks=make_callbacks(run) + [Crash()])
     assert json.load(open(os.path.join(run, "backup", "training_metadata.json")))["epoch"] == 2
     assert [r["epoch"] for r in json.load(open(os.path.join(run, "history.json")))] == [1, 2]
     assert os.path.isdir(os.path.join(run, "tensorboard"))
 
     resumed = compiled_model(2)  # fresh process stand-in: different initial weights
-    hist = resumed.fit(data, epochs=4, verbose=0,
+    hist = resumed.fit(data, epochs=4, verbose=0, shuffle=False,
                        callbacks=make_callbacks(run, checkpoint_best_monitor="loss"))
     assert hist.epoch == [2, 3] and int(resumed.optimizer.iterations) == 8
     for a, b in zip(resumed.get_weights(), reference.get_weights()):
@@ -288,7 +288,7 @@ WORKER = textwrap.dedent("""
 
     data = strategy.distribute_datasets_from_function(per_replica)
     callbacks = make_callbacks(sys.argv[2])  # only the chief (worker 0) writes files
-    hist = model.fit(data, epochs=1, steps_per_epoch=3, verbose=0, callbacks=callbacks)
+    hist = model.fit(data, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False, callbacks=callbacks)
 
     # What rga-train feeds fit: the plain P x K pipeline, which tf.distribute shards over the workers.
     from rga_keras.data import load_dataset, make_train_dataset

@@ -78,7 +78,7 @@ def check_artefacts(model, feature, built, report, query, gallery, batch_size, l
 
     @tf.function
     def keras_fn(x):  # a named function: AutoGraph cannot read a lambda's source here (it warns)
-        return embedder([x], training=False)
+        return embedder(x, training=False)
 
     report["reference"] = {"format": "keras float32 (tf.function)", **_retrieval(qf, gf, labels)}
     report["settings"]["eval_images"] = {"query": len(qf), "gallery": len(gf)}
