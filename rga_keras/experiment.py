@@ -185,54 +185,89 @@ def build_model(config: dict, num_classes: int) -> keras.Model:
     )
 
 
-def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: int = 0) -> tuple:
+def eval_features(config: dict, feature: str | None = None) -> tuple[str, ...]:
+    """The retrieval features to evaluate: ``feature`` alone if given, else both with the config's
+    ``eval.feature`` (the one that selects best.keras and is exported) first."""
+    from rga_keras.models import FEATURES
+
+    if feature is not None:
+        return (feature,)
+    first = config["eval"]["feature"]
+    return (first, *(f for f in FEATURES if f != first))
+
+
+def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: int = 0,
+                           features: tuple[str, ...] | None = None) -> tuple:
     """Retrieval features of the query and gallery images as the config's eval section says:
-    ``((query_features, query_meta), (gallery_features, gallery_meta))``, meta as `extract_features` gives."""
+    ``((query_features, query_meta), (gallery_features, gallery_meta))``, meta as `extract_features` gives.
+
+    The features are the config's ``eval.feature`` as an (n, d) array, or with ``features`` (names from
+    ``after_bn``, ``before_bn``) a dict {name: (n, d) array}, all from one forward pass per batch."""
     from rga_keras.data import make_eval_dataset
     from rga_keras.evaluation import extract_features
     from rga_keras.models import embedding_model
 
     ev = config["eval"]
-    embed = embedding_model(model, ev["feature"])
+    if features is None:
+        embed = embedding_model(model, ev["feature"])
+    else:
+        embed = keras.Model(model.input, {f: embedding_model(model, f).output for f in features},
+                            name=f"{model.name}_embeddings")
     size = tuple(config["model"]["input_size"])
 
-    def features(samples):
+    def extract(samples):
         ds = make_eval_dataset(samples, image_size=size, batch_size=ev["batch_size"])
         return extract_features(embed, ds, flip=ev["flip"], verbose=verbose,
                                 num_batches=-(-len(samples) // ev["batch_size"]))
 
-    return features(dataset.query), features(dataset.gallery)
+    return extract(dataset.query), extract(dataset.gallery)
 
 
-def evaluate_model(model: keras.Model, dataset, config: dict, verbose: int = 0) -> dict:
-    """Rank-1/5/10, mAP and mINP of ``model`` on the dataset's query/gallery split (DESIGN.md §4)."""
+def evaluate_model(model: keras.Model, dataset, config: dict, verbose: int = 0,
+                   features: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """Rank-1/5/10, mAP and mINP of ``model`` on the dataset's query/gallery split (DESIGN.md §4), per
+    retrieval feature: ``{feature: evaluate()'s dict}`` for ``features`` (default `eval_features`: both,
+    ``eval.feature`` first). One forward pass serves every feature; each costs only its ranking."""
     from rga_keras.evaluation import evaluate
 
     ev = config["eval"]
-    (qf, q), (gf, g) = query_gallery_features(model, dataset, config, verbose)
-    result = evaluate(qf, gf, q["person_id"], g["person_id"], q["camera_id"], g["camera_id"],
-                      metric=ev["metric"], rerank=ev["rerank"])
-    return {k: (float(v) if np.isscalar(v) else v) for k, v in result.items()}
+    features = features or eval_features(config)
+    (qf, q), (gf, g) = query_gallery_features(model, dataset, config, verbose, features)
+    results = {}
+    for name in features:
+        result = evaluate(qf[name], gf[name], q["person_id"], g["person_id"], q["camera_id"], g["camera_id"],
+                          metric=ev["metric"], rerank=ev["rerank"])
+        results[name] = {k: (float(v) if np.isscalar(v) else v) for k, v in result.items()}
+    return results
+
+
+def format_results_line(results: dict[str, dict]) -> str:
+    """``{feature: metrics}`` on one line: ``after_bn Rank-1 5.7 mAP 5.9 mINP 2.2 | before_bn ...``."""
+    return " | ".join(f"{name} Rank-1 {100 * m['rank1']:.1f}  mAP {100 * m['mAP']:.1f}  mINP {100 * m['mINP']:.1f}"
+                      for name, m in results.items())
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
     """Evaluates on query/gallery every ``every`` epochs (and at the last) and adds ``val_rank1`` /
-    ``val_mAP`` to the epoch logs, so checkpoints can monitor them and TensorBoard/history record them."""
+    ``val_mAP`` of ``eval.feature`` to the epoch logs, so checkpoints can monitor them and TensorBoard/history
+    record them; the other feature, from the same forward pass, is logged as ``val_rank1_<feature>`` /
+    ``val_mAP_<feature>``."""
 
     def __init__(self, dataset, config: dict, every: int, epochs: int) -> None:
         super().__init__()
         self.dataset, self.config, self.every, self.epochs = dataset, config, max(1, int(every)), epochs
-        self.results: dict[int, dict] = {}
+        self.results: dict[int, dict[str, dict]] = {}
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if (epoch + 1) % self.every and epoch + 1 != self.epochs:
             return
-        result = evaluate_model(self.model, self.dataset, self.config)
-        self.results[epoch + 1] = result
+        results = evaluate_model(self.model, self.dataset, self.config)
+        self.results[epoch + 1] = results
         if logs is not None:
-            logs.update(val_rank1=result["rank1"], val_mAP=result["mAP"])
-        print(f"\nepoch {epoch + 1}: Rank-1 {100 * result['rank1']:.1f}  mAP {100 * result['mAP']:.1f}  "
-              f"mINP {100 * result['mINP']:.1f}", flush=True)
+            for i, (name, m) in enumerate(results.items()):  # eval.feature first: the monitored val_mAP
+                suffix = f"_{name}" if i else ""
+                logs.update({f"val_rank1{suffix}": m["rank1"], f"val_mAP{suffix}": m["mAP"]})
+        print(f"\nepoch {epoch + 1}: {format_results_line(results)}", flush=True)
 
 
 def run(config: dict, *, verbose: int = 1) -> dict:
@@ -259,7 +294,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     data = load_data(config)
     print(data.summary(), flush=True)
     p, k = sampler["num_ids_per_batch"], sampler["images_per_id"]
-    steps = training["steps_per_epoch"] or steps_per_epoch(data.train, p, k)
+    steps = training["steps_per_epoch"] or steps_per_epoch(data.train, p)
     train_ds = make_train_dataset(
         data.train, num_ids_per_batch=p, images_per_id=k, image_size=tuple(config["model"]["input_size"]),
         augment=sampler["augment"], cache=sampler["cache"], seed=int(training["seed"]),
@@ -283,7 +318,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     started = time.time()
     untrained = evaluate_model(model, data, config) if not (run_dir / "backup").exists() else None
     if untrained:
-        print(f"untrained: Rank-1 {100 * untrained['rank1']:.1f}  mAP {100 * untrained['mAP']:.1f}", flush=True)
+        print(f"untrained: {format_results_line(untrained)}", flush=True)
     evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs)
     callbacks = [evaluation] + make_callbacks(str(run_dir), backup=training["backup"],
                                               tensorboard=training["tensorboard"], checkpoint_best_monitor="val_mAP",
@@ -297,7 +332,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     summary = {
         "dataset": data.summary(), "run_dir": str(run_dir), "epochs": epochs, "steps_per_epoch": steps,
         "replicas": strategy.num_replicas_in_sync, "train_seconds": round(time.time() - started, 1),
-        "untrained": _metrics(untrained), "final": _metrics(final),
+        "eval_feature": config["eval"]["feature"], "untrained": _metrics(untrained), "final": _metrics(final),
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "corrupt_images_skipped": corrupt_images.count,
         "artefacts": {"last": str(run_dir / "last.keras"), "best": str(run_dir / "best.keras"),
@@ -336,22 +371,27 @@ def export_model(model: keras.Model, data, config: dict, out_dir: Path) -> dict:
             "artefacts": dict(report["artefacts"])}
 
 
-def _metrics(result: dict | None) -> dict | None:
-    if result is None:
+def _metrics(results: dict[str, dict] | None) -> dict | None:
+    """``{feature: {rank1, rank5, rank10, mAP, mINP}}`` rounded for summary.json (eval.feature first)."""
+    if results is None:
         return None
-    return {k: round(float(result[k]), 4) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
+    return {name: {k: round(float(m[k]), 4) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
+            for name, m in results.items()}
 
 
 def print_summary(result: dict) -> None:
     """What the run produced and where it went, for the terminal."""
-    def fmt(m):
-        if m is None:
-            return "–"
-        return f"Rank-1 {100 * m['rank1']:5.1f}  mAP {100 * m['mAP']:5.1f}  mINP {100 * m['mINP']:5.1f}"
+    def rows(label: str, results: dict | None) -> list[str]:
+        if results is None:
+            return [f"{label:16s}: –"]
+        return [f"{label if i == 0 else '':16s}{':' if i == 0 else ' '} {name:9s}  Rank-1 {100 * m['rank1']:5.1f}  "
+                f"mAP {100 * m['mAP']:5.1f}  mINP {100 * m['mINP']:5.1f}"
+                + ("  (eval.feature: selects best.keras, exported)" if name == result["eval_feature"] else "")
+                for i, (name, m) in enumerate(results.items())]
 
     print("\n" + result["dataset"])
-    print(f"untrained model : {fmt(result['untrained'])}")
-    print(f"trained model   : {fmt(result['final'])}   ({result['epochs']} epochs, {result['train_seconds']} s)")
+    print("\n".join(rows("untrained model", result["untrained"]) + rows("trained model", result["final"])))
+    print(f"{'training':16s}: {result['epochs']} epochs, {result['train_seconds']} s")
     for name, path in result["artefacts"].items():
         print(f"{name:16s}: {path}")
     print(f"{'summary':16s}: {Path(result['run_dir']) / 'summary.json'}")

@@ -114,20 +114,17 @@ def test_seed_determinism(samples):
     assert not all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
 
 
-def test_steps_per_epoch_matches_chunking_reference(samples):
-    def reference(items, p, k):
-        total = 0
-        by_id = {}
-        for s in items:
-            by_id.setdefault(s.person_id, []).append(s)
-        for images in by_id.values():
-            pool = images if len(images) >= k else images * k  # with replacement up to k
-            chunks = [pool[i:i + k] for i in range(0, max(len(images), k), k)]
-            total += sum(len(c) == k for c in chunks) * k
-        return max(1, total // (p * k))
-
-    for p, k in ((4, 2), (2, 4), (3, 3), (16, 4)):
-        assert steps_per_epoch(samples, p, k) == reference(samples, p, k)
+def test_an_epoch_is_one_visit_of_every_identity_as_the_papers_sampler_counts_it(samples):
+    """The paper's sampler yields K indices per identity and its loader drops the last partial P·K batch;
+    the pipeline's first epoch of that many batches shows each identity at most once and leaves out
+    fewer than P of them."""
+    identities = {s.person_id for s in samples}
+    for p, k in ((4, 2), (2, 4), (3, 3), (5, 2)):
+        official = len(identities) * k // (p * k)
+        assert steps_per_epoch(samples, p) == official, (p, k)
+        ds = make_train_dataset(samples, num_ids_per_batch=p, images_per_id=k, image_size=SIZE, augment=False)
+        seen = np.concatenate([group_runs(y, k) for _, y in batches(ds, official)])
+        assert len(seen) == len(set(seen)) and len(identities) - len(seen) < p, (p, k)
 
 
 def check_whole_identities(labels, replicas, k):

@@ -4,7 +4,8 @@ Training (DESIGN.md §3): each batch holds P identities × K images, laid out id
 (K images of the first identity, then K of the second, ...), so that when tf.distribute cuts the
 global batch into contiguous per-replica slices every replica holds whole identities and the
 batch-hard triplet loss sees all positives. Identities are visited in passes, each a fresh random
-permutation cut into batches of P (the num_ids mod P left over sit the pass out). An identity with
+permutation cut into batches of P (the num_ids mod P left over sit the pass out); a pass is one epoch
+(`steps_per_epoch`), as the paper's code counts it. An identity with
 n ≥ K images takes K distinct ones per visit, the next chunk of its own image order, which is
 reshuffled on every cycle of ⌊n/K⌋ visits (the n mod K left over sit that cycle out, as in the
 usual PyTorch identity sampler); one with fewer than K images gives all of them, some twice.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,13 +78,11 @@ class CorruptImages:
 corrupt_images = CorruptImages()
 
 
-def steps_per_epoch(samples: Sequence, p: int, k: int) -> int:
-    """Batches per epoch: each identity's images rounded up to at least K, then down to a multiple
-    of K, summed and divided by P·K — as many batches as the identity sampler of the common PyTorch
-    re-id code yields per epoch."""
-    counts = Counter(s[1] for s in samples)
-    images = sum(max(n, k) // k * k for n in counts.values())
-    return max(1, images // (p * k))
+def steps_per_epoch(samples: Sequence, num_ids_per_batch: int) -> int:
+    """Batches per epoch as the paper's code counts them: one visit of every identity (its sampler yields
+    K images per identity, cut into batches of P·K with the last partial batch dropped), which is
+    one pass of `make_train_dataset`'s identity order. The paper's 600-epoch recipe assumes this length."""
+    return max(1, len({s[1] for s in samples}) // num_ids_per_batch)
 
 
 def make_train_dataset(
