@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from rga_keras import training
+from rga_keras import build_rga_resnet50, training
 from rga_keras.optimizers import SGDL2, WarmupMultiStepSchedule, make_optimizer
 from rga_keras.training import (AtomicBackupAndRestore, AtomicCheckpoint, compile_reid, explain_oom,
                                 get_strategy, is_chief, make_callbacks, set_precision,
@@ -57,6 +57,21 @@ def one_step(strategy, weights, x, y):
         compile_reid(model, optimizer=make_optimizer("sgd", learning_rate=0.1, weight_decay=0.1))
     hist = model.fit(dataset(x, y, len(x)), epochs=1, verbose=0, shuffle=False)
     return hist.history["loss"][0], model.get_weights()
+
+
+def test_sync_batchnorm_survives_saving(tmp_path):
+    """Every BatchNorm, the RGA modules' own included, is still synchronised after a .keras round trip."""
+    model = build_rga_resnet50(4, "sc", input_shape=(64, 32, 3), rga_stages=(4,))
+
+    def flags(m):
+        return [layer.synchronized for layer in m._flatten_layers(include_self=False, recursive=True)
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
+    count = use_sync_batchnorm(model)
+    assert count == len(flags(model)) > 53 and all(flags(model))  # 53 in the backbone and BNNeck
+    model.save(tmp_path / "m.keras")
+    loaded = flags(keras.models.load_model(tmp_path / "m.keras"))
+    assert len(loaded) == count and all(loaded)
 
 
 def test_mirrored_two_replicas_match_one_device():
