@@ -1,5 +1,6 @@
 """Dataset readers on small trees written here in each release layout, and every bad-input error."""
 import dataclasses
+import os
 import warnings
 
 import h5py
@@ -184,6 +185,22 @@ def test_csv_layout(tmp_path):
         load_dataset("csv", tmp_path / "img")
 
 
+@pytest.mark.parametrize("kind", ["folder", "csv"])
+def test_folder_and_csv_found_one_level_down(tmp_path, kind):
+    release = tmp_path / "mine"
+    touch(release / "train", ["0001_c1_x.jpg", "0001_c2_y.jpg"])
+    if kind == "csv":
+        (release / "train.csv").write_text("train/0001_c1_x.jpg,1,1\ntrain/0001_c2_y.jpg,1,2\n")
+    ds = load_dataset(kind, tmp_path)
+    assert as_pairs(ds.train) == [(0, 1), (0, 2)]
+    assert ds.train[0].path == str(release / "train" / "0001_c1_x.jpg")
+    touch(tmp_path / "elsewhere" / "img", ["0001_c1_x.jpg"])
+    touch(tmp_path / "elsewhere", ["notes"])
+    expected = "train/ .*query/" if kind == "folder" else "train.csv"
+    with pytest.raises(FileNotFoundError, match=f"{kind}: expected {expected}.* one level below; found: img, notes"):
+        load_dataset(kind, tmp_path / "elsewhere")
+
+
 # ---------------------------------------------------------------------------------------------- CUHK03
 
 
@@ -251,14 +268,49 @@ def test_cuhk03_extracts_once_and_splits(tmp_path):
     for sample in ds.train + ds.query:
         name = sample.path.rsplit("/", 1)[1]
         assert np.array_equal(np.asarray(Image.open(sample.path)), images[("labeled", name)])
-    stamp = (cache / ".complete.json").stat().st_mtime_ns
+    marker = cache / "cuhk03" / "labeled" / ".complete.json"
+    stamp = marker.stat().st_mtime_ns
     with pytest.warns(DatasetWarning):
         again = load_dataset("cuhk03", root, split="labeled", cache_dir=cache)
-    assert again == ds and (cache / ".complete.json").stat().st_mtime_ns == stamp  # reused, not re-extracted
+    assert again == ds and marker.stat().st_mtime_ns == stamp  # reused, not re-extracted
     with pytest.warns(DatasetWarning):
         detected = load_dataset("cuhk03", root, split="detected", cache_dir=tmp_path / "cache_det")
     name = detected.gallery[0].path.rsplit("/", 1)[1]
     assert np.array_equal(np.asarray(Image.open(detected.gallery[0].path)), images[("detected", name)])
+
+
+def test_cuhk03_cache_dir_keeps_user_files_and_both_splits(tmp_path):
+    root = tmp_path / "cuhk03"
+    images = write_cuhk03(root)
+    cache = tmp_path / "mydata"
+    touch(cache, ["important.txt"])
+    with pytest.warns(DatasetWarning):
+        labeled = load_dataset("cuhk03", root, split="labeled", cache_dir=cache)
+    with pytest.warns(DatasetWarning):
+        detected = load_dataset("cuhk03", root, split="detected", cache_dir=cache)
+    assert (cache / "important.txt").exists()
+    for ds, kind in ((labeled, "labeled"), (detected, "detected")):  # both extractions coexist
+        assert all(s.path.startswith(str(cache / "cuhk03" / kind)) for s in ds.train + ds.query + ds.gallery)
+        name = ds.train[0].path.rsplit("/", 1)[1]
+        assert np.array_equal(np.asarray(Image.open(ds.train[0].path)), images[(kind, name)])
+    assert labeled.train[0].path != detected.train[0].path
+    marker = cache / "cuhk03" / "labeled" / ".complete.json"
+    stamp = marker.stat().st_mtime_ns
+    os.utime(root / "cuhk03_release" / "cuhk-03.mat", ns=(1, 1))  # a changed .mat: its own extraction is redone
+    with pytest.warns(DatasetWarning):
+        load_dataset("cuhk03", root, split="labeled", cache_dir=cache)
+    assert marker.stat().st_mtime_ns != stamp
+    assert (cache / "important.txt").exists() and all(os.path.exists(s.path) for s in detected.gallery)
+
+
+def test_cuhk03_never_replaces_a_folder_it_did_not_create(tmp_path):
+    root = tmp_path / "cuhk03"
+    write_cuhk03(root)
+    touch(tmp_path / "c" / "cuhk03" / "labeled", ["mine.txt"])  # the user's folder, no marker
+    with pytest.raises(FileExistsError, match="not created by rga_keras"):
+        load_dataset("cuhk03", root, cache_dir=tmp_path / "c")
+    assert os.listdir(tmp_path / "c" / "cuhk03" / "labeled") == ["mine.txt"]
+    assert sorted(os.listdir(tmp_path / "c" / "cuhk03")) == ["labeled"]  # no temporary folder left behind
 
 
 def test_cuhk03_default_cache_under_env(tmp_path, monkeypatch):
@@ -291,4 +343,4 @@ def test_cuhk03_bad_inputs(tmp_path):
     (root / "cuhk03_release" / "cuhk-03.mat").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="MATLAB v7.3"):
         load_dataset("cuhk03", root, cache_dir=tmp_path / "c4")
-    assert not (tmp_path / "c4").exists() and not list(tmp_path.glob(".c4*"))  # nothing half-written
+    assert not list((tmp_path / "c4").rglob("*labeled*"))  # nothing half-written

@@ -106,6 +106,13 @@ def test_ensure_synthetic_generates_once_under_cache(tmp_path, monkeypatch):
     assert files(explicit, "query") != first
     with pytest.raises(TypeError, match="unexpected argument"):
         synthetic.ensure_synthetic(explicit, ids=3)
+    users = tmp_path / "users_data"  # e.g. --dataset synthetic --data-root pointing at real data by mistake
+    (users / "bounding_box_train").mkdir(parents=True)
+    (users / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="was not created by rga_keras"):
+        synthetic.ensure_synthetic(users, **SMALL)
+    assert (users / "notes.txt").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cache", "mine", "users_data"]  # nothing replaced, no temporary folder left
 
 
 def test_generation_is_atomic(tmp_path, monkeypatch):

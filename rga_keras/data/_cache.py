@@ -30,13 +30,17 @@ def read_marker(folder: Path) -> dict | None:
         return None
 
 
-def build_atomically(final: Path, build: Callable[[Path], None], params: dict) -> Path:
+def build_atomically(final: Path, build: Callable[[Path], None], params: dict, *,
+                     replace_foreign: bool = True) -> Path:
     """Run ``build(tmp)`` in a temporary folder beside ``final``, write the marker, then move it into place.
 
-    An existing ``final`` is replaced. If another process publishes a finished folder with the same
-    parameters first, its result is kept and ours is discarded.
+    An existing ``final`` is replaced; with ``replace_foreign=False`` only if it is empty or its marker
+    names the same ``generator`` (else FileExistsError, raised before building). If another process
+    publishes a finished folder with the same parameters first, its result is kept and ours is discarded.
     """
     final = Path(final)
+    if not replace_foreign:
+        check_replaceable(final, params)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -45,6 +49,8 @@ def build_atomically(final: Path, build: Callable[[Path], None], params: dict) -
         if final.exists():
             if read_marker(final) == params:
                 return final  # someone else finished the same work meanwhile
+            if not replace_foreign:
+                check_replaceable(final, params)
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
             shutil.rmtree(old, ignore_errors=True)
@@ -56,3 +62,14 @@ def build_atomically(final: Path, build: Callable[[Path], None], params: dict) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def check_replaceable(folder: Path, params: dict) -> None:
+    """Raise unless ``folder`` is absent, an empty folder, or was built by ``params["generator"]``: the
+    library replaces only what it made, never a user's folder given by mistake."""
+    if not folder.exists() or (read_marker(folder) or {}).get("generator") == params["generator"]:
+        return
+    if folder.is_dir() and not any(folder.iterdir()):
+        return
+    raise FileExistsError(f"{folder} exists and was not created by rga_keras (no {MARKER} from "
+                          f"{params['generator']}); not replacing it: move it away or choose another folder")

@@ -4,7 +4,9 @@ cuhk-03.mat (MATLAB v7.3, i.e. HDF5) holds, under ``labeled`` and ``detected``, 
 camera pair; each has one row per person with 10 image cells (5 per camera, some empty). The images
 are extracted once into a cache folder as ``{pair}_{person:03d}_{view}_{shot:02d}.png``, the names the
 protocol files cuhk03_new_protocol_config_{labeled,detected}.mat list in ``filelist`` alongside
-``labels``, ``train_idx``, ``query_idx`` and ``gallery_idx`` (1-based).
+``labels``, ``train_idx``, ``query_idx`` and ``gallery_idx`` (1-based). The cache folder is
+``<cache>/cuhk03/<split>`` (cache = ``cache_dir`` or :func:`cache_root`); only a folder carrying this
+module's marker is ever replaced, never anything else in ``cache_dir``.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ def read_cuhk03(root: Path, split: str, cache_dir: str | Path | None) -> tuple[d
     stat = mat_path.stat()
     params = {"generator": "cuhk03-extract", "source": str(mat_path.resolve()), "size": stat.st_size,
               "mtime_ns": stat.st_mtime_ns, "split": split}
-    images = Path(cache_dir).expanduser() if cache_dir else cache_root() / "cuhk03" / split
+    images = (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "cuhk03" / split
     if read_marker(images) != params:
-        build_atomically(images, lambda tmp: _extract(mat_path, split, tmp), params)
+        build_atomically(images, lambda tmp: _extract(mat_path, split, tmp), params, replace_foreign=False)
     extracted = {p.name for p in images.iterdir()}
 
     config = _load_config(config_path)

@@ -67,9 +67,10 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs)
 
     name: ``market1501``, ``dukemtmc``, ``msmt17`` (kwarg ``include_val=True`` adds list_val.txt to
     training, as in the official 32,621-image training set), ``cuhk03`` (kwargs ``split="labeled"`` or
-    ``"detected"``, ``cache_dir`` for the extracted images), ``folder`` (train/ or bounding_box_train/,
-    query/, gallery/ or bounding_box_test/ holding Market-style names) or ``csv`` (a folder with
-    train.csv, query.csv, gallery.csv of ``path,person_id,camera_id`` rows).
+    ``"detected"``, ``cache_dir``: the cache folder; images are extracted into its cuhk03/<split>/),
+    ``folder`` (train/ or bounding_box_train/, query/, gallery/ or bounding_box_test/ holding
+    Market-style names) or ``csv`` (a folder with train.csv, query.csv, gallery.csv of
+    ``path,person_id,camera_id`` rows).
     root: the release folder, or a folder holding it one level down.
     strict: fail on the first file name or list line that does not parse instead of skipping it.
     """
@@ -155,12 +156,13 @@ def _check_counts(name: str, splits: dict[str, list[Sample]], expected: dict | N
 # --------------------------------------------------------------------------- layouts
 
 
-def _find_layout(root: Path, required: tuple[str, ...]) -> Path | None:
-    """``root`` if it holds every entry in ``required``, else the first child folder that does."""
+def _find_layout(root: Path, required: tuple[str, ...], *, any_of: bool = False) -> Path | None:
+    """``root`` if it holds every entry in ``required`` (``any_of``: at least one), else the first child that does."""
     if not root.is_dir():
         return None
+    holds = any if any_of else all
     candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-    return next((p for p in candidates if all((p / r).exists() for r in required)), None)
+    return next((p for p in candidates if holds((p / r).exists() for r in required)), None)
 
 
 def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
@@ -199,12 +201,13 @@ def _read_market(root: Path, skipped: _Skipped, expected_key: str):
 def _read_folder(root: Path, skipped: _Skipped):
     names = {"train": ("train", "bounding_box_train"), "query": ("query",),
              "gallery": ("gallery", "bounding_box_test")}
-    folders = {split: next((root / o for o in options if (root / o).is_dir()), None)
-               for split, options in names.items()}
-    if not any(folders.values()):
+    folder = _find_layout(root, tuple(o for options in names.values() for o in options), any_of=True)
+    if folder is None:
         raise _layout_error("folder", root, "train/ (or bounding_box_train/), query/ and gallery/ "
                             "(or bounding_box_test/) holding PPPP_cC*.jpg images")
-    return {split: _market_files(f, skipped) if f else [] for split, f in folders.items()}, None, root
+    folders = {split: next((folder / o for o in options if (folder / o).is_dir()), None)
+               for split, options in names.items()}
+    return {split: _market_files(f, skipped) if f else [] for split, f in folders.items()}, None, folder
 
 
 def _read_msmt17(root: Path, skipped: _Skipped, include_val: bool = True):
@@ -250,11 +253,11 @@ def _msmt_list(folder: Path, list_name: str, image_dir: str, skipped: _Skipped) 
 
 
 def _read_csv(root: Path, skipped: _Skipped):
-    files = {split: root / f"{split}.csv" for split in _SPLITS}
-    if not root.is_dir() or not any(f.exists() for f in files.values()):
-        raise FileNotFoundError(f"csv: expected a folder with train.csv, query.csv and/or gallery.csv "
-                                f"(rows path,person_id,camera_id) at {root}")
-    return {split: _csv_rows(f, skipped) if f.exists() else [] for split, f in files.items()}, None, root
+    folder = _find_layout(root, tuple(f"{split}.csv" for split in _SPLITS), any_of=True)
+    if folder is None:
+        raise _layout_error("csv", root, "train.csv, query.csv and/or gallery.csv (rows path,person_id,camera_id)")
+    files = {split: folder / f"{split}.csv" for split in _SPLITS}
+    return {split: _csv_rows(f, skipped) if f.exists() else [] for split, f in files.items()}, None, folder
 
 
 def _csv_rows(file: Path, skipped: _Skipped) -> list[Sample]:

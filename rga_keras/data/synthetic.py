@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from rga_keras.data._cache import build_atomically, cache_root, read_marker
+from rga_keras.data._cache import build_atomically, cache_root, check_replaceable, read_marker
 
 VERSION = 1  # bump when the rendering changes, so cached datasets are regenerated
 SUPERSAMPLE = 2  # draw at this multiple of the output size, then shrink (smooth edges)
@@ -60,7 +60,8 @@ def generate(out_dir: str | Path, *, num_ids: int = 100, images_per_id: int = 20
 def ensure_synthetic(root: str | Path | None = None, **kwargs) -> Path:
     """The synthetic dataset with these :func:`generate` arguments, generated on first use and reused.
 
-    root defaults to a folder under :func:`default_synthetic_root` named after the arguments.
+    root defaults to a folder under :func:`default_synthetic_root` named after the arguments. A root
+    generated with other arguments is regenerated; one holding anything else is an error (FileExistsError).
     """
     args = {name: p.default for name, p in inspect.signature(generate).parameters.items()
             if p.kind == p.KEYWORD_ONLY and name != "overwrite"}
@@ -77,6 +78,7 @@ def ensure_synthetic(root: str | Path | None = None, **kwargs) -> Path:
     root = Path(root).expanduser()
     if read_marker(root) == params:
         return root
+    check_replaceable(root, params)  # regenerate an outdated synthetic folder, never replace anything else
     return generate(root, overwrite=True, **chosen)
 
 
