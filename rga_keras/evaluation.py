@@ -307,16 +307,17 @@ def evaluate(
 
 
 def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: int = 1,
-                     num_batches: int | None = None) -> tuple[np.ndarray, dict]:
+                     num_batches: int | None = None) -> tuple[np.ndarray | dict[str, np.ndarray], dict]:
     """Run an inference model (images → embeddings) over a ``tf.data`` dataset.
 
-    ``dataset`` yields ``(images, {"person_id", "camera_id", "path"})`` batches. With
-    ``flip=True`` the feature is the mean of the image's and its horizontal mirror's
-    (``tf.image.flip_left_right`` on the batch), the usual flip test-time augmentation.
+    ``dataset`` yields ``(images, {"person_id", "camera_id", "path"})`` batches. A model with a dict of
+    embedding outputs (e.g. ``{"after_bn": ..., "before_bn": ...}``) gives a dict of features keyed the same,
+    all from one forward pass per batch. With ``flip=True`` the feature is the mean of the image's and its
+    horizontal mirror's (``tf.image.flip_left_right`` on the batch), the usual flip test-time augmentation.
     A ``keras.utils.Progbar`` shows progress (``verbose=0`` hides it); its length is the dataset's
     cardinality or, where that is unknown (e.g. after the pipeline's corrupt-image filter), ``num_batches``.
 
-    Returns ``(features (n, d) float32, {"person_id": int64 (n,), "camera_id": int64 (n,),
+    Returns ``(features (n, d) float32 (or a dict of them), {"person_id": int64 (n,), "camera_id": int64 (n,),
     "path": str (n,)})``.
     """
     import keras
@@ -338,31 +339,35 @@ def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: i
     progbar = keras.utils.Progbar(cardinality if cardinality >= 0 else num_batches, verbose=verbose,
                                   unit_name="batch")
 
-    def embed(images) -> np.ndarray:
+    def embed(images) -> dict:
         out = model.predict_on_batch(images)  # Keras compiles and caches the inference step
-        if not (isinstance(out, np.ndarray) and out.ndim == 2):
-            raise ValueError(
-                "model must map a batch of images to one (batch, dim) embedding tensor, "
-                f"got {type(out).__name__} {getattr(out, 'shape', '')}"
-            )
-        return out.astype(np.float32, copy=False)
+        named = out if isinstance(out, dict) else {None: out}
+        for value in named.values():
+            if not (isinstance(value, np.ndarray) and value.ndim == 2):
+                raise ValueError(
+                    "model must map a batch of images to (batch, dim) embedding tensors (one, or a dict of them), "
+                    f"got {type(value).__name__} {getattr(value, 'shape', '')}"
+                )
+        return {k: v.astype(np.float32, copy=False) for k, v in named.items()}
 
-    features, ids, cams, paths = [], [], [], []
+    batches, ids, cams, paths = [], [], [], []
     for images, meta in dataset:
         feature = embed(images)
         if flip:
-            feature = (feature + embed(tf.image.flip_left_right(images))) / 2.0
-        features.append(feature)
+            mirror = embed(tf.image.flip_left_right(images))
+            feature = {k: (v + mirror[k]) / 2.0 for k, v in feature.items()}
+        batches.append(feature)
         ids.append(meta["person_id"].numpy())
         cams.append(meta["camera_id"].numpy())
         paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in meta["path"].numpy())
         progbar.add(1)
-    progbar.update(len(features), finalize=True)
-    if not features:
+    progbar.update(len(batches), finalize=True)
+    if not batches:
         raise ValueError("dataset is empty: no images to extract features from")
     meta = {
         "person_id": np.concatenate(ids).astype(np.int64),
         "camera_id": np.concatenate(cams).astype(np.int64),
         "path": np.asarray(paths, dtype=str),
     }
-    return np.concatenate(features), meta
+    features = {k: np.concatenate([batch[k] for batch in batches]) for k in batches[0]}
+    return features.get(None, features), meta  # a single-output model: the array itself

@@ -375,19 +375,24 @@ def _metrics(results: dict[str, dict] | None) -> dict | None:
     """``{feature: {rank1, rank5, rank10, mAP, mINP}}`` rounded for summary.json (eval.feature first)."""
     if results is None:
         return None
-    return {name: {k: round(float(m[k]), 4) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
+    return {name: {k: round(float(m[k]), 6) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
             for name, m in results.items()}
 
 
 def print_summary(result: dict) -> None:
     """What the run produced and where it went, for the terminal."""
+    selected = "  (eval.feature: selects best.keras" + (", exported)" if "export" in result else ")")
+
     def rows(label: str, results: dict | None) -> list[str]:
         if results is None:
             return [f"{label:16s}: –"]
-        return [f"{label if i == 0 else '':16s}{':' if i == 0 else ' '} {name:9s}  Rank-1 {100 * m['rank1']:5.1f}  "
-                f"mAP {100 * m['mAP']:5.1f}  mINP {100 * m['mINP']:5.1f}"
-                + ("  (eval.feature: selects best.keras, exported)" if name == result["eval_feature"] else "")
-                for i, (name, m) in enumerate(results.items())]
+        lines = []
+        for name, m in results.items():
+            mark = selected if name == result["eval_feature"] else ""
+            head = f"{label:16s}:" if not lines else " " * 17
+            lines.append(f"{head} {name:9s}  Rank-1 {100 * m['rank1']:5.1f}  mAP {100 * m['mAP']:5.1f}  "
+                         f"mINP {100 * m['mINP']:5.1f}{mark}")
+        return lines
 
     print("\n" + result["dataset"])
     print("\n".join(rows("untrained model", result["untrained"]) + rows("trained model", result["final"])))

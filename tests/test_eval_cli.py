@@ -11,6 +11,9 @@ from PIL import Image
 import rga_keras
 from rga_keras.data import load_dataset
 from rga_keras.data.synthetic import ensure_synthetic
+from rga_keras import evaluation
+from rga_keras.evaluation import evaluate
+from rga_keras.models import FEATURES
 from rga_keras.visualize import ranked_list_layout
 from train import evaluate as rga_eval
 from train import visualize as rga_visualize
@@ -20,27 +23,43 @@ SIZE = (64, 32)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny synthetic dataset at the model's input size and an untrained RGA-SC model saved as .keras."""
+    """A tiny synthetic dataset at the model's input size and an untrained RGA-SC model saved as .keras.
+
+    Its BNNeck gets the moving statistics of the training images' features, as training would give it: with
+    the initial ones (mean 0, variance 1) after_bn is a multiple of before_bn and both rank alike."""
     tmp = tmp_path_factory.mktemp("cli")
     root = ensure_synthetic(tmp / "synth", num_ids=8, images_per_id=6, num_cameras=3, image_size=SIZE)
     data = load_dataset("market1501", root)
     keras.utils.set_random_seed(0)
     model = rga_keras.build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
+    f = rga_keras.embedding_model(model, "before_bn")(read_images(data.train[:32]), training=False).numpy()
+    bnneck = model.get_layer("bnneck")
+    bnneck.moving_mean.assign(f.mean(axis=0))
+    bnneck.moving_variance.assign(f.var(axis=0) + 1e-4)
     model.save(tmp / "model.keras")
     return tmp, root, data, model
 
 
-def reference_metrics(model, data, flip):
-    """Features straight from the model, then Rank-1 / mAP / mINP query by query (DESIGN.md §4)."""
-    embed = rga_keras.embedding_model(model, "after_bn")
+def read_images(samples):
+    return np.stack([tf.io.decode_image(tf.io.read_file(s.path), channels=3).numpy() for s in samples]).astype(
+        np.float32)
+
+
+def reference_features(model, data, flip, feature):
+    """Query and gallery features straight from the model (one feature model per feature)."""
+    embed = rga_keras.embedding_model(model, feature)
 
     def features(samples):
-        x = np.stack([tf.io.decode_image(tf.io.read_file(s.path), channels=3).numpy() for s in samples])
-        x = x.astype(np.float32)
+        x = read_images(samples)
         f = embed(x, training=False).numpy()
         return (f + embed(x[:, :, ::-1], training=False).numpy()) / 2 if flip else f
 
-    qf, gf = features(data.query), features(data.gallery)
+    return features(data.query), features(data.gallery)
+
+
+def reference_metrics(model, data, flip, feature):
+    """Rank-1 / mAP / mINP query by query (DESIGN.md §4), cosine distance."""
+    qf, gf = reference_features(model, data, flip, feature)
     qf /= np.linalg.norm(qf, axis=1, keepdims=True)
     gf /= np.linalg.norm(gf, axis=1, keepdims=True)
     rank1, ap, inp = [], [], []
@@ -56,26 +75,73 @@ def reference_metrics(model, data, flip):
     return {"rank1": np.mean(rank1), "mAP": np.mean(ap), "mINP": np.mean(inp), "num_valid_queries": len(ap)}
 
 
-def test_rga_eval_matches_a_brute_force_reference(setup, capsys):
+def table_rows(printed: str) -> dict[str, list[float]]:
+    """The rows of rga-eval's table, by feature."""
+    lines = [line.split() for line in printed.splitlines()]
+    start = lines.index(["feature", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"]) + 1
+    rows = {}
+    for row in lines[start:]:
+        if len(row) != 6 or row[0] not in FEATURES:
+            break
+        rows[row[0]] = [float(v) for v in row[1:]]
+    return rows
+
+
+def test_rga_eval_matches_a_brute_force_reference(setup, capsys, monkeypatch):
     tmp, root, data, model = setup
+    calls, extract = [], evaluation.extract_features
+
+    def extract_features(*args, **kwargs):
+        calls.append(extract(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(evaluation, "extract_features", extract_features)
     out = tmp / "results" / "eval.json"
     code = rga_eval.main([str(tmp / "model.keras"), "--dataset", "market1501", "--data-root", str(root),
                           "--flip", "--json", str(out), "--batch-size", "7", "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
+    # one forward pass over query and gallery gives both features
+    assert [sorted(features) for features, _ in calls] == [["after_bn", "before_bn"]] * 2
     result = json.loads(out.read_text())
-    expected = reference_metrics(model, data, flip=True)
-    for key in ("rank1", "mAP", "mINP"):
-        assert result[key] == pytest.approx(expected[key], abs=1e-6), key
-    assert result["num_valid_queries"] == expected["num_valid_queries"] == len(data.query)
-    assert result["flip"] is True and result["feature"] == "after_bn" and result["input_size"] == list(SIZE)
-    assert len(result["cmc"]) == 50 and result["cmc"][0] == pytest.approx(result["rank1"])
-    lines = [line.split() for line in printed.splitlines()]
-    row = lines[lines.index(["Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"]) + 1]
-    assert [float(v) for v in row] == pytest.approx(
-        [100 * result[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")], abs=0.05)
+    assert result["features"] == ["after_bn", "before_bn"]
+    assert result["flip"] is True and result["input_size"] == list(SIZE)
+    rows = table_rows(printed)
+    assert list(rows) == ["after_bn", "before_bn"]
+    for feature in ("after_bn", "before_bn"):
+        got, expected = result[feature], reference_metrics(model, data, flip=True, feature=feature)
+        for key in ("rank1", "mAP", "mINP"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-6), (feature, key)
+        assert got["num_valid_queries"] == expected["num_valid_queries"] == len(data.query)
+        assert len(got["cmc"]) == 50 and got["cmc"][0] == pytest.approx(got["rank1"])
+        assert rows[feature] == pytest.approx([100 * got[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")],
+                                              abs=0.05)
+    assert result["after_bn"]["mAP"] != pytest.approx(result["before_bn"]["mAP"], abs=1e-3)  # two features
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # written atomically, nothing left over
+
+
+def test_rga_eval_feature_restricts_and_flags_apply_to_each(setup, capsys, tmp_path):
+    """--feature reports one feature; --metric and --rerank apply to whichever features are evaluated."""
+    tmp, root, data, model = setup
+    argv = [str(tmp / "model.keras"), "--dataset", "market1501", "--data-root", str(root), "--quiet",
+            "--metric", "euclidean", "--rerank"]
+    assert rga_eval.main(argv + ["--json", str(tmp_path / "both.json")]) == 0
+    capsys.readouterr()
+    assert rga_eval.main(argv + ["--feature", "before_bn", "--json", str(tmp_path / "one.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "feature  before_bn; euclidean distance, flip off, re-ranking on" in printed
+    assert list(table_rows(printed)) == ["before_bn"]
+    both, one = (json.loads((tmp_path / name).read_text()) for name in ("both.json", "one.json"))
+    assert one["features"] == ["before_bn"] and "after_bn" not in one
+    for feature in ("after_bn", "before_bn"):
+        qf, gf = reference_features(model, data, flip=False, feature=feature)
+        q, g = data.query, data.gallery
+        expected = evaluate(qf, gf, [s.person_id for s in q], [s.person_id for s in g], [s.camera_id for s in q],
+                            [s.camera_id for s in g], metric="euclidean", rerank=True)
+        for key in ("rank1", "rank5", "mAP", "mINP"):
+            assert both[feature][key] == pytest.approx(expected[key], abs=1e-6), (feature, key)
+    assert one["before_bn"]["mAP"] == pytest.approx(both["before_bn"]["mAP"], abs=1e-6)
 
 
 def test_rga_visualize_writes_every_picture(setup, capsys):

@@ -214,6 +214,25 @@ def test_extract_features_with_stand_in_model(flip):
         assert not np.allclose(feats, embed(images), atol=1e-3)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_extract_features_of_a_model_with_named_outputs(flip):
+    """A dict of embeddings from one model: a dict of features, each as its own single-output model gives."""
+    import keras
+
+    images, meta, dataset = tiny_dataset()
+    inputs = keras.Input((6, 4, 3))
+    hidden = keras.layers.Dense(7)(keras.layers.Flatten()(inputs))
+    outputs = {"before": hidden, "after": keras.layers.Dense(5)(hidden)}
+    model = keras.Model(inputs, outputs)
+    feats, got_meta = extract_features(model, dataset, flip=flip, verbose=0)
+    assert sorted(feats) == ["after", "before"]
+    for name, output in outputs.items():
+        want, _ = extract_features(keras.Model(inputs, output), dataset, flip=flip, verbose=0)
+        assert feats[name].dtype == np.float32
+        np.testing.assert_allclose(feats[name], want, atol=1e-6)
+    np.testing.assert_array_equal(got_meta["person_id"], meta["person_id"])
+
+
 def test_extract_features_bad_inputs():
     import keras
     import tensorflow as tf
@@ -229,5 +248,5 @@ def test_extract_features_bad_inputs():
     with pytest.raises(ValueError, match="must be batched"):
         extract_features(model, dataset.unbatch(), verbose=0)
     spatial = keras.Sequential([keras.Input((6, 4, 3)), keras.layers.Dense(5)])
-    with pytest.raises(ValueError, match="one \\(batch, dim\\) embedding"):
+    with pytest.raises(ValueError, match="\\(batch, dim\\) embedding tensors"):
         extract_features(spatial, dataset, verbose=0)

@@ -57,15 +57,21 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and len(summary["history"]["loss"]) == 2
-    for key in ("untrained", "final"):
-        assert 0.0 <= summary[key]["mAP"] <= 1.0 and summary[key]["rank1"] <= summary[key]["rank10"]
+    assert summary["eval_feature"] == "after_bn"
+    for key in ("untrained", "final"):  # both retrieval features, eval.feature first
+        assert list(summary[key]) == ["after_bn", "before_bn"]
+        for m in summary[key].values():
+            assert 0.0 <= m["mAP"] <= 1.0 and m["rank1"] <= m["rank10"]
     history = json.loads((run_dir / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2] and "val_mAP" in history[-1]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[-1]["val_mAP"] == pytest.approx(summary["final"]["after_bn"]["mAP"], abs=1e-4)  # monitored
+    assert history[-1]["val_mAP_before_bn"] == pytest.approx(summary["final"]["before_bn"]["mAP"], abs=1e-4)
     for name in ("last.keras", "best.keras", "history.json", "training_curves.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "backup").exists()  # removed once fit completed
     out = capsys.readouterr().out
     assert "trained model" in out and "tflite_float32" in out
+    assert "after_bn   Rank-1" in out and "before_bn  Rank-1" in out and "(eval.feature: selects best.keras" in out
     export = summary["export"]  # the demo exports the trained model and checks it against Keras
     assert export["passed"] and (run_dir / "export" / "tflite" / "rga_v1_float32.tflite").is_file()
     assert set(export["artefacts"]) == {"tflite_float32", "report"}
@@ -79,7 +85,7 @@ def test_the_demo_learns(tmp_path, monkeypatch):
     assert main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "export.enabled=false",
                  "-o", "training.tensorboard=false", "-o", "training.eval_every=12"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    untrained, trained = summary["untrained"], summary["final"]
+    untrained, trained = summary["untrained"]["after_bn"], summary["final"]["after_bn"]
     assert trained["mAP"] >= 2 * untrained["mAP"] and trained["mAP"] - untrained["mAP"] >= 0.05, (untrained, trained)
     assert trained["rank1"] >= 2 * untrained["rank1"], (untrained, trained)
 

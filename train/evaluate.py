@@ -1,4 +1,5 @@
-"""rga-eval: Rank-1/5/10, mAP and mINP of a trained RGA re-id model on a dataset's query/gallery split.
+"""rga-eval: Rank-1/5/10, mAP and mINP of a trained RGA re-id model on a dataset's query/gallery split, for
+both retrieval features (after_bn, before_bn; one forward pass) or the one --feature names.
 
 The work is `rga_keras.experiment.evaluate_model` (protocol: DESIGN.md §4, docs/EVALUATION.md); this is its
 command line. Errors (missing or unsuitable model file, missing dataset, wrong image size) exit with status 2
@@ -19,10 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "csv", "synthetic")
 
 EPILOG = """examples:
-  rga-eval runs/demo/best.keras --dataset synthetic                # the demo's model on the demo's data
+  rga-eval runs/demo/best.keras --dataset synthetic                # the demo's model on the demo's data, both features
   rga-eval best.keras --dataset market1501 --data-root ~/data/Market-1501-v15.09.15 --flip --json market.json
   rga-eval best.keras --dataset cuhk03 --split detected --data-root ~/data/cuhk03 --rerank
-  rga-eval best.keras --dataset msmt17 --data-root ~/data/MSMT17_V1 --feature before_bn"""
+  rga-eval best.keras --dataset msmt17 --data-root ~/data/MSMT17_V1 --feature before_bn   # that feature only"""
 
 
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +33,9 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset layout (default market1501; 'synthetic' is the built-in demo dataset)")
     parser.add_argument("--data-root", help="folder holding the dataset (optional for --dataset synthetic)")
     parser.add_argument("--split", choices=("labeled", "detected"), help="CUHK03 boxes (default labeled)")
-    parser.add_argument("--feature", default="after_bn", choices=("after_bn", "before_bn"),
-                        help="retrieval feature: BNNeck output (default) or the pooled feature before it")
+    parser.add_argument("--feature", choices=("after_bn", "before_bn"),
+                        help="retrieval feature: after_bn (BNNeck output) or before_bn (the pooled feature before "
+                             "it); default: rga-eval reports both, rga-visualize uses after_bn")
     parser.add_argument("--flip", action="store_true", help="average each image's feature with its mirror's")
     parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
@@ -82,8 +84,8 @@ def load_data(args: argparse.Namespace):
 def eval_config(args: argparse.Namespace, size: tuple[int, int]) -> dict:
     """The config sections `rga_keras.experiment.evaluate_model` reads."""
     return {"model": {"input_size": list(size)},
-            "eval": {"feature": args.feature, "metric": getattr(args, "metric", "cosine"), "flip": args.flip,
-                     "rerank": getattr(args, "rerank", False), "batch_size": args.batch_size}}
+            "eval": {"feature": args.feature or "after_bn", "metric": getattr(args, "metric", "cosine"),
+                     "flip": args.flip, "rerank": getattr(args, "rerank", False), "batch_size": args.batch_size}}
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -96,14 +98,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--data-root is required for --dataset {args.dataset}")
 
 
-def format_results(result: dict) -> str:
-    """The metrics table (percent) and the query counts."""
-    names = ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")
+def format_results(results: dict[str, dict]) -> str:
+    """The metrics table (percent), one row per feature, and the query counts."""
     keys = ("rank1", "rank5", "rank10", "mAP", "mINP")
+    first = next(iter(results.values()))
     return "\n".join([
-        "  ".join(f"{n:>7}" for n in names),
-        "  ".join(f"{100 * result[k]:7.1f}" for k in keys),
-        f"{int(result['num_valid_queries'])} queries evaluated, {int(result['num_skipped_queries'])} skipped "
+        f"{'feature':9s}" + "".join(f"{n:>9}" for n in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP")),
+        *(f"{name:9s}" + "".join(f"{100 * m[k]:9.1f}" for k in keys) for name, m in results.items()),
+        f"{int(first['num_valid_queries'])} queries evaluated, {int(first['num_skipped_queries'])} skipped "
         f"(no true match in the gallery)",
     ])
 
@@ -122,36 +124,42 @@ def main(argv: list[str] | None = None) -> int:
     from rga_keras.cli import run_command
 
     def work() -> int:
-        from rga_keras.experiment import evaluate_model
+        from rga_keras.experiment import eval_features, evaluate_model
 
         model, size = load_model(args.model, args.image_size)
         data = load_data(args)
         print(f"model    {args.model} ({model.name}, input {size[0]}x{size[1]})")
         print(f"dataset  {data.summary()}")
-        print(f"feature  {args.feature}, {args.metric} distance, flip {'on' if args.flip else 'off'}, "
+        config = eval_config(args, size)
+        features = eval_features(config, args.feature)
+        print(f"feature  {', '.join(features)}; {args.metric} distance, flip {'on' if args.flip else 'off'}, "
               f"re-ranking {'on' if args.rerank else 'off'}", flush=True)
         started = time.time()
-        result = evaluate_model(model, data, eval_config(args, size), verbose=0 if args.quiet else 1)
+        results = evaluate_model(model, data, config, verbose=0 if args.quiet else 1, features=features)
         seconds = round(time.time() - started, 1)
-        print(format_results(result))
+        print(format_results(results))
         print(f"{len(data.query)} query and {len(data.gallery)} gallery images in {seconds} s")
         if args.json:
-            write_json(args.json, _json_record(args, model, size, data, result, seconds))
+            write_json(args.json, _json_record(args, model, size, data, results, seconds))
             print(f"wrote {args.json}")
         return 0
 
     return run_command("rga-eval", work)
 
 
-def _json_record(args, model, size, data, result: dict, seconds: float) -> dict[str, Any]:
+def _json_record(args, model, size, data, results: dict[str, dict], seconds: float) -> dict[str, Any]:
+    """Settings, then one entry per evaluated feature (in ``features`` order) with its metrics and CMC."""
+    def metrics(m: dict) -> dict[str, Any]:
+        return {**{k: m[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
+                **{k: int(m[k]) for k in ("num_valid_queries", "num_skipped_queries")},
+                "cmc": [float(x) for x in m["cmc"]]}
+
     return {
         "model": str(args.model), "model_name": model.name, "input_size": list(size),
         "dataset": args.dataset, "data_root": args.data_root, "dataset_summary": data.summary(),
-        "feature": args.feature, "metric": args.metric, "flip": args.flip, "rerank": args.rerank,
-        **{k: result[k] for k in ("rank1", "rank5", "rank10", "mAP", "mINP")},
-        **{k: int(result[k]) for k in ("num_valid_queries", "num_skipped_queries")},
-        "cmc": [float(x) for x in result["cmc"]],
+        "features": list(results), "metric": args.metric, "flip": args.flip, "rerank": args.rerank,
         "num_query": len(data.query), "num_gallery": len(data.gallery), "seconds": seconds,
+        **{name: metrics(m) for name, m in results.items()},
     }
 
 
