@@ -278,8 +278,8 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     from rga_keras.data import corrupt_images, make_train_dataset, steps_per_epoch
     from rga_keras.files import write_text_atomic
     from rga_keras.optimizers import WarmupCosineSchedule, WarmupMultiStepSchedule, make_optimizer
-    from rga_keras.training import (compile_reid, explain_oom, get_strategy, make_callbacks, set_precision,
-                                    to_reid_targets, use_sync_batchnorm)
+    from rga_keras.training import (compile_reid, completed_epochs, explain_oom, get_strategy, make_callbacks,
+                                    set_precision, to_reid_targets, use_sync_batchnorm)
     from rga_keras.visualize import plot_training_curves
 
     training, sampler, opt = config["training"], config["sampler"], config["optimizer"]
@@ -299,6 +299,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
         data.train, num_ids_per_batch=p, images_per_id=k, image_size=tuple(config["model"]["input_size"]),
         augment=sampler["augment"], cache=sampler["cache"], seed=int(training["seed"]),
         num_replicas=strategy.num_replicas_in_sync,
+        first_batch=completed_epochs(str(run_dir)) * steps if training["backup"] else 0,  # resume where it stopped
     )
     epochs = int(training["epochs"])
     with strategy.scope():

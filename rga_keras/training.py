@@ -338,7 +338,22 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
             callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "best.keras"),
                                               monitor=checkpoint_best_monitor, mode=best_mode))
     if backup:
-        index = _tf_config().get("task", {}).get("index", 0)
-        name = "backup" if chief else f"backup-worker{index}"
-        callbacks.append(AtomicBackupAndRestore(os.path.join(run_dir, name)))
+        callbacks.append(AtomicBackupAndRestore(_backup_dir(run_dir)))
     return callbacks
+
+
+def _backup_dir(run_dir: str) -> str:
+    """This worker's BackupAndRestore folder in ``run_dir``."""
+    index = _tf_config().get("task", {}).get("index", 0)
+    return os.path.join(run_dir, "backup" if is_chief() else f"backup-worker{index}")
+
+
+def completed_epochs(run_dir: str) -> int:
+    """Epochs the backup in ``run_dir`` has recorded (0 without one): where re-running the fit resumes.
+    The caller starts its training stream after that many epochs' batches, so the resumed run sees what
+    the uninterrupted one would have (`rga_keras.data.make_train_dataset`'s ``first_batch``)."""
+    try:
+        with open(os.path.join(_backup_dir(run_dir), "training_metadata.json"), encoding="utf-8") as f:
+            return int(json.load(f)["epoch"])
+    except FileNotFoundError:
+        return 0

@@ -114,6 +114,18 @@ def test_seed_determinism(samples):
     assert not all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
 
 
+def test_a_stream_started_later_continues_the_same_batches(samples):
+    """first_batch=n (a resumed run) gives batch n, n+1, ... of the uninterrupted stream, augmentation included."""
+    kwargs = dict(num_ids_per_batch=4, images_per_id=3, image_size=SIZE, seed=5)
+    whole = batches(make_train_dataset(samples, **kwargs), 6)
+    resumed = batches(make_train_dataset(samples, first_batch=4, **kwargs), 2)
+    for (x, y), (xr, yr) in zip(whole[4:], resumed):
+        assert np.array_equal(x, xr) and np.array_equal(y, yr)
+    assert not np.array_equal(whole[0][0], resumed[0][0])
+    with pytest.raises(ValueError, match="first_batch must be an integer >= 0"):
+        make_train_dataset(samples, first_batch=-1, **kwargs)
+
+
 def test_an_epoch_is_one_visit_of_every_identity_as_the_papers_sampler_counts_it(samples):
     """The paper's sampler yields K indices per identity and its loader drops the last partial P·K batch;
     the pipeline's first epoch of that many batches shows each identity at most once and leaves out

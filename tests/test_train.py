@@ -77,6 +77,39 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(export["artefacts"]) == {"tflite_float32", "report"}
 
 
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during epoch 2 → exit 130 with how to resume; the same command then continues after epoch 1,
+    its training stream starting at the batch the uninterrupted run would have reached."""
+    from rga_keras import data as data_module
+
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    args = ["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16", "-o", "dataset.images_per_id=8",
+            "-o", "model.input_size=[64, 32]", "-o", "training.epochs=2", "-o", "training.steps_per_epoch=2",
+            "-o", "training.eval_every=1", "-o", "sampler.num_ids_per_batch=4", "-o", "training.tensorboard=false",
+            "-o", "export.enabled=false"]
+    evaluate, calls, first_batches = experiment.evaluate_model, [], []
+
+    def interrupt_third(*a, **k):  # untrained, epoch 1, then Ctrl-C in epoch 2's evaluation
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    make_train_dataset = data_module.make_train_dataset
+    monkeypatch.setattr(data_module, "make_train_dataset",
+                        lambda *a, **k: first_batches.append(k["first_batch"]) or make_train_dataset(*a, **k))
+    monkeypatch.setattr(experiment, "evaluate_model", interrupt_third)
+    assert main(args) == 130
+    assert "interrupted; re-run the same command to resume" in capsys.readouterr().err
+    monkeypatch.setattr(experiment, "evaluate_model", evaluate)
+    assert main(args) == 0
+    assert first_batches == [0, 2]  # resumed after 1 epoch of 2 steps
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["untrained"] is None and summary["epochs"] == 2
+    assert [row["epoch"] for row in json.loads((run_dir / "history.json").read_text())] == [1, 2]
+
+
 def test_the_demo_learns(tmp_path, monkeypatch):
     """The README's demo as it runs (RGA-SC from scratch, 300 steps on CPU), minus export and TensorBoard:
     retrieval on the unseen query/gallery identities must end far above the untrained network's."""

@@ -155,6 +155,7 @@ def test_resume_after_crash_continues_training(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit(data, epochs=4, verbose=0, shuffle=False, callbacks=make_callbacks(run) + [Crash()])
     assert json.load(open(os.path.join(run, "backup", "training_metadata.json")))["epoch"] == 2
+    assert training.completed_epochs(run) == 2 and training.completed_epochs(str(tmp_path / "fresh")) == 0
     assert [r["epoch"] for r in json.load(open(os.path.join(run, "history.json")))] == [1, 2]
     assert os.path.isdir(os.path.join(run, "tensorboard"))
 

@@ -73,7 +73,13 @@ def main(argv=None) -> int:
             config = experiment.load_config(None, overrides, base=experiment.demo_config())
         else:
             config = experiment.load_config(_config_path(args.config), overrides)
-        result = experiment.run(config, verbose=0 if args.quiet else 1)
+        try:
+            result = experiment.run(config, verbose=0 if args.quiet else 1)
+        except KeyboardInterrupt:
+            resume = (f"re-run the same command to resume after the last completed epoch ({config['run_dir']}/backup)"
+                      if config["training"]["backup"] else "training.backup is off, so a re-run starts over")
+            print(f"\nrga-train: interrupted; {resume}", file=sys.stderr)
+            return 130
         experiment.print_summary(result)
         export = result.get("export")
         return 1 if export and not export["passed"] and config["export"]["enforce"] else 0

@@ -99,6 +99,7 @@ def make_train_dataset(
     flip_prob: float = 0.5,
     erase_prob: float = 0.5,
     corrupt_log: CorruptImages | None = None,
+    first_batch: int = 0,
 ) -> tf.data.Dataset:
     """Infinite dataset of ``(images, labels)``: float32 (P·K, H, W, 3) in 0–255, int32 (P·K,).
 
@@ -106,12 +107,17 @@ def make_train_dataset(
     num_replicas: the number of replicas the global batch will be split over; P must divide by it.
     cache: read every file once into memory (saves file-system reads; decoding still happens per use).
     augment=False gives plain resized images (the probabilities are then ignored).
+    first_batch: start the stream there. A run resumed after ``n`` steps passes ``n`` and trains on the
+    batches the uninterrupted run would have seen (the same ones, unless unreadable files were skipped
+    before that point, which shifts the batch boundaries).
     """
     p, k = num_ids_per_batch, images_per_id
     height, width = _check_size(image_size)
     for name, value in (("num_ids_per_batch", p), ("images_per_id", k), ("num_replicas", num_replicas)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(first_batch, int) or first_batch < 0:
+        raise ValueError(f"first_batch must be an integer >= 0, got {first_batch!r}")
     if p % num_replicas:
         raise ValueError(
             f"num_ids_per_batch={p} is not divisible by num_replicas={num_replicas}: each replica must get "
@@ -162,7 +168,7 @@ def make_train_dataset(
         _, images = plan(tf.range(first, stop))
         return tf.reshape(tf.gather(paths_t, images), [-1])
 
-    ds = tf.data.Dataset.counter()
+    ds = tf.data.Dataset.counter(start=first_batch)
     ds = ds.map(plan_batch).unbatch()
     ds = ds.map(load_group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _skip_failures(ds, group_paths, log)
