@@ -337,8 +337,10 @@ def run(config: dict, *, verbose: int = 1) -> dict:
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "corrupt_images_skipped": corrupt_images.count,
         "artefacts": {"last": str(run_dir / "last.keras"), "best": str(run_dir / "best.keras"),
-                      "curves": str(curves), "tensorboard": str(run_dir / "tensorboard")},
+                      "curves": str(curves)},
     }
+    if training["tensorboard"] and (run_dir / "tensorboard").is_dir():  # absent when tensorboard is not installed
+        summary["artefacts"]["tensorboard"] = str(run_dir / "tensorboard")
     if config["export"]["enabled"]:
         summary["export"] = export_model(model, data, config, run_dir / "export")
         if summary["export"]["artefacts"]:

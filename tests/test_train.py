@@ -69,6 +69,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     for name in ("last.keras", "best.keras", "history.json", "training_curves.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "backup").exists()  # removed once fit completed
+    assert set(summary["artefacts"]) == {"last", "best", "curves", "export"}  # no TensorBoard logs were asked for
     out = capsys.readouterr().out
     assert "trained model" in out and "tflite_float32" in out
     assert "after_bn   Rank-1" in out and "before_bn  Rank-1" in out and "(eval.feature: selects best.keras" in out
