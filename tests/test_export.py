@@ -238,6 +238,7 @@ def test_both_signatures_match_the_keras_model(loaded, model, data):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     # encoded files as a client sends them: decoded and resized in the graph like the evaluation pipeline
     raw = [open(s.path, "rb").read() for s in data.query]
+    raw[1] += bytes(100)  # data after the end marker (a padded camera JPEG): decoded like the file without it
     got = loaded.signatures["serve_image_bytes"](image_bytes=tf.constant(raw))["embedding"].numpy()
     np.testing.assert_allclose(got, reference, atol=2e-5)
     # PNGs of other sizes, colour and greyscale: resized in the graph (bilinear, antialiased)

@@ -20,20 +20,21 @@ METADATA_FILE = "rga_metadata.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 
-def _contains(chars: tf.Tensor, pattern: bytes) -> tf.Tensor:
-    """Whether the 1-D tensor of single bytes ``chars`` contains ``pattern`` as a contiguous run."""
+def _contains(data: tf.Tensor, pattern: bytes) -> tf.Tensor:
+    """Whether the bytes of the scalar string ``data`` contain ``pattern`` as a contiguous run."""
+    chars = tf.io.decode_raw(data, tf.uint8)
     stop = tf.maximum(tf.size(chars) - len(pattern) + 1, 0)
-    hits = [tf.equal(chars[j : stop + j], pattern[j : j + 1]) for j in range(len(pattern))]
+    hits = [tf.equal(chars[j : stop + j], pattern[j]) for j in range(len(pattern))]
     return tf.reduce_any(tf.reduce_all(tf.stack(hits), axis=0))
 
 
 def _complete_jpeg_or_png(data: tf.Tensor) -> tf.Tensor:
     """Cheap structural check of one encoded image: a JPEG or PNG signature at the start and the format's
-    end marker (JPEG EOI ``FFD9``, PNG ``IEND`` chunk) in the last 64 bytes, which catches non-images and
-    truncated files before the decoder (whose own errors cannot name the batch item)."""
-    tail = tf.strings.bytes_split(tf.strings.substr(data, tf.maximum(tf.strings.length(data) - 64, 0), 64))
-    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff") & _contains(tail, b"\xff\xd9")
-    png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n") & _contains(tail, b"IEND")
+    end marker (JPEG EOI ``FFD9``, PNG ``IEND`` chunk) somewhere after it, which catches non-images and
+    truncated files before the decoder (whose own errors cannot name the batch item). Data after the end
+    marker (padded camera JPEGs, motion photos) is allowed: the decoder ignores it, as the pipeline does."""
+    jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff") & _contains(data, b"\xff\xd9")
+    png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n") & _contains(data, b"IEND")
     return jpeg | png
 
 
