@@ -311,6 +311,13 @@ def test_uint8_serving_signature(model, data, tmp_path):
     assert json.loads((path / "assets" / "rga_metadata.json").read_text())["input"]["dtype"] == "uint8"
     with pytest.raises(FileExistsError):
         ex.write_saved_model(model, path)
+    # its parity check feeds rounded pixels and compares with Keras on the same pixels (uint8 clients send those)
+    larger = load_dataset("market1501", ensure_synthetic(tmp_path / "larger", num_ids=8, images_per_id=4,
+                                                         num_cameras=2, image_size=(2 * SIZE[0], 2 * SIZE[1])))
+    report = ex.export_all(model, tmp_path / "out", formats=["saved_model"], serving_dtype="uint8",
+                           eval_split=(larger.query, larger.gallery), latency_runs=1, verbose=False)
+    check = report["checks"]["saved_model"]
+    assert check["passed"] and check["cosine_min"] > 1 - 1e-6, check
 
 
 # --------------------------------------------------------------------------- TFLite options

@@ -56,12 +56,19 @@ def _embed_dataset(run: Callable[[np.ndarray], np.ndarray], dataset: tf.data.Dat
     return np.concatenate([np.asarray(run(images.numpy()), np.float32) for images, _ in dataset])
 
 
-def _runner(fmt: str, path: Path, num_threads: int | None) -> Callable[[np.ndarray], np.ndarray]:
+def _as_uint8(images: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def _runner(fmt: str, path: Path, num_threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], bool]:
+    """The artefact as a function of float pixel batches, and whether it sees them rounded to uint8 (a uint8
+    serving signature: its reference is then the Keras model on the same rounded pixels)."""
     if fmt == "saved_model":
         signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-        dtype = signature.structured_input_signature[1]["images"].dtype
-        return lambda images: signature(images=tf.constant(images, dtype))["embedding"].numpy()
-    return TFLiteEmbedder(path, num_threads)
+        if signature.structured_input_signature[1]["images"].dtype == tf.uint8:
+            return lambda images: signature(images=tf.constant(_as_uint8(images)))["embedding"].numpy(), True
+        return lambda images: signature(images=tf.constant(images, tf.float32))["embedding"].numpy(), False
+    return TFLiteEmbedder(path, num_threads), False
 
 
 def check_artefacts(model, feature, built, report, query, gallery, batch_size, latency_runs, num_threads, log):
@@ -84,9 +91,12 @@ def check_artefacts(model, feature, built, report, query, gallery, batch_size, l
     report["settings"]["eval_images"] = {"query": len(qf), "gallery": len(gf)}
     runners = {"keras": lambda x: keras_fn(tf.constant(x)).numpy()}
     for fmt, (path, _) in built.items():
-        run = runners[fmt] = _runner(fmt, path, num_threads)
+        run, rounded = _runner(fmt, path, num_threads)
+        runners[fmt] = run
         aq, ag = (_embed_dataset(run, d) for d in datasets)
-        cos = cosine_rows(np.concatenate([aq, ag]), np.concatenate([qf, gf]))
+        reference = [qf, gf] if not rounded else [
+            _embed_dataset(lambda x: keras_fn(tf.constant(_as_uint8(x), tf.float32)).numpy(), d) for d in datasets]
+        cos = cosine_rows(np.concatenate([aq, ag]), np.concatenate(reference))
         entry = report["checks"][fmt]
         entry.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), **_retrieval(aq, ag, labels))
         entry["map_diff_points"] = 100 * (entry["mAP"] - report["reference"]["mAP"])
