@@ -454,6 +454,17 @@ def test_failed_check_publishes_nothing_unless_allowed(model, data, tmp_path, mo
                                                r"\(allowed ±-1\.0\)", failures[1]), failures
     report = ex.export_all(model, tmp_path, enforce=False, **{**kwargs, "formats": ["tflite_float32"]})
     assert not report["passed"] and report["published"] and (tmp_path / "tflite/rga_v1_float32.tflite").is_file()
+    # version 1 now exists, whatever the formats: exporting it again needs overwrite
+    with pytest.raises(FileExistsError, match="already exported: .*rga_v1_export_report.json"):
+        ex.export_all(model, tmp_path, check=False, **{**kwargs, "formats": ["saved_model"]})
+    # a rejected re-export leaves the published version's report alone and writes its own beside it
+    with pytest.raises(ex.ParityError, match=r"full report: .*rga_v1_export_report\.failed\.md"):
+        ex.export_all(model, tmp_path, overwrite=True, **kwargs)
+    kept = json.loads((tmp_path / "rga_v1_export_report.json").read_text())
+    assert kept["published"] and kept["checks"] == json.loads(json.dumps(report["checks"]))
+    assert not json.loads((tmp_path / "rga_v1_export_report.failed.json").read_text())["published"]
+    ex.export_all(model, tmp_path, overwrite=True, enforce=False, **kwargs)  # publishing removes the stale one
+    assert not list(tmp_path.glob("*.failed.*"))
 
 
 def test_an_error_midway_leaves_nothing_behind(model, tmp_path, monkeypatch):

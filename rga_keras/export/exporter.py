@@ -15,7 +15,8 @@ import numpy as np
 
 from rga_keras.export.model import ExportError, ParityError, check_choice, check_percentile, reid_model_info
 from rga_keras.export.parity import check_artefacts
-from rga_keras.export.report import describe_settings, failed_checks, format_table, write_reports
+from rga_keras.export.report import (describe_settings, failed_checks, format_table, is_published, report_paths,
+                                     write_reports)
 from rga_keras.export.serving import SERVING_DTYPES, write_saved_model
 from rga_keras.export.tflite import INT8_FLOAT_OPS, convert_tflite, tflite_ops, write_tflite_source
 from rga_keras.models import FEATURES
@@ -103,6 +104,9 @@ def export_all(
     out_dir = Path(out_dir).expanduser()
     targets = _targets(out_dir, formats, model_name, version)
     existing = [str(p) for p in targets.values() if p.exists()]
+    published_report = report_paths(out_dir, model_name, version)[0]
+    if is_published(published_report):  # the version exists even where its artefacts were other formats
+        existing.append(str(published_report))
     if existing and not overwrite:
         raise FileExistsError(f"already exported: {', '.join(existing)} (use another version, or overwrite)")
     log = print if verbose else _quiet
@@ -135,10 +139,10 @@ def export_all(
         publish = report["passed"] or not enforce
         report["artefacts"] = {fmt: str(targets[fmt]) for fmt in built} if publish else {}
         report["published"] = publish
-        report_paths = write_reports(report, out_dir, model_name, version)
+        written = write_reports(report, out_dir, model_name, version)
         if publish:
             _publish(built, targets, staging)
-            report["artefacts"].update(report=str(report_paths[1]))
+            report["artefacts"].update(report=str(written[1]))
         log(format_table(report))
         if failures:
             log(("published despite failed checks:\n  " if publish else "") + "\n  ".join(failures))
@@ -146,7 +150,7 @@ def export_all(
             raise ParityError(
                 "export failed its parity checks, nothing was published (pass enforce=False / "
                 "--allow-failures to publish anyway):\n  " + "\n  ".join(failures)
-                + f"\nfull report: {report_paths[1]}", report)
+                + f"\nfull report: {written[1]}", report)
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)

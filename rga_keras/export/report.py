@@ -39,9 +39,30 @@ def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_
     }
 
 
+def report_paths(out_dir: Path, name: str, version: int, failed: bool = False) -> tuple[Path, Path]:
+    """The JSON and Markdown report of ``name`` version ``version`` (``failed``: of a rejected re-export)."""
+    stem = f"{name}_v{version}_export_report" + (".failed" if failed else "")
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+
+
+def is_published(report_json: Path) -> bool:
+    """Whether ``report_json`` is the report of an export that published its artefacts."""
+    try:
+        return json.loads(report_json.read_text(encoding="utf-8")).get("published") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_reports(report: dict, out_dir: Path, name: str, version: int) -> tuple[Path, Path]:
-    """``<name>_v<version>_export_report.json`` and ``.md`` in ``out_dir``, each written atomically."""
-    paths = (out_dir / f"{name}_v{version}_export_report.json", out_dir / f"{name}_v{version}_export_report.md")
+    """The report as JSON and Markdown (`report_paths`), each written atomically. The report of an export that
+    published nothing never replaces a published version's: it goes to the ``.failed`` names then, and a
+    publishing export removes a stale ``.failed`` report."""
+    paths = report_paths(out_dir, name, version)
+    if report["published"]:
+        for stale in report_paths(out_dir, name, version, failed=True):
+            stale.unlink(missing_ok=True)
+    elif is_published(paths[0]):
+        paths = report_paths(out_dir, name, version, failed=True)
     for path, text in zip(paths, (json.dumps(report, indent=2), report_markdown(report))):
         write_text_atomic(path, text)
     return paths
