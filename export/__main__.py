@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--untrained", action="store_true",
                        help="dry run: build an untrained model (random weights; BatchNorm statistics estimated "
                             "on the calibration images so its activations have realistic scales)")
-    source.add_argument("--attention", default="sc", choices=MODES, help="--untrained: RGA mode (default sc)")
-    source.add_argument("--num-classes", type=int, default=751, help="--untrained: classifier width (default 751)")
-    source.add_argument("--input-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+    source.add_argument("--attention", choices=MODES, help="--untrained: RGA mode (default sc)")
+    source.add_argument("--num-classes", type=int, help="--untrained: classifier width (default 751)")
+    source.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="--untrained: input height and width (default 256 128)")
     source.add_argument("--relation", choices=("fused", "explicit"),
                         help="export with this RGA relation path (same weights; default: the model's own, fused)")
@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_calibration < 1 or args.latency_runs < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--num-calibration, --latency-runs and --threads must be positive")
+    untrained_only = [flag for flag, value in (("--attention", args.attention), ("--num-classes", args.num_classes),
+                                               ("--input-size", args.input_size)) if value is not None]
+    if args.model is not None and untrained_only:
+        parser.error(f"{', '.join(untrained_only)} describe the --untrained model; a --model file has its own "
+                     "(an RGA model is tied to the input size it was built for)")
 
     from rga_keras import export as ex
     from rga_keras.cli import run_command
@@ -175,9 +180,10 @@ def _untrained_model(args: argparse.Namespace, calibration):
     from rga_keras import build_rga_resnet50
     from rga_keras.export import default_synthetic_dataset, load_images, estimate_batchnorm_statistics
 
-    model = build_rga_resnet50(args.num_classes, args.attention, input_shape=(*args.input_size, 3))
+    size = tuple(args.input_size or (256, 128))
+    model = build_rga_resnet50(args.num_classes or 751, args.attention or "sc", input_shape=(*size, 3))
     samples = calibration if calibration is not None else default_synthetic_dataset().train
-    estimate_batchnorm_statistics(model, load_images(samples, args.input_size, limit=32))
+    estimate_batchnorm_statistics(model, load_images(samples, size, limit=32))
     return model
 
 

@@ -349,12 +349,12 @@ def test_percentile_ranges_match_numpy_percentiles_of_per_image_extremes():
     ranges = {name: (graph.tensors[i].quantization.min[0], graph.tensors[i].quantization.max[0])
               for name, i in (("input", graph.inputs[0]), ("output", graph.outputs[0]))}
     outputs = np.maximum(images.reshape(40, -1, 3) @ kernel, 0)
-    for name, values in (("input", images), ("output", outputs)):
-        highs = [image.max() for image in values if image.max() > 0]
-        lows = [image.min() for image in values if image.min() < 0]
-        expected = (np.percentile(lows, 10) if lows else 0.0, np.percentile(highs, 90))
-        np.testing.assert_allclose(ranges[name], expected, rtol=1e-4, atol=1e-3)
-        assert 0 < expected[1] < values.max() / 2  # neither the black images nor the outlier set the range
+    highs = [image.max() for image in outputs if image.max() > 0]
+    expected = (0.0, np.percentile(highs, 90))
+    np.testing.assert_allclose(ranges["output"], expected, rtol=1e-4, atol=1e-3)
+    assert 0 < expected[1] < outputs.max() / 2  # neither the black images nor the outlier set the range
+    # the input (raw pixels) keeps its calibrated range: clipping pixels would only lose information
+    np.testing.assert_allclose(ranges["input"], (images.min(), images.max()), rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="percentile must be in"):
         ex.percentile_ranges(calibrated, images, 0)
 
@@ -381,6 +381,7 @@ def test_int8_io_and_full_integer_option(model, data, tmp_path):
     embedder = ex.TFLiteEmbedder(selective)
     details = embedder.interpreter
     assert details.get_input_details()[0]["dtype"] == np.uint8 and details.get_output_details()[0]["dtype"] == np.int8
+    assert details.get_input_details()[0]["quantization"] == (1.0, 0)  # raw uint8 pixels, as they are
     for got in (embedder(images), litert_embeddings(selective, images)):
         assert np.mean(np.sum(unit(got) * reference, axis=1)) >= 0.98
     full = ex.convert_tflite(source, "int8", representative_images=calibration, float_ops=())
@@ -414,10 +415,13 @@ def test_not_a_reid_model_is_refused(tmp_path):
     with pytest.raises(ex.ExportError, match="not an RGA re-id model"):
         ex.load_reid_model(tmp_path / "plain.keras")
     (tmp_path / "junk.keras").write_text("not a model")
-    with pytest.raises(ex.ExportError, match="could not load .*junk.keras"):
+    with pytest.raises(ex.ExportError, match="could not load .*junk.keras.* is a zip archive, this one is not"):
         ex.load_reid_model(tmp_path / "junk.keras")
     with pytest.raises(ex.ExportError, match="does not exist"):
         ex.load_reid_model(tmp_path / "missing.keras")
+    (tmp_path / "folder.keras").mkdir()
+    with pytest.raises(ex.ExportError, match="expected a Keras model file ending in .keras.*folder.keras"):
+        ex.load_reid_model(tmp_path / "folder.keras")
     assert not (tmp_path / "out").exists()
 
 
@@ -535,6 +539,11 @@ def test_cli_exports_and_reports_errors(model, data_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["--model", "m.keras", "--out", str(out), "--formats", "onnx"])
     assert done.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:  # would be silently ignored: the model file fixes them
+        main(["--model", "m.keras", "--out", str(out), "--input-size", "256", "128", "--num-classes", "3"])
+    assert done.value.code == 2 and "--num-classes, --input-size describe the --untrained model" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ statistics, and the one function every artefact computes (images → L2-normalis
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -67,10 +68,13 @@ def reid_model_info(model: Any) -> dict:
 def load_reid_model(path: str | os.PathLike) -> keras.Model:
     """Load a ``.keras`` file and check it is an RGA re-id model (clear `ExportError` otherwise)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"model file {path} does not exist")
-    if path.suffix != ".keras":
+    if not path.is_file() or path.suffix != ".keras":
         raise ExportError(f"expected a Keras model file ending in .keras (model.save('model.keras')), got {path}")
+    if not zipfile.is_zipfile(path):  # Keras itself would say "File not found" about an existing file
+        raise ExportError(f"could not load {path} as a Keras model: a .keras file is a zip archive, this one is not "
+                          "(truncated, or not saved by model.save)")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as err:  # a zip that is not a model, unknown classes, ...: say which file and why

@@ -107,7 +107,8 @@ def convert_tflite(
     if len(percentiles) > 1:
         tried = ", ".join(f"{p:g}" for p in percentiles)
         log(f"int8: calibrated; choosing activation ranges among percentiles {tried}")
-    calibrated, scores = debugger.calibrated_model, {}
+    calibrated, scores = _raw_pixel_input(debugger.calibrated_model), {}
+    debugger.calibrated_model = calibrated
     extremes = _activation_extremes(calibrated, images) if percentiles != (100.0,) else None
     for percentile in percentiles:
         if extremes is not None:
@@ -159,6 +160,18 @@ def _activation_extremes(calibrated: bytes,
     return ranged, lows, highs, np.array(outputs)
 
 
+def _raw_pixel_input(calibrated: bytes) -> bytes:
+    """The model input's range set to [0, 255], not the calibration images' extremes: raw pixels then map onto
+    the int8 grid with scale 1 (an ``int8_io`` model takes raw uint8 pixels as they are) and none is clipped."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(calibrated)
+    for i in model.subgraphs[0].inputs:
+        quantization = model.subgraphs[0].tensors[i].quantization
+        quantization.min, quantization.max = np.array([0.0], np.float32), np.array([255.0], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def _set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -173,7 +186,7 @@ def _set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
         high = np.nanpercentile(np.where(highs > 0, highs, np.nan), percentile, axis=0)
     for j, i in enumerate(ranged):
         quantization = model.subgraphs[0].tensors[i].quantization
-        if np.isnan(low[j]) and np.isnan(high[j]):
+        if i in model.subgraphs[0].inputs or (np.isnan(low[j]) and np.isnan(high[j])):  # pixels: a known range
             continue
         quantization.min = np.array([0.0 if np.isnan(low[j]) else low[j]], np.float32)  # 0 exactly in range
         quantization.max = np.array([0.0 if np.isnan(high[j]) else high[j]], np.float32)
@@ -188,7 +201,7 @@ def percentile_ranges(calibrated: bytes, images: np.ndarray, percentile: float) 
     peak on some images of a weakly trained model). Here each tensor's max is the ``percentile`` of its
     positive per-image maxima and its min the (100 − ``percentile``) percentile of its negative per-image
     minima (0 kept inside; images where the tensor is 0 are left out, and a tensor that is 0 on every image
-    keeps its calibrated range); values beyond saturate. ``calibrated``:
+    keeps its calibrated range); values beyond saturate. The model input (raw pixels) keeps its range. ``calibrated``:
     `QuantizationDebugger.calibrated_model`; ``images``: the calibration images, raw pixels (n, H, W, 3).
     """
     if not 0 < percentile <= 100:
