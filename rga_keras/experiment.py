@@ -287,12 +287,11 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     check_config(config, strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(int(training["seed"]))
     set_precision(training["precision"])
+    data = load_data(config)  # before anything is written: a wrong dataset path leaves no run folder behind
+    print(data.summary(), flush=True)
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-
-    data = load_data(config)
-    print(data.summary(), flush=True)
     p, k = sampler["num_ids_per_batch"], sampler["images_per_id"]
     steps = training["steps_per_epoch"] or steps_per_epoch(data.train, p)
     train_ds = make_train_dataset(

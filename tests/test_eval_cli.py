@@ -198,6 +198,8 @@ def test_clear_errors(setup, capsys, tmp_path):
     assert "outside the model's 64x32 input" in _error(
         capsys, [good, "--data-root", str(root), "--out", str(tmp_path / "p"), "--target", "64", "0"],
         main=rga_visualize.main)
+    assert "is a file; expected a folder for the pictures" in _error(
+        capsys, [good, "--data-root", str(root), "--out", str(junk)], main=rga_visualize.main)
     for argv in ([good], [good, "--data-root", str(root), "--split", "detected"]):  # argparse's own errors
         with pytest.raises(SystemExit) as exc:
             rga_eval.main(argv)

@@ -40,10 +40,16 @@ def test_command_line_errors_are_clear(capsys, tmp_path):
     assert "neither a file nor a bundled config" in capsys.readouterr().err
     assert main(["--config", "market1501_rga_sc"]) == 2  # no --data-root
     assert "dataset.root is not set" in capsys.readouterr().err
-    assert main(["--config", "market1501_rga_sc", "--data-root", str(tmp_path / "missing")]) == 2
-    assert "market1501" in capsys.readouterr().err.lower()
+    assert main(["--config", "market1501_rga_sc", "--data-root", str(tmp_path / "missing"),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    assert "market1501" in capsys.readouterr().err.lower() and not (tmp_path / "run").exists()  # nothing written
     assert main(["--demo", "-o", "sampler.images_per_id=1"]) == 2
     assert "images_per_id >= 2" in capsys.readouterr().err
+    assert main(["--demo", "--epochs", "0"]) == 2
+    assert "training.epochs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--demo", "--config", "market1501_rga_sc"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):

@@ -39,8 +39,9 @@ def _config_path(name: str) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rga-train", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML file or a bundled recipe name (see --list-configs)")
-    parser.add_argument("--demo", action="store_true", help="train on the built-in synthetic dataset (default)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--config", help="a YAML file or a bundled recipe name (see --list-configs)")
+    which.add_argument("--demo", action="store_true", help="train on the built-in synthetic dataset (default)")
     parser.add_argument("--data-root", help="folder of the dataset named in the config")
     parser.add_argument("--run-dir", help="where checkpoints, logs and results go")
     parser.add_argument("--epochs", type=int, help="shortcut for -o training.epochs=N")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         overrides = list(args.overrides)
         if args.data_root:
             overrides.append(f"dataset.root={args.data_root}")
-        if args.epochs:
+        if args.epochs is not None:
             overrides.append(f"training.epochs={args.epochs}")
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from rga_keras.cli import CommandError, run_command
 
     def work() -> int:
+        if args.out.exists() and not args.out.is_dir():
+            raise CommandError(f"--out {args.out} is a file; expected a folder for the pictures (made if missing)")
         history = _history_file(args.run_dir) if args.run_dir else None
         model, size = load_model(args.model, args.image_size)
         target = tuple(args.target) if args.target else (int(0.35 * size[0]), size[1] // 2)
