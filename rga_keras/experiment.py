@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,9 @@ def build_model(config: dict, num_classes: int) -> keras.Model:
     )
 
 
+_INFERENCE_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def eval_features(config: dict, feature: str | None = None) -> tuple[str, ...]:
     """The retrieval features to evaluate: ``feature`` alone if given, else both with the config's
     ``eval.feature`` (the one that selects best.keras and is exported) first."""
@@ -208,11 +212,14 @@ def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: i
     from rga_keras.models import embedding_model
 
     ev = config["eval"]
-    if features is None:
-        embed = embedding_model(model, ev["feature"])
-    else:
-        embed = keras.Model(model.input, {f: embedding_model(model, f).output for f in features},
-                            name=f"{model.name}_embeddings")
+    # One inference model per (model, features), reused by every evaluation of a training run: Keras traces
+    # its predict step once per batch shape instead of on every evaluation (TF warned about the retracing).
+    cached = _INFERENCE_MODELS.setdefault(model, {})
+    key = features if features is not None else ev["feature"]
+    if key not in cached:
+        cached[key] = embedding_model(model, key) if features is None else keras.Model(
+            model.input, {f: embedding_model(model, f).output for f in features}, name=f"{model.name}_embeddings")
+    embed = cached[key]
     size = tuple(config["model"]["input_size"])
 
     def extract(samples):

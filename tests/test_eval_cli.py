@@ -121,6 +121,32 @@ def test_rga_eval_matches_a_brute_force_reference(setup, capsys, monkeypatch):
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # written atomically, nothing left over
 
 
+def test_repeated_evaluations_reuse_one_inference_model(setup, monkeypatch):
+    """Training evaluates the same model many times: one inference model (traced once per batch shape) serves
+    them all and follows the model's weights as they change."""
+    from rga_keras import experiment
+
+    tmp, root, data, _ = setup
+    model = keras.models.load_model(tmp / "model.keras")
+    config = experiment.load_config(None, ["model.input_size=[64, 32]", "eval.batch_size=16"])
+    used, extract = [], evaluation.extract_features
+
+    def spy(embed, *args, **kwargs):
+        features, meta = extract(embed, *args, **kwargs)
+        used.append((embed, features))
+        return features, meta
+
+    monkeypatch.setattr(evaluation, "extract_features", spy)
+    for _ in range(2):
+        experiment.evaluate_model(model, data, config)
+    assert len(used) == 4 and all(embed is used[0][0] for embed, _ in used)
+    bnneck = model.get_layer("bnneck")
+    bnneck.moving_mean.assign(bnneck.moving_mean + np.linspace(-1, 1, bnneck.moving_mean.shape[0]))
+    experiment.evaluate_model(model, data, config)
+    before, after = used[0][1]["after_bn"], used[4][1]["after_bn"]  # query features, same images
+    assert not np.allclose(before, after, atol=1e-3)  # the cached model computes with the current weights
+
+
 def test_rga_eval_feature_restricts_and_flags_apply_to_each(setup, capsys, tmp_path):
     """--feature reports one feature; --metric and --rerank apply to whichever features are evaluated."""
     tmp, root, data, model = setup
