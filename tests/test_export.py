@@ -369,6 +369,10 @@ def test_tflite_embedder_is_independent_of_the_batch_size(exported, data):
         embed = ex.TFLiteEmbedder(path)
         for n in (1, 4, 9, 2, 9):
             np.testing.assert_allclose(embed(images[:n]), alone[:n], atol=1e-5, err_msg=f"{kind}, batch {n}")
+        for bad in (images[:0], images[:2, :, :16]):  # an empty batch, a wrong size: a clear error, still usable
+            with pytest.raises(ValueError, match=r"expected images of shape \(n, 64, 32, 3\) with n >= 1"):
+                embed(bad)
+        np.testing.assert_allclose(embed(images[:2]), alone[:2], atol=1e-5)
 
 
 def test_int8_io_and_full_integer_option(model, data, tmp_path):

@@ -275,8 +275,8 @@ class TFLiteEmbedder:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
-        if images.ndim != 4 or images.shape[1:] != self.input_shape:
-            raise ValueError(f"expected images of shape (n, {', '.join(map(str, self.input_shape))}), "
+        if images.ndim != 4 or images.shape[1:] != self.input_shape or not len(images):
+            raise ValueError(f"expected images of shape (n, {', '.join(map(str, self.input_shape))}) with n >= 1, "
                              f"got {images.shape}")
         self._prepare(len(images))
         dtype = self._input["dtype"]
