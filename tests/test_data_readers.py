@@ -2,6 +2,7 @@
 import dataclasses
 import os
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -301,6 +302,30 @@ def test_cuhk03_cache_dir_keeps_user_files_and_both_splits(tmp_path):
         load_dataset("cuhk03", root, split="labeled", cache_dir=cache)
     assert marker.stat().st_mtime_ns != stamp
     assert (cache / "important.txt").exists() and all(os.path.exists(s.path) for s in detected.gallery)
+
+
+def test_cuhk03_reads_already_extracted_images(tmp_path):
+    """The official RGA code's / torchreid's layout: images_labeled/ (same file names) beside the configs,
+    no cuhk-03.mat; nothing is extracted or cached."""
+    root = tmp_path / "CUHK03_New"
+    images = write_cuhk03(root)
+    (root / "cuhk03_release" / "cuhk-03.mat").unlink()
+    folder = root / "images_labeled"
+    folder.mkdir()
+    for (kind, name), image in images.items():
+        if kind == "labeled":
+            Image.fromarray(image).save(folder / name)
+    with pytest.warns(DatasetWarning):
+        ds = load_dataset("cuhk03", root, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() and ds.train and ds.query and ds.gallery
+    for sample in ds.train + ds.query + ds.gallery:
+        assert Path(sample.path).parent == folder
+        assert np.array_equal(np.asarray(Image.open(sample.path)), images[("labeled", Path(sample.path).name)])
+    next(folder.iterdir()).unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists .*\.png, which .*images_labeled/ does not contain"):
+        load_dataset("cuhk03", root, cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="cuhk-03.mat not found .* or its images already extracted"):
+        load_dataset("cuhk03", root, split="detected", cache_dir=tmp_path / "cache")
 
 
 def test_cuhk03_never_replaces_a_folder_it_did_not_create(tmp_path):

@@ -1,4 +1,5 @@
-"""CUHK03, new 767/700 protocol (Zhong et al., CVPR 2017), read from the .mat release files.
+"""CUHK03, new 767/700 protocol (Zhong et al., CVPR 2017), read from the .mat release files (or from the
+images_labeled/ / images_detected/ folders the official RGA code and torchreid extract them into).
 
 cuhk-03.mat (MATLAB v7.3, i.e. HDF5) holds, under ``labeled`` and ``detected``, one cell array per
 camera pair; each has one row per person with 10 image cells (5 per camera, some empty). The images
@@ -21,16 +22,17 @@ _CONFIG_KEYS = ("filelist", "labels", "train_idx", "query_idx", "gallery_idx")
 
 
 def read_cuhk03(root: Path, split: str, cache_dir: str | Path | None) -> tuple[dict[str, list[Sample]], Path]:
-    """Samples per split and the folder of extracted images (extracting them on first use)."""
-    mat_path = _find(root, "cuhk-03.mat")
+    """Samples per split and the folder of their images: an already extracted ``images_<split>/`` folder in
+    the release (the official RGA code's and torchreid's layout, same file names), else the images of
+    cuhk-03.mat extracted on first use."""
+    folders = [p for p in _glob_levels(root, f"images_{split}") if p.is_dir()]
+    mat_path = None if folders else _find(root, "cuhk-03.mat")
     config_path = _find(root, f"cuhk03_new_protocol_config_{split}.mat")
-    stat = mat_path.stat()
-    params = {"generator": "cuhk03-extract", "source": str(mat_path.resolve()), "size": stat.st_size,
-              "mtime_ns": stat.st_mtime_ns, "split": split}
-    images = (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "cuhk03" / split
-    if read_marker(images) != params:
-        build_atomically(images, lambda tmp: _extract(mat_path, split, tmp), params, replace_foreign=False)
-    extracted = {p.name for p in images.iterdir()}
+    if folders:
+        images, source = folders[0], f"{folders[0]}/"
+    else:
+        images, source = _extract_once(mat_path, split, cache_dir), f"{mat_path} (under '{split}')"
+    present = {p.name for p in images.iterdir()}
 
     config = _load_config(config_path)
     names = [str(np.ravel(cell)[0]) for cell in config["filelist"].ravel()]
@@ -40,25 +42,41 @@ def read_cuhk03(root: Path, split: str, cache_dir: str | Path | None) -> tuple[d
         samples = []
         for index in config[f"{part}_idx"].ravel().astype(int) - 1:
             name = names[index]
-            if name not in extracted:
-                raise FileNotFoundError(f"cuhk03: {config_path.name} lists {name}, which {mat_path} does not "
-                                        f"contain under '{split}' (are both files from the same release?)")
+            if name not in present:
+                raise FileNotFoundError(f"cuhk03: {config_path.name} lists {name}, which {source} does not "
+                                        f"contain (are both from the same release?)")
             pair, _, view, _ = (int(field) for field in Path(name).stem.split("_"))
             samples.append(Sample(str(images / name), int(labels[index]), 2 * (pair - 1) + view))
         splits[part] = samples
     return splits, images
 
 
+def _extract_once(mat_path: Path, split: str, cache_dir: str | Path | None) -> Path:
+    """The images of ``split`` in cuhk-03.mat, extracted into ``<cache>/cuhk03/<split>`` unless already there."""
+    stat = mat_path.stat()
+    params = {"generator": "cuhk03-extract", "source": str(mat_path.resolve()), "size": stat.st_size,
+              "mtime_ns": stat.st_mtime_ns, "split": split}
+    images = (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "cuhk03" / split
+    if read_marker(images) != params:
+        build_atomically(images, lambda tmp: _extract(mat_path, split, tmp), params, replace_foreign=False)
+    return images
+
+
+def _glob_levels(root: Path, name: str) -> list[Path]:
+    """Paths called ``name`` in ``root`` or up to two folder levels below it, nearest first."""
+    return [hit for pattern in (name, f"*/{name}", f"*/*/{name}") for hit in sorted(root.glob(pattern))]
+
+
 def _find(root: Path, filename: str) -> Path:
     """``filename`` in ``root`` or up to two folder levels below it (e.g. cuhk03_release/)."""
-    for pattern in (filename, f"*/{filename}", f"*/*/{filename}"):
-        hits = sorted(root.glob(pattern))
-        if hits:
-            return hits[0]
+    hits = _glob_levels(root, filename)
+    if hits:
+        return hits[0]
     raise FileNotFoundError(
         f"cuhk03: {filename} not found in {root} or two levels below; expected the CUHK03 release "
-        f"(cuhk03_release/cuhk-03.mat) and the new-protocol files cuhk03_new_protocol_config_labeled.mat "
-        f"and cuhk03_new_protocol_config_detected.mat")
+        f"(cuhk03_release/cuhk-03.mat, or its images already extracted in images_labeled/ and images_detected/) "
+        f"and the new-protocol files cuhk03_new_protocol_config_labeled.mat and "
+        f"cuhk03_new_protocol_config_detected.mat")
 
 
 def _load_config(path: Path) -> dict:
