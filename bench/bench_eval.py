@@ -58,7 +58,8 @@ def run_case(name: str) -> dict:
     tracemalloc.stop()
     return {
         "case": name, "queries": nq, "gallery": ng, "dim": dim, "rerank": rerank, "seconds": seconds,
-        "traced_mib": traced / 2**20, "rss_before_mib": rss_before, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "traced_mib": traced / 2**20, "rss_before_mib": rss_before,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "inputs_mib": (query.nbytes + gallery.nbytes) / 2**20, "mAP": result["mAP"],
     }
 

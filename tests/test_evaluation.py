@@ -122,8 +122,8 @@ def random_problem(rng, nq, ng, num_ids, num_cams, integer_features):
     return make(nq), make(ng), qids, gids, rng.integers(0, num_cams, nq), rng.integers(0, num_cams, ng)
 
 
-@pytest.mark.parametrize("seed,integer_features,chunk_size", [(0, True, None), (1, True, 7), (2, False, 1),
-                                                               (3, False, None)])
+@pytest.mark.parametrize("seed,integer_features,chunk_size",
+                         [(0, True, None), (1, True, 7), (2, False, 1), (3, False, None)])
 def test_random_agreement_with_reference_loop(seed, integer_features, chunk_size):
     # Small integer features make many exact distance ties (euclidean distances of integers are exact).
     rng = np.random.default_rng(seed)

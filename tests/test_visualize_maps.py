@@ -108,8 +108,8 @@ def reference_overlay(image, values, alpha=0.5):
 
 def cell_pixels(png, row, column, cell=CELL):
     x, y = ranked_list_layout(1, 1, cell)[0](row, column)
-    return np.asarray(Image.open(png).convert("RGB"), np.float64)[y + BORDER : y + BORDER + cell[1],
-                                                                    x + BORDER : x + BORDER + cell[0]]
+    top, left = y + BORDER, x + BORDER
+    return np.asarray(Image.open(png).convert("RGB"), np.float64)[top : top + cell[1], left : left + cell[0]]
 
 
 def test_spatial_attention_is_what_each_module_applies(net):

@@ -127,8 +127,8 @@ def _pictures(args, model, size, data, target, verbose: int) -> list[Path]:
             print("  no spatial relations in this model: relations.png skipped")
     else:
         print("  baseline model (no RGA module): attention.png and relations.png skipped")
-    cams, classes, scores = (np.concatenate(x) for x in zip(*(am.grad_cam(model, images[i : i + MAP_CHUNK])
-                                                               for i in range(0, len(images), MAP_CHUNK))))
+    chunks = [am.grad_cam(model, images[i : i + MAP_CHUNK]) for i in range(0, len(images), MAP_CHUNK)]
+    cams, classes, scores = (np.concatenate(x) for x in zip(*chunks))
     labels = [f"class {c}: {s:.3g}" for c, s in zip(classes, scores)]
     written.append(am.plot_grad_cam(images, cams, args.out / "grad_cam.png", labels=labels, cell_size=cell))
     return written
