@@ -301,11 +301,12 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     p, k = sampler["num_ids_per_batch"], sampler["images_per_id"]
     steps = training["steps_per_epoch"] or steps_per_epoch(data.train, p)
+    resumed = completed_epochs(str(run_dir)) if training["backup"] else 0  # epochs a backup says are done
     train_ds = make_train_dataset(
         data.train, num_ids_per_batch=p, images_per_id=k, image_size=tuple(config["model"]["input_size"]),
         augment=sampler["augment"], cache=sampler["cache"], seed=int(training["seed"]),
         num_replicas=strategy.num_replicas_in_sync,
-        first_batch=completed_epochs(str(run_dir)) * steps if training["backup"] else 0,  # resume where it stopped
+        first_batch=resumed * steps,  # a resumed run continues the stream where it stopped
     )
     epochs = int(training["epochs"])
     with strategy.scope():
@@ -323,7 +324,7 @@ def run(config: dict, *, verbose: int = 1) -> dict:
                      epsilon=loss["epsilon"], soft_margin=loss["soft_margin"], jit_compile=training["xla"])
 
     started = time.time()
-    untrained = evaluate_model(model, data, config) if not (run_dir / "backup").exists() else None
+    untrained = None if resumed else evaluate_model(model, data, config)
     if untrained:
         print(f"untrained: {format_results_line(untrained)}", flush=True)
     evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs)

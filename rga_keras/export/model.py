@@ -118,7 +118,7 @@ def estimate_batchnorm_statistics(model: keras.Model, images: np.ndarray) -> Non
 
 
 def embed_function(embedder: keras.Model) -> Callable:
-    def embed(images):  # a one-element list: the structure of the embedding model's inputs
+    def embed(images):
         return {"embedding": tf.math.l2_normalize(embedder(images, training=False), axis=-1)}
 
     return embed

@@ -136,14 +136,15 @@ def convert_tflite(
 
 def _activation_extremes(calibrated: bytes,
                          images: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    """Run a calibrated (float32) TFLite model on each image: the tensors that carry a calibrated range,
+    """Run a calibrated (float32) TFLite model on each image: the activations that carry a calibrated range,
     their per-image minima and maxima (n, tensors), and the model's outputs (n, d)."""
     from ai_edge_litert.interpreter import Interpreter
     from tensorflow.lite.tools import flatbuffer_utils
 
-    tensors = flatbuffer_utils.read_model_from_bytearray(calibrated).subgraphs[0].tensors
-    ranged = [i for i, t in enumerate(tensors) if t.quantization is not None and t.quantization.min is not None
-              and len(t.quantization.min) == 1]  # activations: weights carry no calibrated range
+    graph = flatbuffer_utils.read_model_from_bytearray(calibrated).subgraphs[0]
+    # activations: weights carry no calibrated range, and the input (raw pixels) has a known one
+    ranged = [i for i, t in enumerate(graph.tensors) if t.quantization is not None and t.quantization.min is not None
+              and len(t.quantization.min) == 1 and i not in graph.inputs]
     with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging leftover
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors", category=UserWarning)
         interpreter = Interpreter(model_content=bytes(calibrated), experimental_preserve_all_tensors=True)
@@ -186,7 +187,7 @@ def _set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
         high = np.nanpercentile(np.where(highs > 0, highs, np.nan), percentile, axis=0)
     for j, i in enumerate(ranged):
         quantization = model.subgraphs[0].tensors[i].quantization
-        if i in model.subgraphs[0].inputs or (np.isnan(low[j]) and np.isnan(high[j])):  # pixels: a known range
+        if np.isnan(low[j]) and np.isnan(high[j]):
             continue
         quantization.min = np.array([0.0 if np.isnan(low[j]) else low[j]], np.float32)  # 0 exactly in range
         quantization.max = np.array([0.0 if np.isnan(high[j]) else high[j]], np.float32)
