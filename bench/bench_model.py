@@ -1,10 +1,12 @@
 """Forward latency, train-step throughput and peak memory: baseline vs RGA-SC (fused) vs RGA-SC (explicit).
 
-Each configuration runs in its own subprocess, so peak memory (CPU: max RSS; GPU: TF's peak allocator
-figure) belongs to that configuration alone, and the ratios come from one invocation of this script.
+Runs on the Keras backend in KERAS_BACKEND: TensorFlow (a `tf.function` step, ``--xla`` to jit-compile it)
+or JAX (a `jax.jit` step over `model.stateless_call`, always XLA; no TensorFlow is imported). Each
+configuration runs in its own subprocess, so peak memory (CPU: max RSS; GPU: the framework's peak
+allocation) belongs to that configuration alone, and the ratios come from one invocation of this script.
 
     python bench/bench_model.py                          # CPU forward, batch 1 and 16
-    python bench/bench_model.py --train --batch-sizes 64 --precision mixed_float16 --xla   # a GPU
+    KERAS_BACKEND=jax python bench/bench_model.py --train --batch-sizes 64 --precision mixed_bfloat16  # a GPU
     python bench/bench_model.py --markdown docs/bench_model_cpu.md
 """
 from __future__ import annotations
@@ -20,22 +22,14 @@ import sys
 import time
 
 CONFIGS = {"baseline": (None, "fused"), "rga_sc_fused": ("sc", "fused"), "rga_sc_explicit": ("sc", "explicit")}
+NUM_CLASSES = 751
 
 
-def _measure(config: str, batch: int, train: bool, precision: str, xla: bool, repeats: int, size) -> dict:
-    """Runs inside the subprocess: build, warm up, time `repeats` calls, report median and peak memory."""
-    import numpy as np
+def _tf_step(model, train: bool, precision: str, xla: bool):
+    """A TensorFlow step function (x, y) → a scalar or the features, and a function syncing its result."""
     import keras
     import tensorflow as tf
 
-    import rga_keras
-
-    if precision != "float32":
-        keras.mixed_precision.set_global_policy(precision)
-    attention, relation = CONFIGS[config]
-    model = rga_keras.build_rga_resnet50(751, attention, input_shape=(*size, 3), relation=relation)
-    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, *size, 3)).astype("float32"))
-    labels = tf.constant(np.arange(batch) % 751)
     if train:
         optimizer = keras.optimizers.Adam(1e-4)
         if precision == "mixed_float16":
@@ -53,23 +47,128 @@ def _measure(config: str, batch: int, train: bool, precision: str, xla: bool, re
         @tf.function(jit_compile=xla)
         def step(x, y):
             return model(x, training=False)["features"]
+    return step, lambda out: out.numpy()
 
-    for _ in range(3):
-        step(images, labels).numpy()
+
+def _jax_step(model, train: bool, precision: str, images, labels):
+    """A JAX step compiled ahead of time over the model's state (donated and replaced each step, as Keras'
+    own JAX trainer does): forward, softmax cross-entropy, gradients, Adam. Also returns XLA's cost
+    analysis of the compiled step (the bytes it accesses)."""
+    import jax
+    import keras
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    if not train:
+        def infer(tv, ntv, x, y):
+            return model.stateless_call(tv, ntv, x, training=False)[0]["features"]
+
+        compiled = jax.jit(infer).lower(trainable, non_trainable, images, labels).compile()
+        return (lambda x, y: compiled(trainable, non_trainable, x, y), lambda out: out.block_until_ready(),
+                _cost(compiled))
+
+    optimizer = keras.optimizers.Adam(1e-4)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    state = [trainable, non_trainable, [v.value for v in optimizer.variables]]
+
+    def loss_and_updates(tv, ntv, x, y):
+        outputs, ntv = model.stateless_call(tv, ntv, x, training=True)
+        return loss_fn(y, outputs["logits"]), ntv
+
+    grad_fn = jax.value_and_grad(loss_and_updates, has_aux=True)
+
+    def train_step(state, x, y):
+        tv, ntv, ov = state
+        (loss, ntv), grads = grad_fn(tv, ntv, x, y)
+        tv, ov = optimizer.stateless_apply(ov, grads, tv)
+        return loss, [tv, ntv, ov]
+
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
+
+    def step(x, y):
+        loss, state[:] = compiled(state, x, y)
+        return loss
+
+    return step, lambda out: out.block_until_ready(), _cost(compiled)
+
+
+def _cost(compiled) -> dict:
+    """XLA's own count of the bytes a compiled step reads and writes (its FLOP count leaves out library
+    calls such as cuDNN convolutions, so only the bytes are reported)."""
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return {"xla_bytes": float(analysis.get("bytes accessed", 0.0))}
+
+
+def _peak_memory() -> tuple[int, str]:
+    """Peak memory of this process's accelerator (else its max RSS) and the device kind."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "gpu":
+            return int(device.memory_stats()["peak_bytes_in_use"]), "GPU"
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            return int(tf.config.experimental.get_memory_info("GPU:0")["peak"]), "GPU"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "CPU"
+
+
+def _measure(config: str, batch: int, train: bool, precision: str, xla: bool, repeats: int, size) -> dict:
+    """Runs inside the subprocess: build, warm up, time `repeats` calls, report median and peak memory."""
+    import keras
+    import numpy as np
+
+    import rga_keras
+
+    if precision != "float32":
+        keras.mixed_precision.set_global_policy(precision)
+    attention, relation = CONFIGS[config]
+    model = rga_keras.build_rga_resnet50(NUM_CLASSES, attention, input_shape=(*size, 3), relation=relation)
+    images = keras.ops.convert_to_tensor(np.random.default_rng(0).uniform(0, 255, (batch, *size, 3)), "float32")
+    labels = keras.ops.convert_to_tensor(np.arange(batch) % NUM_CLASSES, "int32")
+    compile_start, cost = time.perf_counter(), {}
+    if keras.backend.backend() == "jax":
+        step, sync, cost = _jax_step(model, train, precision, images, labels)
+    else:
+        step, sync = _tf_step(model, train, precision, xla)
+    sync(step(images, labels))
+    compile_s = time.perf_counter() - compile_start
+    for _ in range(2):
+        sync(step(images, labels))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        step(images, labels).numpy()
+        sync(step(images, labels))
         times.append(time.perf_counter() - start)
-    gpus = tf.config.list_logical_devices("GPU")
-    peak = (tf.config.experimental.get_memory_info("GPU:0")["peak"] if gpus
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak, device = _peak_memory()
     median = statistics.median(times)
     return {"config": config, "batch": batch, "median_s": median, "images_per_s": batch / median,
-            "peak_bytes": int(peak), "device": "GPU" if gpus else "CPU"}
+            "peak_bytes": peak, "device": device, "first_call_s": compile_s, **cost}
+
+
+def _giga(result: dict, key: str) -> str:
+    return f"{result[key] / 1e9:.0f}" if key in result else "–"
 
 
 def _machine() -> str:
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "gpu":
+            return f"{device.device_kind}, Keras {keras.__version__} on JAX {jax.__version__}"
+        return f"{platform.machine()}, {os.cpu_count()} cores, Keras {keras.__version__} on JAX {jax.__version__}"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -85,7 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"])
-    parser.add_argument("--xla", action="store_true", help="jit_compile the step")
+    parser.add_argument("--xla", action="store_true", help="jit_compile the step (TensorFlow; JAX always is)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of every configuration")
     parser.add_argument("--size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
@@ -124,16 +223,19 @@ def main(argv=None) -> int:
         results.append({**rs[0], "median_s": median, "images_per_s": batch / median,
                         "peak_bytes": max(r["peak_bytes"] for r in rs), "rounds": [r["median_s"] for r in rs]})
 
-    what = ("train step" if args.train else "forward") + f", {args.precision}" + (", XLA" if args.xla else "")
+    import keras
+
+    xla = args.xla or keras.backend.backend() == "jax"
+    what = ("train step" if args.train else "forward") + f", {args.precision}" + (", XLA" if xla else "")
     lines = [f"Machine: {_machine()}. {what}, input {args.size[0]}×{args.size[1]}, median over {args.rounds} "
              f"interleaved rounds of the median of {args.repeats} calls.", "",
-             "| model | batch | latency (ms) | images/s | × baseline | peak memory (GiB) |",
-             "|---|---|---|---|---|---|"]
+             "| model | batch | latency (ms) | images/s | × baseline | peak memory (GiB) | XLA GB accessed |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         base = next((b for b in results if b["config"] == "baseline" and b["batch"] == r["batch"]), None)
         ratio = f"{r['median_s'] / base['median_s']:.2f}" if base else "–"
         lines.append(f"| {r['config']} | {r['batch']} | {r['median_s'] * 1e3:.1f} | {r['images_per_s']:.1f} | "
-                     f"{ratio} | {r['peak_bytes'] / 2**30:.2f} |")
+                     f"{ratio} | {r['peak_bytes'] / 2**30:.2f} | {_giga(r, 'xla_bytes')} |")
     table = "\n".join(lines)
     print("\n" + table)
     if args.json:

@@ -100,19 +100,19 @@ def grad_cam(model: keras.Model, images, class_ids: Sequence[int] | None = None
     """
     images = _as_images(images)
     _check_model_input(model, images)
-    try:
-        feature_map, logits = model.get_layer("pool").input, model.get_layer("classifier").output
-    except ValueError:
-        raise ValueError(f"model '{model.name}' is not an RGA re-id model "
-                         f"(no 'pool' and 'classifier' layers)") from None
-    cam_model = keras.Model(model.input, [feature_map, logits])
-    num_classes = int(logits.shape[-1])
+    from rga_keras.models import RGAReID
+
+    if not isinstance(model, RGAReID):
+        raise ValueError(f"Grad-CAM needs an RGA re-id model (rga_keras.RGAReID), got {type(model).__name__}")
+    cam_model = model.feature_map_model()
+    num_classes = model.num_classes
     if class_ids is not None:
         class_ids = np.asarray(class_ids, dtype=np.int64)
         if class_ids.shape != (len(images),) or class_ids.min() < 0 or class_ids.max() >= num_classes:
             raise ValueError(f"class_ids must hold one class in [0, {num_classes}) per image, got {class_ids}")
     with tf.GradientTape() as tape:
-        fmap, out = cam_model(tf.constant(images), training=False)
+        outputs = cam_model(tf.constant(images), training=False)
+        fmap, out = outputs["feature_map"], outputs["logits"]
         fmap, out = tf.cast(fmap, tf.float32), tf.cast(out, tf.float32)
         chosen = tf.argmax(out, axis=-1) if class_ids is None else tf.constant(class_ids)
         scores = tf.gather(out, chosen, batch_dims=1)

@@ -6,6 +6,7 @@ The `train/` program is a thin command line over `run` and `evaluate_model`. A c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -175,14 +176,15 @@ def load_data(config: dict):
 
 def build_model(config: dict, num_classes: int) -> keras.Model:
     """`build_rga_resnet50` from the config's model section."""
+    from rga_keras.layers import RGAOptions
     from rga_keras.models import build_rga_resnet50
 
     m = config["model"]
+    options = RGAOptions(**{field.name: m[field.name] for field in dataclasses.fields(RGAOptions)})
     return build_rga_resnet50(
         num_classes, m["attention"], input_shape=(*m["input_size"], 3), last_stride=m["last_stride"],
-        rga_stages=m["rga_stages"], backbone_weights=m["backbone_weights"], s1=m["s1"], s2=m["s2"],
-        use_relation=m["use_relation"], use_original=m["use_original"], embedding=m["embedding"],
-        relation=m["relation"], zero_init_residual=m["zero_init_residual"],
+        rga_stages=m["rga_stages"], backbone_weights=m["backbone_weights"], rga_options=options,
+        zero_init_residual=m["zero_init_residual"],
     )
 
 

@@ -19,10 +19,11 @@ is kept for checking and for visualising relations (paper Fig. 4).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 # PyTorch BatchNorm defaults (momentum 0.1 there is 0.9 here), so official weights load exactly.
 BN_MOMENTUM = 0.9
@@ -41,6 +42,53 @@ def batch_norm(name: str, synchronized: bool = False, **kwargs: Any) -> keras.la
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class RGAOptions:
+    """The options of an RGA module, shared by its branches (the one place they are spelled out).
+
+    s1: embedding reduction ratio, for the feature embedding (C' = C/s1 or N' = N/s1) and the relation
+        embedding (N' = N/s1 or C' = C/s1). s2: reduction ratio of the attention head's hidden layer.
+    use_relation / use_original: Table 1 ablations "w/o Rel." / "w/o Ori.".
+    embedding: "asymmetric" (θ, φ), "symmetric" (θ = φ) or "none" (raw features), paper Table 4.
+    relation: "fused" (fast, exact) or "explicit" (builds R); both compute the same function.
+    """
+
+    s1: int = 8
+    s2: int = 8
+    use_relation: bool = True
+    use_original: bool = True
+    embedding: str = "asymmetric"
+    relation: str = "fused"
+
+    def __post_init__(self) -> None:
+        _check_choice("embedding", self.embedding, EMBEDDINGS)
+        _check_choice("relation", self.relation, RELATIONS)
+        if not (self.use_relation or self.use_original):
+            raise ValueError("use_relation and use_original cannot both be False: the attention head has no input")
+        if int(self.s1) < 1 or int(self.s2) < 1:
+            raise ValueError(f"s1 and s2 must be >= 1, got s1={self.s1}, s2={self.s2}")
+
+    @classmethod
+    def make(cls, options: "RGAOptions | dict | None" = None, **changes: Any) -> "RGAOptions":
+        """Options from an `RGAOptions`, a dict (a saved config) or None (defaults), with ``changes`` applied."""
+        base = options if isinstance(options, RGAOptions) else cls(**(options or {}))
+        return dataclasses.replace(base, **changes) if changes else base
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _split_options(options: "RGAOptions | dict | None", kwargs: dict) -> RGAOptions:
+    """Take the option keywords (``s1=``, ``use_relation=``, ...) out of a layer's ``kwargs``."""
+    names = [field.name for field in dataclasses.fields(RGAOptions)]
+    return RGAOptions.make(options, **{name: kwargs.pop(name) for name in names if name in kwargs})
+
+
+def _transpose(x):
+    """Swap the last two axes of a batch of matrices."""
+    return ops.swapaxes(x, -1, -2)
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -55,47 +103,31 @@ class RelationAttention(keras.layers.Layer):
 
     Args:
         axis: "spatial" (RGA-S) or "channel" (RGA-C).
-        s1: embedding reduction ratio, used for the feature embedding (C' = C/s1 or N' = N/s1) and for
-            the relation embedding (N' = N/s1 or C' = C/s1).
-        s2: reduction ratio of the attention head's hidden layer.
-        use_relation / use_original: Table 1 ablations "w/o Rel." / "w/o Ori.".
-        embedding: "asymmetric" (θ, φ), "symmetric" (θ = φ) or "none" (raw features), paper Table 4.
-        relation: "fused" (fast, exact) or "explicit" (builds R).
+        options: an `RGAOptions` (or its dict); its fields may also be given as keywords
+            (``RelationAttention("spatial", use_relation=False)``).
         synchronized_bn: synchronise BatchNorm statistics across replicas.
     """
 
     def __init__(
         self,
         axis: str = "spatial",
-        s1: int = 8,
-        s2: int = 8,
-        use_relation: bool = True,
-        use_original: bool = True,
-        embedding: str = "asymmetric",
-        relation: str = "fused",
+        options: RGAOptions | dict | None = None,
         synchronized_bn: bool = False,
         **kwargs: Any,
     ) -> None:
+        options = _split_options(options, kwargs)
         super().__init__(autocast=False, **kwargs)
         _check_choice("axis", axis, AXES)
-        _check_choice("embedding", embedding, EMBEDDINGS)
-        _check_choice("relation", relation, RELATIONS)
-        if not (use_relation or use_original):
-            raise ValueError("use_relation and use_original cannot both be False: the attention head has no input")
-        if s1 < 1 or s2 < 1:
-            raise ValueError(f"s1 and s2 must be >= 1, got s1={s1}, s2={s2}")
         self.axis = axis
-        self.s1, self.s2 = int(s1), int(s2)
-        self.use_relation, self.use_original = bool(use_relation), bool(use_original)
-        self.embedding, self.relation = embedding, relation
+        self.options = options
         self.synchronized_bn = bool(synchronized_bn)
 
     # -- sizes -------------------------------------------------------------------------------------
     @property
     def num_embeddings(self) -> int:
         """How many embeddings share the fused input matmul, in column order [θ | φ | g]."""
-        rel = {"asymmetric": 2, "symmetric": 1, "none": 0}[self.embedding] if self.use_relation else 0
-        return rel + int(self.use_original)
+        rel = {"asymmetric": 2, "symmetric": 1, "none": 0}[self.options.embedding] if self.options.use_relation else 0
+        return rel + int(self.options.use_original)
 
     def build(self, input_shape: tuple) -> None:
         _, height, width, channels = input_shape
@@ -109,10 +141,10 @@ class RelationAttention(keras.layers.Layer):
         self.num_nodes, self.num_features = (
             (positions, int(channels)) if self.axis == "spatial" else (int(channels), positions)
         )
-        self.embed_dim = max(1, self.num_features // self.s1)
-        self.relation_dim = max(1, self.num_nodes // self.s1)
-        head_in = int(self.use_original) + (self.relation_dim if self.use_relation else 0)
-        self.hidden_dim = max(1, head_in // self.s2)
+        self.embed_dim = max(1, self.num_features // self.options.s1)
+        self.relation_dim = max(1, self.num_nodes // self.options.s1)
+        head_in = int(self.options.use_original) + (self.relation_dim if self.options.use_relation else 0)
+        self.hidden_dim = max(1, head_in // self.options.s2)
 
         def kernel(name: str, shape: tuple) -> keras.Variable:
             return self.add_weight(name=name, shape=shape, initializer="he_normal", trainable=True)
@@ -122,7 +154,7 @@ class RelationAttention(keras.layers.Layer):
             self.embed_kernel = kernel("embed_kernel", (self.num_features, self.num_embeddings * self.embed_dim))
             self.embed_bn = batch_norm("embed_bn", self.synchronized_bn, dtype=self.dtype_policy)
             self.embed_bn.build((None, self.num_nodes, self.num_embeddings * self.embed_dim))
-        if self.use_relation:
+        if self.options.use_relation:
             self.relation_kernel = kernel("relation_kernel", (2 * self.num_nodes, self.relation_dim))
             self.relation_bn = batch_norm("relation_bn", self.synchronized_bn, dtype=self.dtype_policy)
             self.relation_bn.build((None, self.num_nodes, self.relation_dim))
@@ -146,17 +178,17 @@ class RelationAttention(keras.layers.Layer):
             )
 
     @staticmethod
-    def _project(a: tf.Tensor, kernel: keras.Variable) -> tf.Tensor:
+    def _project(a, kernel):
         """Node-wise 1×1 convolution: a (B, n, k) times kernel (k, m) → (B, n, m).
 
         Done as one 2-D matmul over all B·n rows: a broadcast batch matmul is several times slower on CPU.
         """
         k, m = kernel.shape
-        out = tf.linalg.matmul(tf.reshape(a, (-1, k)), tf.cast(kernel, a.dtype))
-        return tf.reshape(out, (-1, a.shape[1], m))
+        out = ops.matmul(ops.reshape(a, (-1, k)), ops.cast(kernel, a.dtype))
+        return ops.reshape(out, (-1, a.shape[1], m))
 
     @staticmethod
-    def _linear_bn(bn: keras.layers.BatchNormalization, training, kernel: keras.Variable, product) -> tf.Tensor:
+    def _linear_bn(bn: keras.layers.BatchNormalization, training, kernel: keras.Variable, product):
         """BN(product(kernel)) for a product that is linear in the kernel's columns.
 
         Where BN uses its moving statistics (inference, or a frozen BN) it is an affine map per column,
@@ -165,84 +197,88 @@ class RelationAttention(keras.layers.Layer):
         """
         if training and bn.trainable:
             return bn(product(kernel), training=True)
-        scale = bn.gamma * tf.math.rsqrt(bn.moving_variance + bn.epsilon)
+        scale = bn.gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
         out = product(kernel * scale)
-        return out + tf.cast(bn.beta - bn.moving_mean * scale, out.dtype)
+        return out + ops.cast(bn.beta - bn.moving_mean * scale, out.dtype)
 
-    def _relation_features(self, theta: tf.Tensor, phi: tf.Tensor, kernel: tf.Tensor, relation) -> tf.Tensor:
+    def _relation_features(self, theta, phi, kernel, relation):
         """W_rᵀ [R[i,:], R[:,i]] for every node i (eq. 3-4 before BN), with W_r = kernel.
 
         The explicit path projects R (given); the fused path never forms it: Θ (Φᵀ W_row) + Φ (Θᵀ W_col).
         """
-        kernel = tf.cast(kernel, theta.dtype)
-        if self.relation == "explicit":
-            return self._project(tf.concat([relation, tf.linalg.matrix_transpose(relation)], axis=-1), kernel)
+        kernel = ops.cast(kernel, theta.dtype)
+        if self.options.relation == "explicit":
+            return self._project(ops.concatenate([relation, _transpose(relation)], axis=-1), kernel)
         w_row, w_col = kernel[: self.num_nodes], kernel[self.num_nodes :]
-        phi_row = self._project(tf.linalg.matrix_transpose(phi), w_row)  # (B, e, r) = Φᵀ W_row
-        theta_col = self._project(tf.linalg.matrix_transpose(theta), w_col)  # (B, e, r) = Θᵀ W_col
-        return tf.linalg.matmul(theta, phi_row) + tf.linalg.matmul(phi, theta_col)
+        phi_row = self._project(_transpose(phi), w_row)  # (B, e, r) = Φᵀ W_row
+        theta_col = self._project(_transpose(theta), w_col)  # (B, e, r) = Θᵀ W_col
+        return ops.matmul(theta, phi_row) + ops.matmul(phi, theta_col)
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None, return_relation: bool = False):
+    def call(self, inputs, training: bool | None = None, return_relation: bool = False):
         self.check_input_shape(inputs.shape)
         dtype = self.compute_dtype
         h, w, c = self.map_shape
-        flat = tf.reshape(tf.cast(inputs, dtype), (-1, h * w, c))  # (B, N, C), raster order
+        flat = ops.reshape(ops.cast(inputs, dtype), (-1, h * w, c))  # (B, N, C), raster order
         spatial = self.axis == "spatial"
-        nodes = flat if spatial else tf.linalg.matrix_transpose(flat)  # (B, nodes, features)
+        nodes = flat if spatial else _transpose(flat)  # (B, nodes, features)
 
         # Every BN here follows a product linear in its kernel, so at inference each is folded into that
         # kernel (`_linear_bn`), the relation BN and the head's first BN included.
         relation = emb = None
         if self.embed_kernel is not None:  # θ, φ, g from one matmul: (B, nodes, k·e)
-            emb = tf.nn.relu(self._linear_bn(self.embed_bn, training, self.embed_kernel,
-                                             lambda kernel: self._project(nodes, kernel)))
+            emb = ops.relu(self._linear_bn(self.embed_bn, training, self.embed_kernel,
+                                           lambda kernel: self._project(nodes, kernel)))
         e = self.embed_dim
-        if self.use_original:
-            mean_g = tf.reduce_mean(emb[..., -e:], axis=-1, keepdims=True)  # (B, nodes, 1)
-        if self.use_relation:
-            if self.embedding == "asymmetric":
+        if self.options.use_original:
+            mean_g = ops.mean(emb[..., -e:], axis=-1, keepdims=True)  # (B, nodes, 1)
+        if self.options.use_relation:
+            if self.options.embedding == "asymmetric":
                 theta, phi = emb[..., :e], emb[..., e : 2 * e]
-            elif self.embedding == "symmetric":
+            elif self.options.embedding == "symmetric":
                 theta = phi = emb[..., :e]
             else:  # raw node features
                 theta = phi = nodes
             # Half precision is promoted to float32 here: the relation terms are sums of thousands of products.
-            if theta.dtype in (tf.float16, tf.bfloat16):
+            if keras.backend.standardize_dtype(theta.dtype) in ("float16", "bfloat16"):
                 symmetric = theta is phi
-                theta = tf.cast(theta, tf.float32)
-                phi = theta if symmetric else tf.cast(phi, tf.float32)
-            if self.relation == "explicit" or return_relation:
-                relation = tf.linalg.matmul(theta, phi, transpose_b=True)  # R[i, j] = θ_i · φ_j
+                theta = ops.cast(theta, "float32")
+                phi = theta if symmetric else ops.cast(phi, "float32")
+            if self.options.relation == "explicit" or return_relation:
+                relation = ops.matmul(theta, _transpose(phi))  # R[i, j] = θ_i · φ_j
             rel = self._linear_bn(self.relation_bn, training, self.relation_kernel,
                                   lambda kernel: self._relation_features(theta, phi, kernel, relation))
-            rel = tf.nn.relu(tf.cast(rel, dtype))
+            rel = ops.relu(ops.cast(rel, dtype))
 
         def head_projection(kernel):  # W_1 y = W_1[0] ori + W_1[1:] rel: summed, not concatenated (no copy of rel)
-            out = mean_g * tf.cast(kernel[0], dtype) if self.use_original else 0.0
-            if self.use_relation:
-                out = out + self._project(rel, kernel[int(self.use_original) :])  # _project casts the kernel
+            out = mean_g * ops.cast(kernel[0], dtype) if self.options.use_original else 0.0
+            if self.options.use_relation:
+                out = out + self._project(rel, kernel[int(self.options.use_original) :])  # _project casts the kernel
             return out
 
-        hidden = tf.nn.relu(self._linear_bn(self.head_bn1, training, self.head_kernel1, head_projection))
+        hidden = ops.relu(self._linear_bn(self.head_bn1, training, self.head_kernel1, head_projection))
         score = self._linear_bn(self.head_bn2, training, self.head_kernel2,
                                 lambda kernel: self._project(hidden, kernel))
-        attention = tf.sigmoid(tf.cast(score, tf.float32))  # (B, nodes, 1)
-        attention = tf.reshape(attention, (-1, h, w, 1) if spatial else (-1, 1, 1, c))
+        attention = ops.sigmoid(ops.cast(score, "float32"))  # (B, nodes, 1)
+        attention = ops.reshape(attention, (-1, h, w, 1) if spatial else (-1, 1, 1, c))
         return (attention, relation) if return_relation else attention
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        batch, height, width, channels = input_shape
+        return (batch, height, width, 1) if self.axis == "spatial" else (batch, 1, 1, channels)
+
+    def compute_output_spec(self, inputs, training=None, return_relation: bool = False):
+        """The attention is float32 whatever the dtype policy (sigmoid of a float32 score), R too."""
+        attention = keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
+        if not return_relation:
+            return attention
+        batch, height, width, channels = inputs.shape
+        nodes = height * width if self.axis == "spatial" else channels
+        relation = keras.KerasTensor((batch, nodes, nodes), dtype="float32") if self.options.use_relation else None
+        return attention, relation
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(
-            axis=self.axis,
-            s1=self.s1,
-            s2=self.s2,
-            use_relation=self.use_relation,
-            use_original=self.use_original,
-            embedding=self.embedding,
-            relation=self.relation,
-            synchronized_bn=self.synchronized_bn,
-        )
-        return config
+        return {**config, "axis": self.axis, "options": self.options.to_dict(), "synchronized_bn": self.synchronized_bn}
 
 
 @keras.saving.register_keras_serializable(package="rga_keras")
@@ -251,7 +287,8 @@ class RGA(keras.layers.Layer):
 
     ``mode`` (paper Table 1): "s" RGA-S, "c" RGA-C, "sc" S then C on the S-attended features (the paper's
     model), "cs" C then S, "s//c" both computed from the same X and applied together (X ⊙ a_s ⊙ a_c).
-    The remaining arguments are those of `RelationAttention`, shared by both branches.
+    ``options`` (an `RGAOptions`, or its fields as keywords) and ``synchronized_bn`` are shared by both
+    branches (see `RelationAttention`).
 
     ``layer(x, return_maps=True)`` returns ``(output, maps)`` where maps holds "spatial_attention"
     (B, H, W, 1) and/or "channel_attention" (B, 1, 1, C), and the relation matrices "spatial_relation"
@@ -261,32 +298,21 @@ class RGA(keras.layers.Layer):
     def __init__(
         self,
         mode: str = "sc",
-        s1: int = 8,
-        s2: int = 8,
-        use_relation: bool = True,
-        use_original: bool = True,
-        embedding: str = "asymmetric",
-        relation: str = "fused",
+        options: RGAOptions | dict | None = None,
         synchronized_bn: bool = False,
         **kwargs: Any,
     ) -> None:
+        options = _split_options(options, kwargs)
         super().__init__(**kwargs)
         _check_choice("mode", mode, MODES)
         self.mode = mode
-        self.branch_config = dict(
-            s1=s1,
-            s2=s2,
-            use_relation=use_relation,
-            use_original=use_original,
-            embedding=embedding,
-            relation=relation,
-            synchronized_bn=synchronized_bn,
-        )
+        self.options = options
+        self.synchronized_bn = bool(synchronized_bn)
         self.spatial = self.channel = None
-        if "s" in mode:
-            self.spatial = RelationAttention("spatial", name="spatial", dtype=self.dtype_policy, **self.branch_config)
-        if "c" in mode:
-            self.channel = RelationAttention("channel", name="channel", dtype=self.dtype_policy, **self.branch_config)
+        for axis in ("spatial", "channel"):
+            if axis[0] in mode:
+                branch = RelationAttention(axis, options, synchronized_bn, name=axis, dtype=self.dtype_policy)
+                setattr(self, axis, branch)
 
     @property
     def branches(self) -> list:
@@ -299,11 +325,11 @@ class RGA(keras.layers.Layer):
         for branch in self.branches:
             branch.build(input_shape)
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None, return_maps: bool = False):
+    def call(self, inputs, training: bool | None = None, return_maps: bool = False):
         self.branches[0].check_input_shape(inputs.shape, owner=f"RGA layer '{self.name}'")
         maps = {}
 
-        def attend(branch: RelationAttention, x: tf.Tensor) -> tf.Tensor:
+        def attend(branch: RelationAttention, x):
             if return_maps:
                 a, relation = branch(x, training=training, return_relation=True)
                 if relation is not None:  # "w/o Rel." (use_relation=False) has no relation matrix
@@ -311,7 +337,7 @@ class RGA(keras.layers.Layer):
             else:
                 a = branch(x, training=training)
             maps[branch.axis + "_attention"] = a
-            return tf.cast(a, x.dtype)
+            return ops.cast(a, x.dtype)
 
         if self.mode == "s//c":
             x = inputs * attend(self.spatial, inputs) * attend(self.channel, inputs)
@@ -321,7 +347,21 @@ class RGA(keras.layers.Layer):
                 x = x * attend(branch, x)
         return (x, maps) if return_maps else x
 
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, training=None, return_maps: bool = False):
+        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        if not return_maps:
+            return output
+        maps = {}
+        for branch in self.branches:
+            attention, relation = branch.compute_output_spec(inputs, return_relation=True)
+            maps[branch.axis + "_attention"] = attention
+            if relation is not None:
+                maps[branch.axis + "_relation"] = relation
+        return output, maps
+
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(mode=self.mode, **self.branch_config)
-        return config
+        return {**config, "mode": self.mode, "options": self.options.to_dict(), "synchronized_bn": self.synchronized_bn}

@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from rga_keras.files import atomic_write, write_text_atomic
 from rga_keras.layers import RGA, RelationAttention
+from rga_keras.models import RGAResNetBackbone
 from rga_keras.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
 
 _STRATEGIES = ("auto", "mirrored", "multi_worker", "default")
@@ -148,17 +149,15 @@ def set_precision(policy: str = "float32") -> str:
 def use_sync_batchnorm(model: keras.Model) -> int:
     """Make every BatchNormalization in ``model`` (nested layers included) synchronise its batch
     statistics over the replicas; returns how many were switched. Call before compile/fit. The flag
-    is saved with the model (the RGA layers, which rebuild their BatchNorms from their own config, get
-    ``synchronized_bn`` too) and is harmless on one device."""
+    is saved with the model (the RGA layers and the backbone, which build their BatchNorms from their own
+    config, get ``synchronized_bn`` too) and is harmless on one device."""
     count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in model._flatten_layers(include_self=True, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             count += 1
-        elif isinstance(layer, RelationAttention):
-            layer.synchronized_bn = True
-        elif isinstance(layer, RGA):
-            layer.branch_config["synchronized_bn"] = True
+        elif isinstance(layer, (RelationAttention, RGA, RGAResNetBackbone)):
+            layer.synchronized_bn = True  # their config: what they build their BatchNorms with when loaded
     return count
 
 

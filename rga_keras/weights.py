@@ -8,51 +8,44 @@ Sources:
   block of a stage; fine-tuning absorbs the difference, as is common practice).
 - a torchvision ``resnet50`` state dict (``.npz`` of name → array, or ``.pth`` with torch installed): the
   exact v1.5 backbone, loaded exactly.
-- `load_official_state_dict`: a whole trained network of the official code (key names in DESIGN.md §6).
+- `load_official_state_dict`: a whole trained network of the official code (key names in docs/DESIGN.md §6).
 PyTorch tensors are NCHW/OIHW; convolutions become HWIO, linear (out, in) becomes Dense (in, out).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import keras
 import numpy as np
-
-from rga_keras.layers import RGA, RelationAttention
-from rga_keras.models import IMAGENET_STD, RESNET50_BLOCKS
 
 KERAS_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 KERAS_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + KERAS_NOTOP_FILE
 KERAS_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# The normalisation ImageNet-trained torchvision weights expect; our models apply it to raw 0–255 pixels.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# -- layer-name correspondences ---------------------------------------------------------------------------
-def _backbone_pairs() -> Iterator[tuple[str, str, str]]:
-    """(torchvision key prefix, our layer name, "conv" | "bn") for every backbone weight of ResNet-50."""
-    yield "conv1", "conv1", "conv"
-    yield "bn1", "bn1", "bn"
-    for stage, blocks in enumerate(RESNET50_BLOCKS, start=1):
-        for block in range(blocks):
-            ours = f"layer{stage}_{block}"
-            for i in (1, 2, 3):
-                yield f"layer{stage}.{block}.conv{i}", f"{ours}_conv{i}", "conv"
-                yield f"layer{stage}.{block}.bn{i}", f"{ours}_bn{i}", "bn"
-            if block == 0:
-                yield f"layer{stage}.0.downsample.0", f"{ours}_downsample_conv", "conv"
-                yield f"layer{stage}.0.downsample.1", f"{ours}_downsample_bn", "bn"
+def _keras_app_name(torch_prefix: str) -> str:
+    """A torchvision ResNet-50 key prefix → the layer name in keras.applications.ResNet50."""
+    if torch_prefix in ("conv1", "bn1"):
+        return f"conv1_{torch_prefix[:-1]}"
+    stage, block, *rest = torch_prefix[len("layer"):].split(".")
+    name = f"conv{int(stage) + 1}_block{int(block) + 1}"
+    if rest[0] == "downsample":
+        return f"{name}_0_{'conv' if rest[1] == '0' else 'bn'}"
+    return f"{name}_{rest[0][-1]}_{rest[0][:-1]}"
 
 
-def _keras_app_name(ours: str) -> str:
-    """Our backbone layer name → the layer name in keras.applications.ResNet50."""
-    if ours in ("conv1", "bn1"):
-        return "conv1_conv" if ours == "conv1" else "conv1_bn"
-    stage, block, rest = ours[len("layer"):].split("_", 2)
-    index = "0" if rest.startswith("downsample") else rest[-1]
-    kind = "conv" if "conv" in rest else "bn"
-    return f"conv{int(stage) + 1}_block{int(block) + 1}_{index}_{kind}"
+def _backbone(model: Any) -> Any:
+    """The `RGAResNetBackbone` of a re-id model (or the backbone itself)."""
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "resnet_layers"):
+        raise ValueError(f"expected an RGA re-id model or its RGAResNetBackbone, got {type(model).__name__}")
+    return backbone
 
 
 # -- assigning arrays -------------------------------------------------------------------------------------
@@ -103,9 +96,8 @@ class _StateDict:
         return sorted(k for k in self.state if k not in self.used and not k.endswith("num_batches_tracked"))
 
 
-def _load_backbone(model: keras.Model, sd: _StateDict, prefix: str) -> None:
-    for torch_name, ours, kind in _backbone_pairs():
-        layer = model.get_layer(ours)
+def _load_backbone(model: Any, sd: _StateDict, prefix: str) -> None:
+    for torch_name, layer, kind in _backbone(model).resnet_layers():
         if kind == "conv":
             _assign(layer.kernel, sd.conv(prefix + torch_name), sd.source)
         else:
@@ -139,7 +131,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"unsupported weights file {path.name}: expected .h5 (Keras), .npz, .pth, .pt or .tar")
 
 
-def load_torchvision_resnet50(model: keras.Model, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+def load_torchvision_resnet50(model: Any, state_dict: Mapping[str, Any], prefix: str = "") -> None:
     """Load a torchvision ResNet-50 state dict (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...) exactly.
 
     The ``fc.*`` classifier of ImageNet is ignored; any other unused key is an error.
@@ -151,7 +143,7 @@ def load_torchvision_resnet50(model: keras.Model, state_dict: Mapping[str, Any],
         raise ValueError(f"torchvision state dict: {len(leftover)} keys not used by ResNet-50, e.g. {leftover[:5]}")
 
 
-def load_keras_resnet50_h5(model: keras.Model, path: str | os.PathLike) -> None:
+def load_keras_resnet50_h5(model: Any, path: str | os.PathLike) -> None:
     """Load keras.applications ResNet50 weights (``*_notop.h5`` or full) into our backbone (see module doc)."""
     import h5py
 
@@ -166,23 +158,23 @@ def load_keras_resnet50_h5(model: keras.Model, path: str | os.PathLike) -> None:
             names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
             return [np.asarray(group[n], dtype=np.float32) for n in names]
 
-        convs = {}
-        for _, ours, kind in _backbone_pairs():
-            values = arrays(_keras_app_name(ours))
+        bias = None
+        for torch_name, layer, kind in _backbone(model).resnet_layers():  # each conv is followed by its BN
+            values = arrays(_keras_app_name(torch_name))
             if kind == "conv":
                 kernel, bias = values
-                if ours == "conv1":  # BGR caffe input → RGB input normalised by ImageNet std (module doc)
+                if torch_name == "conv1":  # BGR caffe input → RGB input normalised by ImageNet std (module doc)
                     kernel = kernel[:, :, ::-1, :] * (255.0 * np.asarray(IMAGENET_STD, np.float32))[None, None, :, None]
-                _assign(model.get_layer(ours).kernel, kernel, path.name)
-                convs[ours.replace("conv", "bn")] = bias
+                _assign(layer.kernel, kernel, path.name)
             else:
                 gamma, beta, mean, var = values
                 # BN(conv(x) + b) == BN'(conv(x)) with the moving mean shifted by b.
-                _set_bn(model.get_layer(ours), gamma, beta, mean - convs[ours], var, path.name)
+                _set_bn(layer, gamma, beta, mean - bias, var, path.name)
 
 
-def load_backbone_weights(model: keras.Model, weights: str | os.PathLike) -> None:
-    """Load ImageNet backbone weights: ``"imagenet"`` or a local ``.h5`` / ``.npz`` / ``.pth`` file."""
+def load_backbone_weights(model: Any, weights: str | os.PathLike) -> None:
+    """Load ImageNet weights into a re-id model's (or a backbone's) ResNet-50 layers: ``"imagenet"`` or a local
+    ``.h5`` / ``.npz`` / ``.pth`` file (see the module doc)."""
     if weights == "imagenet":
         cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / KERAS_NOTOP_FILE
         try:
@@ -207,10 +199,11 @@ def load_backbone_weights(model: keras.Model, weights: str | os.PathLike) -> Non
         load_torchvision_resnet50(model, read_state_dict(path))
 
 
-def _load_rga_branch(branch: RelationAttention, sd: _StateDict, prefix: str) -> None:
+def _load_rga_branch(branch: Any, sd: _StateDict, prefix: str) -> None:
     """Official ``rga_attK.{theta,phi,gx,gg,W}_{spatial,channel}`` → our fused layout ([θ | φ | g] columns)."""
     axis = branch.axis
-    if branch.embedding != "asymmetric" or not (branch.use_relation and branch.use_original):
+    options = branch.options
+    if options.embedding != "asymmetric" or not (options.use_relation and options.use_original):
         raise ValueError("official weights exist only for the full RGA module (asymmetric, relation + original)")
     names = [f"{prefix}.{part}_{axis}" for part in ("theta", "phi", "gx")]
     kernel = np.concatenate([sd.conv(n + ".0")[0, 0] for n in names], axis=1)
@@ -226,11 +219,12 @@ def _load_rga_branch(branch: RelationAttention, sd: _StateDict, prefix: str) -> 
     _set_bn(branch.head_bn2, *sd.bn(head + ".4"), source=sd.source)
 
 
-def load_official_state_dict(model: keras.Model, state_dict: Mapping[str, Any] | str | os.PathLike,
+def load_official_state_dict(model: Any, state_dict: Mapping[str, Any] | str | os.PathLike,
                              strict: bool = True) -> None:
-    """Import a network trained with the official PyTorch RGA code (key names: DESIGN.md §6).
+    """Import a network trained with the official PyTorch RGA code (key names: docs/DESIGN.md §6).
 
-    ``model`` must be ``build_rga_resnet50(num_classes, attention="sc", input_shape=<training size>)``.
+    ``model`` must be an RGA-SC re-id model, e.g. ``build_rga_resnet50(num_classes, attention="sc",
+    input_shape=<training size>)``.
     ``state_dict`` maps names to arrays (numpy or torch), or is a ``.npz``/``.pth`` path. In inference mode
     the Keras model then computes the official network's outputs up to float rounding. With ``strict``,
     keys that were not used (other than ``num_batches_tracked``) are an error.
@@ -238,16 +232,15 @@ def load_official_state_dict(model: keras.Model, state_dict: Mapping[str, Any] |
     if not isinstance(state_dict, Mapping):
         state_dict = read_state_dict(state_dict)
     sd = _StateDict(state_dict, "official state dict")
-    rga = {layer.name: layer for layer in model.layers if isinstance(layer, RGA)}
-    _load_backbone(model, sd, "backbone.")
-    for stage in (1, 2, 3, 4):
-        layer = rga.get(f"rga{stage}")
-        if layer is None or layer.mode != "sc":
-            raise ValueError(f"official checkpoints hold an RGA-SC module after every stage; model '{model.name}' "
-                             f"has {'no RGA' if layer is None else 'mode ' + layer.mode!r} after stage {stage}")
+    backbone = _backbone(model)
+    if backbone.attention != "sc" or tuple(backbone.rga_stages) != (1, 2, 3, 4):
+        raise ValueError(f"official checkpoints hold an RGA-SC module after every stage; model '{model.name}' has "
+                         f"attention {backbone.attention!r} after stages {tuple(backbone.rga_stages)}")
+    _load_backbone(backbone, sd, "backbone.")
+    for stage, layer in enumerate(backbone.rga_layers, start=1):
         for branch in (layer.spatial, layer.channel):
             _load_rga_branch(branch, sd, f"backbone.rga_att{stage}")
-    _set_bn(model.get_layer("bnneck"), *sd.bn("feat_bn"), source=sd.source)
-    _assign(model.get_layer("classifier").kernel, sd("cls.weight").T, sd.source)
+    _set_bn(model.bnneck, *sd.bn("feat_bn"), source=sd.source)
+    _assign(model.classifier.kernel, sd("cls.weight").T, sd.source)
     if strict and sd.unused():
         raise ValueError(f"official state dict: {len(sd.unused())} keys were not used, e.g. {sd.unused()[:5]}")

@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = rga_keras.build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
     f = rga_keras.embedding_model(model, "before_bn")(read_images(data.train[:32]), training=False).numpy()
-    bnneck = model.get_layer("bnneck")
+    bnneck = model.bnneck
     bnneck.moving_mean.assign(f.mean(axis=0))
     bnneck.moving_variance.assign(f.var(axis=0) + 1e-4)
     model.save(tmp / "model.keras")
@@ -140,7 +140,7 @@ def test_repeated_evaluations_reuse_one_inference_model(setup, monkeypatch):
     for _ in range(2):
         experiment.evaluate_model(model, data, config)
     assert len(used) == 4 and all(embed is used[0][0] for embed, _ in used)
-    bnneck = model.get_layer("bnneck")
+    bnneck = model.bnneck
     bnneck.moving_mean.assign(bnneck.moving_mean + np.linspace(-1, 1, bnneck.moving_mean.shape[0]))
     experiment.evaluate_model(model, data, config)
     before, after = used[0][1]["after_bn"], used[4][1]["after_bn"]  # query features, same images

@@ -17,31 +17,24 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from rga_keras import RGA, build_rga_resnet50
+from rga_keras import RGAReID, RGAResNetBackbone, build_rga_resnet50
 from rga_keras import export as ex
 from rga_keras.data import load_dataset, make_eval_dataset, make_train_dataset
 from rga_keras.data.synthetic import ensure_synthetic
-from rga_keras.models import IMAGENET_MEAN, IMAGENET_STD, BNNeck
 from rga_keras.optimizers import make_optimizer
 from rga_keras.training import compile_reid, to_reid_targets
 
 SIZE = (64, 32)
+EMBEDDING_DIM = 4 * 32  # the tiny backbone's last stage: 4 × its width
 
 
-def tiny_reid_model(num_classes: int, name: str = "tiny_rga") -> keras.Model:
-    """The structure of build_rga_resnet50 in miniature: two conv stages, each followed by RGA-SC."""
+def tiny_reid_model(num_classes: int, name: str = "tiny_rga") -> RGAReID:
+    """The RGA ResNet in miniature (one bottleneck of width 4–32 per stage, 64×32 input): RGA-SC after
+    stages 1 and 2, as fast to convert and run as a test needs."""
     keras.utils.set_random_seed(0)
-    images = keras.Input((*SIZE, 3), name="images")
-    x = keras.layers.Normalization(mean=[255 * m for m in IMAGENET_MEAN],
-                                   variance=[(255 * s) ** 2 for s in IMAGENET_STD])(images)
-    for stage, filters in enumerate((16, 32), start=1):
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False)(x)
-        x = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(x))
-        x = RGA("sc", name=f"rga{stage}")(x)
-    features = keras.layers.Activation("linear", name="features")(keras.layers.GlobalAveragePooling2D()(x))
-    after_bn = BNNeck(momentum=0.9, name="bnneck")(features)
-    logits = keras.layers.Dense(num_classes, use_bias=False, name="classifier")(after_bn)
-    return keras.Model(images, {"features": features, "logits": logits}, name=name)
+    backbone = RGAResNetBackbone("sc", (*SIZE, 3), rga_stages=(1, 2), stage_blocks=(1, 1, 1, 1),
+                                 stage_widths=(4, 8, 16, 32), name=f"{name}_backbone")
+    return RGAReID(backbone, num_classes, name=name)
 
 
 def unit(x):
@@ -49,8 +42,8 @@ def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def keras_embeddings(model, images, layer="bnneck"):
-    return unit(keras.Model(model.inputs, model.get_layer(layer).output).predict(images, verbose=0))
+def keras_embeddings(model, images, feature="after_bn"):
+    return unit(model.embedding_model(feature).predict(images, verbose=0))
 
 
 def images_of(samples):
@@ -207,7 +200,8 @@ def test_tflite_models_use_builtin_ops_only_and_int8_is_integer(exported):
     assert set(int8["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
     assert int8["calibration_cosine"][int8["range_percentile"]] == max(int8["calibration_cosine"].values())
     assert int8["ops"]["BATCH_MATMUL"] == int8["float_ops"]["BATCH_MATMUL"] == 8  # 2 modules × 2 branches × 2
-    assert int8["ops"]["CONV_2D"] == 2 and "CONV_2D" not in int8["float_ops"]
+    # the stem, three per bottleneck and the four shortcut projections of the tiny backbone
+    assert int8["ops"]["CONV_2D"] == 1 + 4 * 3 + 4 and "CONV_2D" not in int8["float_ops"]
     assert "QUANTIZE" not in report["checks"]["tflite_float32"]["ops"]
 
 
@@ -227,7 +221,7 @@ def test_saved_model_signatures_have_named_inputs_and_outputs(exported):
     assert image_bytes.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
     for signature in (default, image_bytes):
         assert list(signature.outputs) == ["embedding"]
-        assert [d.size for d in signature.outputs["embedding"].tensor_shape.dim] == [-1, 32]
+        assert [d.size for d in signature.outputs["embedding"].tensor_shape.dim] == [-1, EMBEDDING_DIM]
 
 
 def test_both_signatures_match_the_keras_model(loaded, model, data):
@@ -266,7 +260,7 @@ def test_warmup_file_parses_back_and_runs(exported, loaded):
         assert request.model_spec.name == "rga"
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         embedding = loaded.signatures[request.model_spec.signature_name](**inputs)["embedding"].numpy()
-        assert embedding.shape == (1, 32) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)
+        assert embedding.shape == (1, EMBEDDING_DIM) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("images, message", [
@@ -284,7 +278,7 @@ def test_serving_default_rejects_bad_input_clearly(loaded, images, message):
     signature = loaded.signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         signature(images=tf.constant(images))
-    assert signature(images=tf.zeros((1, *SIZE, 3)))["embedding"].shape == (1, 32)  # still serving
+    assert signature(images=tf.zeros((1, *SIZE, 3)))["embedding"].shape == (1, EMBEDDING_DIM)  # still serving
 
 
 def test_serve_image_bytes_names_the_bad_item(loaded, data):
@@ -402,7 +396,7 @@ def test_int8_io_and_full_integer_option(model, data, tmp_path):
 
 def test_relation_paths_give_the_same_embeddings(model, data):
     explicit = ex.with_relation(model, "explicit")
-    assert {layer.branch_config["relation"] for layer in explicit.layers if isinstance(layer, RGA)} == {"explicit"}
+    assert {layer.options.relation for layer in explicit.rga_layers} == {"explicit"}
     assert ex.reid_model_info(explicit)["relation"] == "explicit"
     images = images_of(data.query)
     np.testing.assert_allclose(keras_embeddings(explicit, images), keras_embeddings(model, images), atol=1e-5)
@@ -491,12 +485,12 @@ def test_an_error_midway_leaves_nothing_behind(model, tmp_path, monkeypatch):
 def test_estimate_batchnorm_statistics_sets_batch_statistics(data):
     model = tiny_reid_model(3, name="bn_check")
     images = images_of(data.train[:16])
-    bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    bn = next(layer for layer in model.backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
     conv_out = keras.Model(model.inputs, bn.input).predict(images, verbose=0).astype(np.float64)
     ex.estimate_batchnorm_statistics(model, images)
     np.testing.assert_allclose(bn.moving_mean.numpy(), conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), conv_out.var(axis=(0, 1, 2)), rtol=1e-3)
-    assert bn.momentum == 0.9 and model.get_layer("bnneck").momentum == 0.9
+    assert bn.momentum == 0.9 and model.bnneck.momentum == 0.9
 
 
 def test_cosine_rows_and_latency_helpers():

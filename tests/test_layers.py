@@ -2,10 +2,10 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from rga_keras.layers import RGA, RelationAttention
+from rga_keras.layers import RGA, RelationAttention, RGAOptions
 from tests import numpy_reference as ref
+from tests.backend import to_numpy, value_and_grads
 
 ABLATIONS = [
     {},
@@ -27,28 +27,34 @@ def _randomise_batchnorms(layer, rng):
 
 
 def _bn(bn, sl=slice(None)):
-    return tuple(v.numpy()[sl] for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
+    return tuple(to_numpy(v)[sl] for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance))
 
 
 def _branch_params(b: RelationAttention) -> dict:
     """Our fused weight layout ([θ | φ | g] columns) → the reference's per-embedding PyTorch layout."""
-    names = []
-    if b.use_relation:
-        names += {"asymmetric": ["theta", "phi"], "symmetric": ["theta"], "none": []}[b.embedding]
-    if b.use_original:
+    names, options = [], b.options
+    if options.use_relation:
+        names += {"asymmetric": ["theta", "phi"], "symmetric": ["theta"], "none": []}[options.embedding]
+    if options.use_original:
         names.append("gx")
     e = b.embed_dim
-    p = {n: (b.embed_kernel.numpy()[:, i * e:(i + 1) * e].T, _bn(b.embed_bn, slice(i * e, (i + 1) * e)))
+    p = {n: (to_numpy(b.embed_kernel)[:, i * e:(i + 1) * e].T, _bn(b.embed_bn, slice(i * e, (i + 1) * e)))
          for i, n in enumerate(names)}
-    if b.use_relation:
-        p["gg"] = (b.relation_kernel.numpy().T, _bn(b.relation_bn))
-    p["W1"] = (b.head_kernel1.numpy().T, _bn(b.head_bn1))
-    p["W2"] = (b.head_kernel2.numpy().T, _bn(b.head_bn2))
+    if options.use_relation:
+        p["gg"] = (to_numpy(b.relation_kernel).T, _bn(b.relation_bn))
+    p["W1"] = (to_numpy(b.head_kernel1).T, _bn(b.head_bn1))
+    p["W2"] = (to_numpy(b.head_kernel2).T, _bn(b.head_bn2))
     return p
 
 
+def jax_x64() -> bool:
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
 def _rel_err(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+    return float(np.max(np.abs(to_numpy(a).astype(np.float64) - b)) / np.max(np.abs(b)))
 
 
 @pytest.mark.parametrize("mode", ["s", "c", "sc", "cs", "s//c"])
@@ -75,10 +81,10 @@ def _fused_and_explicit(axis, embedding, x, dtype):
     explicit.set_weights(fused.get_weights())
     results = []
     for layer in (fused, explicit):
-        with tf.GradientTape() as tape:
-            a = layer(x, training=True)
-            loss = tf.reduce_sum(a * a)
-        results.append((a.numpy(), [g.numpy() for g in tape.gradient(loss, layer.trainable_weights)]))
+        attention = to_numpy(layer(x, training=True))
+        _, grads = value_and_grads(lambda: keras.ops.sum(keras.ops.square(layer(x, training=True))),
+                                   layer.trainable_weights)
+        results.append((attention, grads))
     return results
 
 
@@ -91,9 +97,11 @@ def test_fused_equals_explicit_at_stage1_size(axis, embedding):
     same function to ~1e-12 (in float32 BN's mean subtraction can amplify rounding of large relations).
     """
     x = np.random.default_rng(1).normal(0, 1, (2, 64, 32, 256))
-    (a_f, _), (a_e, _) = _fused_and_explicit(axis, embedding, tf.constant(x, tf.float32), "float32")
+    (a_f, _), (a_e, _) = _fused_and_explicit(axis, embedding, x.astype(np.float32), "float32")
     assert _rel_err(a_f, a_e) < 1e-4
-    (a_f, g_f), (a_e, g_e) = _fused_and_explicit(axis, embedding, tf.constant(x, tf.float64), "float64")
+    if keras.backend.backend() == "jax" and not jax_x64():
+        pytest.skip("float64 needs jax_enable_x64")
+    (a_f, g_f), (a_e, g_e) = _fused_and_explicit(axis, embedding, x, "float64")
     assert _rel_err(a_f, a_e) < 1e-10
     for gf, ge in zip(g_f, g_e):
         assert _rel_err(gf, ge) < 1e-8
@@ -103,13 +111,13 @@ def test_maps_are_what_the_layer_applies():
     x = np.random.default_rng(2).normal(0, 1, (2, 8, 4, 32)).astype(np.float32)
     layer = RGA("sc", relation="fused")
     out, maps = layer(x, return_maps=True)
-    step1 = x * maps["spatial_attention"].numpy()
-    np.testing.assert_allclose(out, step1 * maps["channel_attention"].numpy(), rtol=1e-6, atol=1e-6)
+    step1 = x * to_numpy(maps["spatial_attention"])
+    np.testing.assert_allclose(to_numpy(out), step1 * to_numpy(maps["channel_attention"]), rtol=1e-6, atol=1e-6)
     s = layer.spatial
     flat = x.reshape(2, 32, 32)
-    emb = tf.nn.relu(s.embed_bn(flat @ s.embed_kernel.numpy(), training=False)).numpy()
+    emb = np.maximum(to_numpy(s.embed_bn(flat @ to_numpy(s.embed_kernel), training=False)), 0)
     e = s.embed_dim
-    np.testing.assert_allclose(maps["spatial_relation"], emb[..., :e] @ emb[..., e:2 * e].transpose(0, 2, 1),
+    np.testing.assert_allclose(to_numpy(maps["spatial_relation"]), emb[..., :e] @ emb[..., e:2 * e].transpose(0, 2, 1),
                                rtol=1e-5, atol=1e-5)
     assert maps["channel_relation"].shape == (2, 32, 32)
 
@@ -140,7 +148,7 @@ def test_serialisation_round_trip():
     assert clone.get_config() == layer.get_config()
     clone(x)
     clone.set_weights(layer.get_weights())
-    np.testing.assert_allclose(clone(x, training=False), y, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(clone(x, training=False)), to_numpy(y), rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy, tol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 6e-2)])
@@ -149,7 +157,7 @@ def test_mixed_precision_stays_close_and_finite(policy, tol):
     rng = np.random.default_rng(4)
     x = rng.normal(0, 3, (2, 16, 8, 64)).astype(np.float32)
     reference = RGA("sc")
-    expected = reference(x, training=False).numpy()
+    expected = to_numpy(reference(x, training=False))
     keras.mixed_precision.set_global_policy(policy)
     try:
         layer = RGA("sc")
@@ -159,6 +167,45 @@ def test_mixed_precision_stays_close_and_finite(policy, tol):
         big = layer(x * 100.0, training=True)  # relation sums of many products must not overflow
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert got.dtype == tf.as_dtype(policy.split("_")[1])
-    assert _rel_err(tf.cast(got, tf.float32), expected) < tol
-    assert np.all(np.isfinite(tf.cast(big, tf.float32).numpy()))
+    assert keras.backend.standardize_dtype(got.dtype) == policy.split("_")[1]
+    assert _rel_err(keras.ops.cast(got, "float32"), expected) < tol
+    assert np.all(np.isfinite(to_numpy(keras.ops.cast(big, "float32"))))
+
+
+def test_options_object_and_keywords_agree():
+    options = RGAOptions(s1=4, use_original=False)
+    by_object, by_keywords = RGA("sc", options), RGA("sc", s1=4, use_original=False)
+    assert by_object.options == by_keywords.options == options
+    assert by_object.spatial.options is by_object.channel.options  # one object, shared by the branches
+    with pytest.raises(ValueError, match="s1 and s2 must be >= 1"):
+        RGAOptions(s2=0)
+
+
+def test_config_written_by_version_0_1_still_loads():
+    """0.1 saved the options as flat keys of the RGA config; .keras files of that version hold them."""
+    old = {"name": "rga1", "trainable": True, "dtype": "float32", "mode": "cs", "s1": 4, "s2": 2,
+           "use_relation": True, "use_original": False, "embedding": "symmetric", "relation": "explicit",
+           "synchronized_bn": True}
+    layer = RGA.from_config(old)
+    assert layer.options == RGAOptions(s1=4, s2=2, use_original=False, embedding="symmetric", relation="explicit")
+    assert layer.synchronized_bn and layer.channel.synchronized_bn and layer.mode == "cs"
+
+
+def test_symbolic_shapes_and_dtypes():
+    """compute_output_shape/spec agree with what the layers compute; attention is float32 under mixed precision."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        x = keras.Input((8, 4, 16), batch_size=2)
+        layer = RGA("sc")
+        out, maps = layer(x), RGA("s//c").compute_output_spec(x, return_maps=True)[1]
+        branch = RelationAttention("channel")
+        attention = branch(x)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert out.shape == (2, 8, 4, 16) and out.dtype == "bfloat16"
+    assert attention.shape == (2, 1, 1, 16) and attention.dtype == "float32"
+    assert {k: v.shape for k, v in maps.items()} == {
+        "spatial_attention": (2, 8, 4, 1), "spatial_relation": (2, 32, 32),
+        "channel_attention": (2, 1, 1, 16), "channel_relation": (2, 16, 16)}
+    real = RGA("s//c")(np.ones((2, 8, 4, 16), np.float32), return_maps=True)[1]
+    assert {k: tuple(v.shape) for k, v in real.items()} == {k: v.shape for k, v in maps.items()}

@@ -2,10 +2,10 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import rga_keras
 from rga_keras.layers import RGA
+from tests.backend import to_numpy
 
 VARIANTS = [
     ("s", {}), ("c", {}), ("sc", {}), ("cs", {}), ("s//c", {}),
@@ -31,7 +31,7 @@ def test_parameter_counts_match_paper(attention, expected):
 
 def test_stage_sizes_at_256x128():
     model = rga_keras.build_rga_resnet50(751, "sc")
-    shapes = {layer.name: tuple(layer.output.shape[1:]) for layer in rga_keras.rga_layers(model)}
+    shapes = {layer.name: tuple(layer.output.shape[1:]) for layer in model.rga_layers}
     assert shapes == {"rga1": (64, 32, 256), "rga2": (32, 16, 512), "rga3": (16, 8, 1024), "rga4": (16, 8, 2048)}
     sizes = [(b.num_nodes, b.embed_dim, b.relation_dim) for layer in rga_keras.rga_layers(model)
              for b in (layer.spatial, layer.channel)]
@@ -62,16 +62,16 @@ def _data(n, shape, classes, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(0, 255, (n,) + shape).astype(np.float32)
     y = rng.integers(0, classes, n).astype(np.int32)
-    return x, y, tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    return x, y
 
 
-def _fit_and_round_trip(model, x, ds, tmp_path, **compile_kw):
+def _fit_and_round_trip(model, x, y, tmp_path, **compile_kw):
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, **compile_kw)
-    before = [w.numpy().copy() for w in model.trainable_weights]
-    history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
+    before = [to_numpy(w).copy() for w in model.trainable_weights]
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"][0])
-    changed = [not np.allclose(b, w.numpy()) for b, w in zip(before, model.trainable_weights)]
+    changed = [not np.allclose(b, to_numpy(w)) for b, w in zip(before, model.trainable_weights)]
     assert sum(changed) >= 0.9 * len(changed)  # the step updated (nearly) every weight, RGA's included
     path = tmp_path / "model.keras"
     model.save(path)
@@ -83,35 +83,35 @@ def _fit_and_round_trip(model, x, ds, tmp_path, **compile_kw):
 
 @pytest.mark.parametrize("attention, flags", VARIANTS, ids=VARIANT_IDS)
 def test_every_variant_trains_and_round_trips(attention, flags, tmp_path):
-    x, _, ds = _data(8, (32, 16, 3), 4)
-    _fit_and_round_trip(_small_model(attention, flags), x, ds, tmp_path, run_eagerly=True)
+    x, y = _data(8, (32, 16, 3), 4)
+    _fit_and_round_trip(_small_model(attention, flags), x, y, tmp_path, run_eagerly=True)
 
 
 def test_rga_resnet50_fits_and_round_trips(tmp_path):
     """The real network with model.fit on (images, labels) and a plain Keras loss on "logits"."""
-    x, _, ds = _data(8, (64, 32, 3), 5)
-    _fit_and_round_trip(rga_keras.build_rga_resnet50(5, "sc", input_shape=(64, 32, 3)), x, ds, tmp_path)
+    x, y = _data(8, (64, 32, 3), 5)
+    _fit_and_round_trip(rga_keras.build_rga_resnet50(5, "sc", input_shape=(64, 32, 3)), x, y, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention, flags", [(None, {})] + VARIANTS, ids=["baseline"] + VARIANT_IDS)
 def test_every_resnet50_variant_fits_and_round_trips(attention, flags, tmp_path):
-    x, _, ds = _data(8, (64, 32, 3), 5)
+    x, y = _data(8, (64, 32, 3), 5)
     model = rga_keras.build_rga_resnet50(5, attention, input_shape=(64, 32, 3), **flags)
-    _fit_and_round_trip(model, x, ds, tmp_path, run_eagerly=True)
+    _fit_and_round_trip(model, x, y, tmp_path, run_eagerly=True)
 
 
 @pytest.mark.filterwarnings("error:The structure of `inputs`:UserWarning")  # they take a bare image tensor
 def test_embedding_and_attention_models():
     model = rga_keras.build_rga_resnet50(5, "sc", input_shape=(64, 32, 3))
     x = np.random.default_rng(1).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
-    before = rga_keras.embedding_model(model, "before_bn")(x, training=False).numpy()
-    after = rga_keras.embedding_model(model, "after_bn")(x, training=False).numpy()
-    np.testing.assert_allclose(before, model(x, training=False)["features"], rtol=1e-5, atol=1e-6)
-    bn = model.get_layer("bnneck")
-    expected = (before - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + 1e-5) * bn.gamma.numpy()
-    np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
-    assert not bn.beta.trainable and np.all(bn.beta.numpy() == 0)
+    before = to_numpy(model.embedding_model("before_bn")(x, training=False))
+    after = to_numpy(rga_keras.embedding_model(model, "after_bn")(x, training=False))
+    np.testing.assert_allclose(before, to_numpy(model(x, training=False)["features"]), rtol=1e-5, atol=1e-6)
+    bn = model.bnneck
+    mean, var, gamma = (to_numpy(v) for v in (bn.moving_mean, bn.moving_variance, bn.gamma))
+    np.testing.assert_allclose(after, (before - mean) / np.sqrt(var + 1e-5) * gamma, rtol=1e-4, atol=1e-5)
+    assert not bn.beta.trainable and np.all(to_numpy(bn.beta) == 0)
     with pytest.raises(ValueError, match="feature must be one of"):
         rga_keras.embedding_model(model, "logits")
 
@@ -120,9 +120,9 @@ def test_embedding_and_attention_models():
     assert maps["rga1"]["spatial_attention"].shape == (2, 16, 8, 1)
     assert maps["rga4"]["channel_attention"].shape == (2, 1, 1, 2048)
     # The map of rga2 is exactly what rga2 multiplies its input by.
-    probe = keras.Model(model.input, [model.get_layer("rga2").input, model.get_layer("rga2").output])
-    x_in, x_out = (t.numpy() for t in probe(x, training=False))
-    applied = x_in * maps["rga2"]["spatial_attention"].numpy() * maps["rga2"]["channel_attention"].numpy()
+    rga2 = model.rga_layers[1]
+    x_in, x_out = (to_numpy(t) for t in keras.Model(model.input, [rga2.input, rga2.output])(x, training=False))
+    applied = x_in * to_numpy(maps["rga2"]["spatial_attention"]) * to_numpy(maps["rga2"]["channel_attention"])
     np.testing.assert_allclose(x_out, applied, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no RGA layers"):
         rga_keras.attention_model(rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3)))
@@ -152,11 +152,84 @@ def test_invalid_builder_arguments():
 def test_zero_init_residual_starts_each_block_as_identity():
     """γ = 0 on each residual branch's last BN: a block's output is then ReLU(shortcut) exactly."""
     model = rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3))
-    last_bns = [layer for layer in model.layers if layer.name.endswith("_bn3")]
-    assert len(last_bns) == 16 and all(np.all(layer.gamma.numpy() == 0) for layer in last_bns)
+    backbone = model.backbone
+    last_bns = [layer for layer in backbone.layers if layer.name.endswith("_bn3")]
+    assert len(last_bns) == 16 and all(np.all(to_numpy(layer.gamma) == 0) for layer in last_bns)
     x = np.random.default_rng(2).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
-    probe = keras.Model(model.input, [model.get_layer("layer2_1_conv1").input, model.get_layer("layer2_1_out").output])
-    block_in, block_out = (t.numpy() for t in probe(x, training=False))
+    probe = keras.Model(backbone.input, [backbone.get_layer("layer2_1_conv1").input,
+                                         backbone.get_layer("layer2_1_out").output])
+    block_in, block_out = (to_numpy(t) for t in probe(x, training=False))
     np.testing.assert_allclose(block_out, np.maximum(block_in, 0), atol=1e-6)  # identity block: input already ≥ 0
-    plain = rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3), zero_init_residual=False)
-    assert all(np.all(plain.get_layer(layer.name).gamma.numpy() == 1) for layer in last_bns)
+    plain = rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3), zero_init_residual=False).backbone
+    assert all(np.all(to_numpy(plain.get_layer(layer.name).gamma) == 1) for layer in last_bns)
+
+
+def test_presets_name_the_paper_variants():
+    assert {"baseline_resnet50", "rga_sc_resnet50", "rga_s_par_c_resnet50", "rga_sc_wo_rel_resnet50"} <= set(
+        rga_keras.PRESETS)
+    model = rga_keras.RGAReID.from_preset("rga_sc_wo_rel_resnet50", num_classes=3, input_shape=(64, 32, 3))
+    assert model.backbone.attention == "sc" and not model.backbone.rga_options.use_relation
+    assert model.num_classes == 3 and model.name == "rga_sc_resnet50"
+    baseline = rga_keras.RGAResNetBackbone.from_preset("baseline_resnet50", input_shape=(64, 32, 3))
+    assert baseline.rga_layers == [] and tuple(baseline.output.shape) == (None, 4, 2, 2048)
+    with pytest.raises(ValueError, match="unknown preset 'rga_x'.*rga_sc_resnet50"):
+        rga_keras.RGAReID.from_preset("rga_x", num_classes=3)
+
+
+def test_model_family_config_round_trip(tmp_path):
+    """Backbone and task are rebuilt from their constructor arguments (.keras files and from_config)."""
+    model = rga_keras.build_rga_resnet50(3, "cs", input_shape=(64, 32, 3), last_stride=2, rga_stages=(2, 4),
+                                         embedding="symmetric")
+    clone = rga_keras.RGAReID.from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    backbone = clone.backbone
+    assert (backbone.attention, backbone.last_stride, backbone.rga_stages) == ("cs", 2, (2, 4))
+    assert backbone.rga_options.embedding == "symmetric" and [l.name for l in backbone.rga_layers] == ["rga2", "rga4"]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded, rga_keras.RGAReID)
+    np.testing.assert_array_equal(to_numpy(loaded(x)["logits"]), to_numpy(model(x)["logits"]))
+
+
+def _legacy_functional(model):
+    """The flat functional model rga-keras 0.1 saved: the backbone's layers and the head in one graph."""
+    backbone = model.backbone
+    features = keras.layers.Activation("linear", dtype="float32", name="features")(
+        keras.layers.GlobalAveragePooling2D(name="pool")(backbone.output))
+    bnneck = rga_keras.BNNeck(momentum=0.9, epsilon=1e-5, dtype="float32", name="bnneck")
+    logits = keras.layers.Dense(model.num_classes, use_bias=False, name="classifier")(bnneck(features))
+    old = keras.Model(backbone.input, {"features": features, "logits": logits}, name="rga_sc_resnet50")
+    bnneck.set_weights(model.bnneck.get_weights())
+    old.get_layer("classifier").set_weights(model.classifier.get_weights())
+    return old
+
+
+def test_version_0_1_files_load_as_the_task_model(tmp_path):
+    rng = np.random.default_rng(3)
+    model = rga_keras.build_rga_resnet50(4, "sc", input_shape=(64, 32, 3), rga_stages=(1, 3))
+    for v in model.weights:  # every weight distinct, so a weight copied to the wrong place shows
+        v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32") if "variance" in v.path
+                 else rng.normal(0, 0.05, v.shape).astype("float32"))
+    old = _legacy_functional(model)
+    assert type(old) is keras.Model or type(old).__name__ == "Functional"
+    old.save(tmp_path / "old.keras")
+    loaded = rga_keras.load_reid_model(tmp_path / "old.keras")
+    assert isinstance(loaded, rga_keras.RGAReID) and loaded.backbone.rga_stages == (1, 3)
+    x = rng.uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
+    for key in ("features", "logits"):
+        np.testing.assert_allclose(to_numpy(loaded(x)[key]), to_numpy(model(x)[key]), rtol=1e-5, atol=1e-6)
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(tmp_path / "other.keras")
+    with pytest.raises(ValueError, match="not an RGA re-id model"):
+        rga_keras.load_reid_model(tmp_path / "other.keras")
+    with pytest.raises(ValueError, match="is not an RGA re-id model.*rga_keras.load_reid_model"):
+        rga_keras.embedding_model(old)
+
+
+def test_feature_map_model_is_what_the_head_pools():
+    model = rga_keras.build_rga_resnet50(3, "s", input_shape=(64, 32, 3))
+    x = np.random.default_rng(4).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
+    out = model.feature_map_model()(x)
+    np.testing.assert_allclose(to_numpy(out["feature_map"]).mean(axis=(1, 2)), to_numpy(model(x)["features"]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(out["logits"]), to_numpy(model(x)["logits"]), rtol=1e-6)

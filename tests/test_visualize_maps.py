@@ -36,8 +36,9 @@ def net():
     model = rga_keras.build_rga_resnet50(6, "sc", input_shape=(*SIZE, 3))
     images = np.random.default_rng(4).uniform(0, 255, (2, *SIZE, 3)).astype(np.float32)
     calibrate_spatial_heads(model, sd, images)
-    probe = keras.Model(model.input, {s: [model.get_layer(s).input, model.get_layer(s).output] for s in STAGES}
-                        | {"pool": model.get_layer("pool").input, "logits": model.get_layer("classifier").output})
+    rga = dict(zip(STAGES, model.rga_layers))
+    probe = keras.Model(model.input, {s: [rga[s].input, rga[s].output] for s in STAGES}
+                        | {"pool": model.pool.input, "logits": model.output["logits"]})
     seen = {k: (np.asarray(v, np.float64) if k in ("pool", "logits") else [np.asarray(t, np.float64) for t in v])
             for k, v in probe(images, training=False).items()}
     return sd, model, images, attention_maps(model, images), seen
@@ -49,7 +50,7 @@ def calibrate_spatial_heads(model, sd, images):
     Random weights alone give maps saturated at 0 or 1, or flat, whose pictures would check little.
     Stage by stage, since a stage's input depends on the stages before it.
     """
-    probe = keras.Model(model.input, [model.get_layer(s).input for s in STAGES])
+    probe = keras.Model(model.input, [layer.input for layer in model.rga_layers])
     for k, stage in enumerate(STAGES):
         rga_keras.load_official_state_dict(model, sd)
         x_in = np.asarray(probe(images, training=False)[k], np.float64)

@@ -7,10 +7,11 @@ import pytest
 import rga_keras
 from rga_keras import weights
 from tests import numpy_reference as ref
+from tests.backend import to_numpy
 
 
 def _rel_err(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+    return float(np.max(np.abs(to_numpy(a).astype(np.float64) - b)) / np.max(np.abs(b)))
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,8 @@ def test_official_import_rejects_wrong_model_and_size(official):
     sd = official[0]
     with pytest.raises(ValueError, match="RGA-SC module after every stage"):
         rga_keras.load_official_state_dict(rga_keras.build_rga_resnet50(12, "s"), sd)
+    with pytest.raises(ValueError, match="RGA-SC module after every stage"):
+        rga_keras.load_official_state_dict(rga_keras.build_rga_resnet50(12, "sc", rga_stages=(1, 2, 3)), sd)
     with pytest.raises(ValueError, match="expected shape"):
         rga_keras.load_official_state_dict(rga_keras.build_rga_resnet50(12, "sc", input_shape=(128, 64, 3)), sd)
 
@@ -105,8 +108,8 @@ def test_keras_applications_h5(tmp_path):
     # Stage 1's first block has stride 1 in both v1 and v1.5, so its output must agree; the remaining
     # difference is Caffe's mean (≤ 0.5 grey levels from ImageNet's mean × 255).
     expected = keras.Model(app.input, app.get_layer("conv2_block1_out").output)(caffe)
-    got = keras.Model(model.input, model.get_layer("layer1_0_out").output)(images)
-    assert _rel_err(got, np.asarray(expected)) < 1e-2
+    got = keras.Model(model.input, model.backbone.get_layer("layer1_0_out").output)(images)
+    assert _rel_err(got, to_numpy(expected)) < 1e-2
 
 
 def test_imagenet_offline_error_names_the_file(monkeypatch):

@@ -11,8 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from rga_keras.layers import RELATIONS, RGA
-from rga_keras.models import count_parameters
+from rga_keras import models
+from rga_keras.layers import RELATIONS, RGAOptions
+from rga_keras.models import RGAReID, RGAResNetBackbone, count_parameters
 
 
 class ExportError(RuntimeError):
@@ -38,35 +39,25 @@ def check_percentile(name: str, value: Any) -> None:
 
 
 def reid_model_info(model: Any) -> dict:
-    """Check that ``model`` is an RGA re-id model and describe it; `ExportError` saying why not otherwise.
-
-    A re-id model is what `rga_keras.build_rga_resnet50` builds: one (H, W, 3) image input and the layers
-    "features" (pooled feature) and "bnneck". Baseline models (no RGA module) are accepted too.
-    """
-    if not isinstance(model, keras.Model):
-        raise ExportError(f"expected a keras.Model built by rga_keras.build_rga_resnet50, got {type(model).__name__}")
-    names = {layer.name for layer in model.layers}
-    shapes = [tuple(t.shape) for t in model.inputs]
-    if not {"features", "bnneck"} <= names or len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][3] != 3 \
-            or None in shapes[0][1:]:
-        raise ExportError(
-            f"model '{model.name}' is not an RGA re-id model: expected one image input of shape (batch, H, W, 3) "
-            f"and the layers 'features' and 'bnneck' (as rga_keras.build_rga_resnet50 builds), found inputs "
-            f"{shapes} and layers {sorted(names)[:10]}{' ...' if len(names) > 10 else ''}")
-    rga = [layer for layer in model.layers if isinstance(layer, RGA)]
-    relations = sorted({layer.branch_config["relation"] for layer in rga})
+    """Check that ``model`` is an RGA re-id model (`rga_keras.RGAReID`) and describe it; `ExportError`
+    saying why not otherwise. Baseline models (no RGA module) are re-id models too."""
+    if not isinstance(model, RGAReID):
+        raise ExportError(f"{type(model).__name__} '{getattr(model, 'name', '?')}' is not an RGA re-id model "
+                          f"(rga_keras.RGAReID, as rga_keras.build_rga_resnet50 builds)")
+    backbone = model.backbone
     return {
         "keras_name": model.name,
-        "input_size": [int(shapes[0][1]), int(shapes[0][2])],
-        "embedding_dim": int(model.get_layer("features").output.shape[-1]),
+        "input_size": list(backbone.image_shape[:2]),
+        "embedding_dim": int(model.output["features"].shape[-1]),
         "parameters": count_parameters(model),
-        "rga": {layer.name: layer.mode for layer in rga},
-        "relation": relations[0] if len(relations) == 1 else (relations or None),
+        "rga": {layer.name: layer.mode for layer in backbone.rga_layers},
+        "relation": backbone.rga_options.relation if backbone.rga_layers else None,
     }
 
 
-def load_reid_model(path: str | os.PathLike) -> keras.Model:
-    """Load a ``.keras`` file and check it is an RGA re-id model (clear `ExportError` otherwise)."""
+def load_reid_model(path: str | os.PathLike) -> RGAReID:
+    """Load a ``.keras`` file and check it is an RGA re-id model (clear `ExportError` otherwise); a file
+    written by rga-keras 0.1 is converted (`rga_keras.load_reid_model`)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ExportError(f"model file {path} does not exist")
@@ -76,24 +67,22 @@ def load_reid_model(path: str | os.PathLike) -> keras.Model:
         raise ExportError(f"could not load {path} as a Keras model: a .keras file is a zip archive, this one is not "
                           "(truncated, or not saved by model.save)")
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = models.load_reid_model(path)
     except Exception as err:  # a zip that is not a model, unknown classes, ...: say which file and why
-        raise ExportError(f"could not load {path} as a Keras model: {type(err).__name__}: {err}") from None
-    reid_model_info(model)
+        raise ExportError(f"could not load {path} as an RGA re-id model: {type(err).__name__}: {err}") from None
     return model
 
 
-def with_relation(model: keras.Model, relation: str) -> keras.Model:
+def with_relation(model: RGAReID, relation: str) -> RGAReID:
     """The same network and weights with every RGA module on the "fused" or "explicit" relation path.
 
-    Both paths compute the same function with the same weights (DESIGN.md §1); they differ in cost.
+    Both paths compute the same function with the same weights (docs/DESIGN.md §1); they differ in cost.
     """
     check_choice("relation", relation, RELATIONS)
-    config = model.get_config()
-    for layer in config["layers"]:
-        if layer["class_name"].endswith("RGA"):
-            layer["config"]["relation"] = relation
-    clone = model.__class__.from_config(config)
+    reid_model_info(model)
+    backbone = model.backbone
+    config = {**backbone.get_config(), "rga_options": RGAOptions.make(backbone.rga_options, relation=relation)}
+    clone = RGAReID(RGAResNetBackbone.from_config(config), model.num_classes, name=model.name)
     clone.set_weights(model.get_weights())
     return clone
 
