@@ -23,7 +23,8 @@ setup(
     extras_require={
         # Only needed to read PyTorch .pth files; .npz state dicts need nothing extra.
         "torch": ["torch>=2.0"],
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # jax: the backend-neutral tests also run on JAX (CPU).
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "jax>=0.4.34"],
     },
     entry_points={
         "console_scripts": [

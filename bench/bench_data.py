@@ -144,7 +144,7 @@ def measure(args) -> str:
         + (": the other jobs took the rest. " if shared else ", so the rates above scale with real cores. ")
         + "To keep a GPU fed, give the input pipeline at least "
         "(train-step images/s) × (CPU µs/img) / 10⁶ cores. An estimate, not a measurement: the RGA-SC train "
-        "step costs about 3 × 2 × 5.05 G ≈ 30 GFLOP per 256×128 image (forward + backward, DESIGN.md §1), "
+        "step costs about 3 × 2 × 5.05 G ≈ 30 GFLOP per 256×128 image (forward + backward, docs/DESIGN.md §1), "
         "so a GPU sustaining 300 TFLOP/s on it would consume about 10,000 images/s, the work of "
         f"{10_000 * per_core / 1e6:.1f} such cores.",
         "",

@@ -1,6 +1,6 @@
 """Re-id retrieval metrics (CMC, mAP, mINP), distances and feature extraction.
 
-Protocol (DESIGN.md §4, the Market-1501 / torchreid convention):
+Protocol (docs/DESIGN.md §4, the Market-1501 / torchreid convention):
 
 * For each query, gallery images with the query's identity AND camera are removed ("junk"),
   as are gallery images whose identity is ``junk_id`` (Market-1501 uses -1 for junk boxes).

@@ -1,7 +1,7 @@
 """A training run from a config: dataset → tf.data → model → `model.fit` → evaluation → summary.
 
 The `train/` program is a thin command line over `run` and `evaluate_model`. A config is a nested dict
-(YAML files in ``train/configs``); `default_config` lists every key with the paper's values (DESIGN.md §3).
+(YAML files in ``train/configs``); `default_config` lists every key with the paper's values (docs/DESIGN.md §3).
 """
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: i
 
 def evaluate_model(model: keras.Model, dataset, config: dict, verbose: int = 0,
                    features: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """Rank-1/5/10, mAP and mINP of ``model`` on the dataset's query/gallery split (DESIGN.md §4), per
+    """Rank-1/5/10, mAP and mINP of ``model`` on the dataset's query/gallery split (docs/DESIGN.md §4), per
     retrieval feature: ``{feature: evaluate()'s dict}`` for ``features`` (default `eval_features`: both,
     ``eval.feature`` first). One forward pass serves every feature; each costs only its ranking."""
     from rga_keras.evaluation import evaluate

@@ -14,7 +14,7 @@ a ⊙ X. Every projection is a 1×1 convolution without bias, i.e. a matmul over
 
 The default ``relation="fused"`` never forms the nodes×nodes matrix R: W_r is linear, so with
 W_r = [W_row; W_col],  W_rowᵀ R[i, :] = (W_rowᵀ Φ) θ_i  and  W_colᵀ R[:, i] = (W_colᵀ Θ) φ_i,
-which costs O(nodes·r·e) instead of O(nodes²·r) (DESIGN.md §1). ``relation="explicit"`` builds R and
+which costs O(nodes·r·e) instead of O(nodes²·r) (docs/DESIGN.md §1). ``relation="explicit"`` builds R and
 is kept for checking and for visualising relations (paper Fig. 4).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Re-id training losses (DESIGN.md §2): label-smoothed cross entropy and batch-hard triplet.
+"""Re-id training losses (docs/DESIGN.md §2): label-smoothed cross entropy and batch-hard triplet.
 
 Both are ordinary `keras.losses.Loss` subclasses returning one value per sample, so Keras' default
 "sum_over_batch_size" reduction averages them over the (per-replica) batch and divides by the

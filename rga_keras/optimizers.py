@@ -1,4 +1,4 @@
-"""The paper's optimiser and learning-rate schedules (DESIGN.md §3).
+"""The paper's optimiser and learning-rate schedules (docs/DESIGN.md §3).
 
 Schedules are per optimiser step (``steps_per_epoch`` converts the paper's epochs), so they follow
 ``optimizer.iterations`` and resume exactly with `BackupAndRestore`.

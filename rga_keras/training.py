@@ -1,6 +1,6 @@
 """Training helpers around `model.fit`: strategy, precision, compile, callbacks.
 
-Typical use (the model maps images to {"features": f, "logits": z}, DESIGN.md §2)::
+Typical use (the model maps images to {"features": f, "logits": z}, docs/DESIGN.md §2)::
 
     strategy = get_strategy()                      # before any other TensorFlow work
     set_precision("mixed_float16")                 # before building the model
@@ -167,7 +167,7 @@ def compile_reid(model: keras.Model, *, optimizer: keras.optimizers.Optimizer,
                  triplet_weight: float = 1.0, ce_weight: float = 1.0, margin: float = 0.3,
                  epsilon: float = 0.1, soft_margin: bool = False, jit_compile: bool = False,
                  steps_per_execution: int = 1) -> keras.Model:
-    """Compile with the paper's losses (DESIGN.md §2): ce_weight · label-smoothed CE on "logits" +
+    """Compile with the paper's losses (docs/DESIGN.md §2): ce_weight · label-smoothed CE on "logits" +
     triplet_weight · batch-hard triplet on "features"; accuracy on the logits.
 
     Train with targets {"logits": y, "features": y} (see `to_reid_targets`). Call inside the

@@ -1,4 +1,4 @@
-"""Independent NumPy (float64) reference of the paper's network, written from DESIGN.md §1–§2.
+"""Independent NumPy (float64) reference of the paper's network, written from docs/DESIGN.md §1–§2.
 
 It works on PyTorch-layout parameters (OIHW kernels, official key names), builds the relation matrix R
 explicitly and loops over images, so it shares nothing with the library's fused, channels-last code.

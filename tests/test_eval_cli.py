@@ -58,7 +58,7 @@ def reference_features(model, data, flip, feature):
 
 
 def reference_metrics(model, data, flip, feature):
-    """Rank-1 / mAP / mINP query by query (DESIGN.md §4), cosine distance."""
+    """Rank-1 / mAP / mINP query by query (docs/DESIGN.md §4), cosine distance."""
     qf, gf = reference_features(model, data, flip, feature)
     qf /= np.linalg.norm(qf, axis=1, keepdims=True)
     gf /= np.linalg.norm(gf, axis=1, keepdims=True)

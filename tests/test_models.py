@@ -19,7 +19,7 @@ VARIANT_IDS = [m + "".join(f"-{k}={v}" for k, v in f.items()) for m, f in VARIAN
     (None, 25_050_176),  # backbone 23,508,032 + BNNeck 4,096 + classifier 2048×751
     ("s", 28_273_976),
     ("c", 28_140_472),
-    ("sc", 31_364_272),  # + RGA-SC modules 6,314,096 (DESIGN.md §1)
+    ("sc", 31_364_272),  # + RGA-SC modules 6,314,096 (docs/DESIGN.md §1)
 ])
 def test_parameter_counts_match_paper(attention, expected):
     model = rga_keras.build_rga_resnet50(751, attention)
@@ -35,7 +35,7 @@ def test_stage_sizes_at_256x128():
     assert shapes == {"rga1": (64, 32, 256), "rga2": (32, 16, 512), "rga3": (16, 8, 1024), "rga4": (16, 8, 2048)}
     sizes = [(b.num_nodes, b.embed_dim, b.relation_dim) for layer in rga_keras.rga_layers(model)
              for b in (layer.spatial, layer.channel)]
-    assert sizes[:2] == [(2048, 32, 256), (256, 256, 32)]  # stage 1: N, C', N' as DESIGN.md's table
+    assert sizes[:2] == [(2048, 32, 256), (256, 256, 32)]  # stage 1: N, C', N' as docs/DESIGN.md §1
     assert sizes[6:] == [(128, 256, 16), (2048, 16, 256)]  # stage 4 (last stride 1)
 
 

@@ -1,7 +1,7 @@
 """rga-eval: Rank-1/5/10, mAP and mINP of a trained RGA re-id model on a dataset's query/gallery split, for
 both retrieval features (after_bn, before_bn; one forward pass) or the one --feature names.
 
-The work is `rga_keras.experiment.evaluate_model` (protocol: DESIGN.md §4, docs/EVALUATION.md); this is its
+The work is `rga_keras.experiment.evaluate_model` (protocol: docs/DESIGN.md §4, docs/EVALUATION.md); this is its
 command line. Errors (missing or unsuitable model file, missing dataset, wrong image size) exit with status 2
 and a one-line message.
 """

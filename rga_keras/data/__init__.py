@@ -1,4 +1,4 @@
-"""Re-id data: dataset readers, tf.data pipelines and a synthetic dataset (issue 3, DESIGN.md §3, §5)."""
+"""Re-id data: dataset readers, tf.data pipelines and a synthetic dataset (issue 3, docs/DESIGN.md §3, §5)."""
 from rga_keras.data.pipeline import (
     IMAGENET_MEAN_255,
     CorruptImages,

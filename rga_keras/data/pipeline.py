@@ -1,6 +1,6 @@
 """tf.data pipelines: identity-balanced P×K training batches with the paper's augmentations, and evaluation.
 
-Training (DESIGN.md §3): each batch holds P identities × K images, laid out identity by identity
+Training (docs/DESIGN.md §3): each batch holds P identities × K images, laid out identity by identity
 (K images of the first identity, then K of the second, ...), so that when tf.distribute cuts the
 global batch into contiguous per-replica slices every replica holds whole identities and the
 batch-hard triplet loss sees all positives. Identities are visited in passes, each a fresh random

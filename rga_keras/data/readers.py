@@ -1,9 +1,9 @@
-"""Person re-id dataset readers: train / query / gallery lists from the release layouts (DESIGN.md §5).
+"""Person re-id dataset readers: train / query / gallery lists from the release layouts (docs/DESIGN.md §5).
 
 Every reader returns a :class:`ReidDataset`. Training identities are relabelled 0..K-1 (in the order
 of their original ids); query and gallery keep the original ids, since evaluation only compares them.
 Identity -1 (Market-1501's junk boxes) is dropped everywhere; identity 0 (Market's distractors) stays
-in the gallery (DESIGN.md §4). Camera ids are the numbers in the release (Market ``c1`` → 1).
+in the gallery (docs/DESIGN.md §4). Camera ids are the numbers in the release (Market ``c1`` → 1).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class ReidDataset:
 
 
 def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs) -> ReidDataset:
-    """Read a dataset in one of the layouts of DESIGN.md §5.
+    """Read a dataset in one of the layouts of docs/DESIGN.md §5.
 
     name: ``market1501``, ``dukemtmc``, ``msmt17`` (kwarg ``include_val=True`` adds list_val.txt to
     training, as in the official 32,621-image training set), ``cuhk03`` (kwargs ``split="labeled"`` or

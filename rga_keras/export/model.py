@@ -67,10 +67,13 @@ def load_reid_model(path: str | os.PathLike) -> RGAReID:
         raise ExportError(f"could not load {path} as a Keras model: a .keras file is a zip archive, this one is not "
                           "(truncated, or not saved by model.save)")
     try:
-        model = models.load_reid_model(path)
+        model = keras.models.load_model(path, compile=False)
     except Exception as err:  # a zip that is not a model, unknown classes, ...: say which file and why
-        raise ExportError(f"could not load {path} as an RGA re-id model: {type(err).__name__}: {err}") from None
-    return model
+        raise ExportError(f"could not load {path} as a Keras model: {type(err).__name__}: {err}") from None
+    try:
+        return models.as_reid_model(model, source=str(path))
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def with_relation(model: RGAReID, relation: str) -> RGAReID:

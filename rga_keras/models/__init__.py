@@ -5,6 +5,7 @@ from rga_keras.models.reid import (
     FEATURES,
     BNNeck,
     RGAReID,
+    as_reid_model,
     attention_model,
     build_rga_resnet50,
     count_parameters,
@@ -15,5 +16,6 @@ from rga_keras.models.reid import (
 
 __all__ = [
     "RESNET50_BLOCKS", "RESNET50_WIDTHS", "RGAResNetBackbone", "PRESETS", "FEATURES", "BNNeck", "RGAReID",
-    "attention_model", "build_rga_resnet50", "count_parameters", "embedding_model", "load_reid_model", "rga_layers",
+    "as_reid_model", "attention_model", "build_rga_resnet50", "count_parameters", "embedding_model",
+    "load_reid_model", "rga_layers",
 ]

@@ -203,14 +203,18 @@ def count_parameters(model: keras.Model) -> int:
 
 
 def load_reid_model(path: str | os.PathLike) -> RGAReID:
-    """Load a re-id model from a ``.keras`` file: an `RGAReID`, or a flat functional model written by
-    rga-keras 0.1, converted to an `RGAReID` with the same weights (same layer names)."""
-    model = keras.models.load_model(path, compile=False)
+    """Load a re-id model from a ``.keras`` file (`as_reid_model` of what it holds)."""
+    return as_reid_model(keras.models.load_model(path, compile=False), source=str(path))
+
+
+def as_reid_model(model: Any, source: str = "the model") -> RGAReID:
+    """``model`` itself if it is an `RGAReID`; a flat functional model as rga-keras 0.1 saved them, converted
+    to an `RGAReID` with the same weights (same layer names); a clear error for anything else."""
     if isinstance(model, RGAReID):
         return model
     if not isinstance(model, keras.Model) or not any(isinstance(layer, BNNeck) for layer in model.layers):
-        raise ValueError(f"{path} holds {type(model).__name__} '{getattr(model, 'name', '?')}', which is not an RGA "
-                         f"re-id model (rga_keras.RGAReID, as build_rga_resnet50 builds)")
+        raise ValueError(f"{source} holds {type(model).__name__} '{getattr(model, 'name', '?')}', which is not an "
+                         f"RGA re-id model (rga_keras.RGAReID, as build_rga_resnet50 builds)")
     return _from_legacy(model)
 
 

@@ -1,0 +1,90 @@
+"""The model core on every Keras backend, from the default (TensorFlow) run.
+
+The backend is fixed when Keras is imported, so other backends run in subprocesses: the backend-neutral
+test files (`conftest.BACKEND_NEUTRAL`) under JAX (in CI) and PyTorch (when torch is installed), an import
+that must not load TensorFlow, and the same weights giving the same embeddings on TensorFlow and JAX.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import rga_keras
+from tests.conftest import BACKEND_NEUTRAL
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = (64, 32)
+
+
+def _run(backend: str, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _suite(backend: str) -> None:
+    result = _run(backend, ["-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                            *(f"tests/{name}" for name in BACKEND_NEUTRAL)], timeout=1500)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_backend_neutral_suite_on_jax():
+    _suite("jax")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_backend_neutral_suite_on_torch():
+    _suite("torch")
+
+
+def test_import_build_and_train_load_no_tensorflow_on_jax():
+    script = """
+import sys
+import numpy as np, keras, rga_keras
+model = rga_keras.build_rga_resnet50(3, "sc", input_shape=(64, 32, 3), rga_stages=(4,))
+model.compile("adam", loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+x = np.random.default_rng(0).uniform(0, 255, (4, 64, 32, 3)).astype("float32")
+loss = model.train_on_batch(x, np.array([0, 1, 2, 0]))
+assert np.isfinite(loss), loss
+print("tensorflow loaded:", "tensorflow" in sys.modules)
+"""
+    result = _run("jax", ["-c", script], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("tensorflow loaded: False")
+
+
+def test_same_weights_give_the_same_embeddings_on_tensorflow_and_jax(tmp_path):
+    """A model saved on TensorFlow, loaded on JAX: both embeddings agree to 1e-5 (relative, float32)."""
+    rng = np.random.default_rng(0)
+    model = rga_keras.build_rga_resnet50(5, "sc", input_shape=(*SIZE, 3))
+    for layer in model._flatten_layers():  # BatchNorm statistics of a trained model, not the identity
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, c))
+            layer.moving_mean.assign(rng.normal(0, 0.1, c))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+    images = rng.uniform(0, 255, (4, *SIZE, 3)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    model.save(tmp_path / "model.keras")
+    expected = {f: np.asarray(model.embedding_model(f)(images, training=False)) for f in ("after_bn", "before_bn")}
+    script = f"""
+import numpy as np, rga_keras
+model = rga_keras.load_reid_model({str(tmp_path / "model.keras")!r})
+images = np.load({str(tmp_path / "images.npy")!r})
+for feature in ("after_bn", "before_bn"):
+    np.save({str(tmp_path)!r} + f"/{{feature}}.npy", np.asarray(model.embedding_model(feature)(images, training=False)))
+"""
+    result = _run("jax", ["-c", script], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for feature, want in expected.items():
+        got = np.load(tmp_path / f"{feature}.npy")
+        assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5, feature
+        # A random network gives nearly the same embedding to every image: the part that differs between
+        # images must agree too, or a mix-up of images would pass.
+        spread = want - want.mean(axis=0)
+        assert np.max(np.abs((got - got.mean(axis=0)) - spread)) <= 0.05 * np.max(np.abs(spread)), feature
