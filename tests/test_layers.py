@@ -153,10 +153,14 @@ def test_serialisation_round_trip():
 
 @pytest.mark.parametrize("policy, tol", [("mixed_float16", 2e-2), ("mixed_bfloat16", 6e-2)])
 def test_mixed_precision_stays_close_and_finite(policy, tol):
-    keras.utils.set_random_seed(0)  # the weights, so the result does not depend on which tests ran before
     rng = np.random.default_rng(4)
     x = rng.normal(0, 3, (2, 16, 8, 64)).astype(np.float32)
     reference = RGA("sc")
+    reference(x)
+    # The same weights on every backend and in any test order (each backend's own random initialiser
+    # draws other numbers, and the error of a half-precision attention depends on the scores' scale).
+    for v in reference.trainable_weights:
+        v.assign(rng.normal(0, np.sqrt(2 / v.shape[0]), v.shape) if len(v.shape) == 2 else np.ones(v.shape))
     expected = to_numpy(reference(x, training=False))
     keras.mixed_precision.set_global_policy(policy)
     try:
