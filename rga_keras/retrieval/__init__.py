@@ -6,7 +6,7 @@
     indices, similarities = retrieval.search(query_features, features, top_k=10)
 
 Modules: `images` (which files), `models` (model formats), `embed` (images → embeddings), `features`
-(the HDF5 features file), `search` (exact chunked top-k). The programs are rga-embed and rga-search
+(the HDF5 features file), `topk` (exact chunked top-k search). The programs are rga-embed and rga-search
 (docs/RETRIEVAL.md).
 """
 from rga_keras.retrieval.embed import embed_images
@@ -14,7 +14,7 @@ from rga_keras.retrieval.features import (FILE_FORMAT, FeatureSet, append_featur
                                           is_features_candidate, read_features, write_features)
 from rga_keras.retrieval.images import IMAGE_SUFFIXES, list_images
 from rga_keras.retrieval.models import MODEL_FORMATS, Embedder, load_embedder, model_format, model_sha256
-from rga_keras.retrieval.search import MAX_BLOCK_BYTES, search, unit_rows
+from rga_keras.retrieval.topk import MAX_BLOCK_BYTES, search, unit_rows
 
 __all__ = [
     "FILE_FORMAT", "IMAGE_SUFFIXES", "MAX_BLOCK_BYTES", "MODEL_FORMATS", "Embedder", "FeatureSet",

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from rga_keras.retrieval.models import Embedder
-from rga_keras.retrieval.search import unit_rows
+from rga_keras.retrieval.topk import unit_rows
 
 
 def embed_images(

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from rga_keras.retrieval.search import unit_rows
+from rga_keras.retrieval.topk import unit_rows
 
 MODEL_FORMATS = ("keras", "saved_model", "tflite", "onnx")
 FEATURES = ("after_bn", "before_bn")

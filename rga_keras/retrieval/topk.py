@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from rga_keras.evaluation import as_features, stable_argsort_rows
+from rga_keras.evaluation import as_features, feature_norms, stable_argsort_rows
 
 MAX_BLOCK_BYTES = 256 * 2**20
-# Per query-gallery pair in a chunk: the float32 similarity, and in stable_argsort_rows two int32 copies
-# and the uint64 sort keys (measured with tracemalloc in bench/bench_retrieval.py).
-BYTES_PER_ENTRY = 20
+# Per query-gallery pair in a chunk: the float32 similarity, and in stable_argsort_rows two int32 copies and
+# the uint64 sort keys (tracemalloc: 22.7 bytes; tests/test_retrieval_search.py checks the bound).
+BYTES_PER_ENTRY = 24
 RERANK_MAX_ENTRIES = 1 << 26  # re-ranking holds the dense (query, gallery) matrix: at most 256 MiB of it
 _EPS = 1e-12
 
@@ -25,7 +25,7 @@ _EPS = 1e-12
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """The rows of ``x`` (float32) scaled to unit L2 norm (all-zero rows stay zero)."""
     x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+    return x / np.maximum(feature_norms(x, "cosine"), _EPS)[:, None]
 
 
 def search(
@@ -51,17 +51,25 @@ def search(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     nq, ng = len(query), len(gallery)
     k = min(int(top_k), ng)
-    neg_inverse_norms = -1.0 / np.maximum(np.linalg.norm(gallery, axis=1), _EPS).astype(np.float32)
+    neg_inverse_norms = -1.0 / np.maximum(feature_norms(gallery, "cosine"), _EPS)  # no (g, d) temporary
     reranked = _rerank_order(query, gallery, k) if rerank else None
     rows = max(1, int(max_block_bytes) // (BYTES_PER_ENTRY * ng))
     indices, similarities = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
     for start in range(0, nq, rows):
-        block = query[start : start + rows] @ gallery.T
-        block *= neg_inverse_norms  # minus the cosine similarity: ascending order is best first
-        top = stable_argsort_rows(block, k) if reranked is None else reranked[start : start + rows]
-        indices[start : start + rows] = top
-        similarities[start : start + rows] = -np.take_along_axis(block, top, axis=1)
+        stop = start + rows
+        indices[start:stop], similarities[start:stop] = _block_top(
+            query[start:stop], gallery, neg_inverse_norms, k, None if reranked is None else reranked[start:stop])
     return indices, similarities
+
+
+def _block_top(query: np.ndarray, gallery: np.ndarray, neg_inverse_norms: np.ndarray, k: int,
+               order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k indices and similarities of a chunk of queries (or their similarities at ``order``). A function
+    of its own so that the chunk's block and sort keys are freed before the next chunk's are made."""
+    block = query @ gallery.T
+    block *= neg_inverse_norms  # minus the cosine similarity: ascending order is best first
+    top = stable_argsort_rows(block, k) if order is None else order
+    return top, -np.take_along_axis(block, top, axis=1)
 
 
 def _rerank_order(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
