@@ -59,18 +59,22 @@ def setup(tmp_path_factory):
             "mirrored": mirrored, "models": models}
 
 
+@pytest.fixture(scope="module")
+def embedders(setup):
+    return {fmt: retrieval.load_embedder(path) for fmt, path in setup["models"].items()}
+
+
 def run(program, argv, capsys):
     status = program.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return status, out, err
 
 
-def test_every_format_embeds_to_the_same_vectors(setup):
+def test_every_format_embeds_to_the_same_vectors(setup, embedders):
     reference = setup["reference"]
     distinct = 1 - (reference @ reference.T)[~np.eye(len(reference), dtype=bool)]
     assert distinct.min() > 1e-3  # another image's vector would fail the 0.9999 check below
-    for fmt, path in setup["models"].items():
-        embedder = retrieval.load_embedder(path)
+    for fmt, embedder in embedders.items():
         assert (embedder.format, embedder.input_size) == (fmt, SIZE)
         assert embedder.feature == (None if fmt == "tflite" else "after_bn")
         got = embedder(setup["pixels"])
@@ -79,8 +83,8 @@ def test_every_format_embeds_to_the_same_vectors(setup):
         assert np.einsum("ij,ij->i", unit(got), reference).min() >= 0.9999, fmt
 
 
-def test_embed_images_skips_unreadable_files_and_averages_flips(setup):
-    embedder = retrieval.load_embedder(setup["models"]["keras"])
+def test_embed_images_skips_unreadable_files_and_averages_flips(setup, embedders):
+    embedder = embedders["keras"]
     broken, missing = str(setup["tmp"] / "gallery" / "broken.jpg"), str(setup["tmp"] / "missing.png")
     paths = [setup["paths"][0], broken, *setup["paths"][1:4], missing]
     features, embedded, skipped = retrieval.embed_images(embedder, paths, batch_size=3, verbose=0)
@@ -128,11 +132,11 @@ def test_rga_embed_writes_the_features_file_and_appends_only_new_images(setup, c
 
 
 @pytest.fixture(scope="module")
-def gallery_file(setup, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gallery") / "gallery.h5"
-    assert rga_embed.main([str(setup["models"]["keras"]), str(setup["tmp"] / "gallery"), "--out", str(out),
-                           "--quiet"]) == 0
-    return out
+def gallery_file(setup, embedders, tmp_path_factory):
+    """The gallery as rga-embed writes it (tested above), from the reference vectors: no model run needed."""
+    data = retrieval.FeatureSet(setup["reference"][:10].astype(np.float32), setup["paths"][:10],
+                                retrieval.feature_source(embedders["keras"], flip=False))
+    return retrieval.write_features(tmp_path_factory.mktemp("gallery") / "gallery.h5", data)
 
 
 def test_rga_search_results_equal_a_brute_force_ranking(setup, gallery_file, capsys, tmp_path):
@@ -179,6 +183,8 @@ def test_bad_input_is_one_line_and_status_2(setup, gallery_file, capsys, tmp_pat
                                                                           other.source))
     retrieval.write_features(tmp_path / "sm.h5", retrieval.FeatureSet(
         other.features, other.paths, {**other.source, "model_sha256": "0" * 64}))
+    retrieval.write_features(tmp_path / "moved.h5", retrieval.FeatureSet(
+        other.features, other.paths, {**other.source, "model": str(tmp_path / "gone" / "model.keras")}))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     keras_model, out = setup["models"]["keras"], tmp_path / "out.h5"
     cases = [
@@ -197,6 +203,8 @@ def test_bad_input_is_one_line_and_status_2(setup, gallery_file, capsys, tmp_pat
         (rga_search, [query, "--gallery", gallery_file, "--model", setup["models"]["tflite"]],
          "--model comes from model .*model_float32.tflite"),
         (rga_search, [tmp_path / "empty", "--gallery", gallery_file], "no images found"),
+        (rga_search, [query, "--gallery", tmp_path / "moved.h5"],
+         "the gallery's model .*gone/model.keras does not exist \\(moved\\?\\); pass its location with --model"),
     ]
     for program, argv, message in cases:
         status, _, err = run(program, argv, capsys)
