@@ -217,3 +217,25 @@ def test_search_picture_frames_and_size(tmp_path):
     assert tuple(image[y + 12, x + 10]) == (200, 0, 0)
     with pytest.raises(ValueError, match="must both be \\(num_query, k\\)"):
         plot_search_results(paths[:2], paths, indices, np.zeros((2, 2)), tmp_path / "q.png")
+
+
+# --------------------------------------------------------------------------- the programs' arguments
+
+
+def test_program_help_and_argument_errors(capsys):
+    from train import embed as rga_embed
+    from train import search as rga_search
+
+    for program in (rga_embed, rga_search):
+        with pytest.raises(SystemExit) as exit_:
+            program.main(["--help"])
+        assert exit_.value.code == 0 and "examples:" in capsys.readouterr().out
+    for program, argv, message in [
+        (rga_embed, ["m.keras", "x", "--out", "o.h5", "--append", "--overwrite"], "--append and --overwrite exclude"),
+        (rga_embed, ["m.keras", "x", "--out", "o.h5", "--batch-size", "0"], "--batch-size must be positive"),
+        (rga_search, ["q.png", "--gallery", "g.h5", "--top-k", "0"], "--top-k must be positive"),
+        (rga_search, ["q.png"], "the following arguments are required: --gallery"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            program.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -16,7 +16,7 @@ from rga_keras.evaluation import as_features, feature_norms, stable_argsort_rows
 
 MAX_BLOCK_BYTES = 256 * 2**20
 # Per query-gallery pair in a chunk: the float32 similarity, and in stable_argsort_rows two int32 copies and
-# the uint64 sort keys (tracemalloc: 22.7 bytes; tests/test_retrieval_search.py checks the bound).
+# the uint64 sort keys (tracemalloc: 20 bytes, plus some slack; tests/test_retrieval_search.py checks the bound).
 BYTES_PER_ENTRY = 24
 RERANK_MAX_ENTRIES = 1 << 26  # re-ranking holds the dense (query, gallery) matrix: at most 256 MiB of it
 _EPS = 1e-12
