@@ -33,6 +33,8 @@ setup(
             "rga-synth=rga_keras.data.synthetic:main",
             "rga-eval=train.evaluate:main",
             "rga-visualize=train.visualize:main",
+            "rga-embed=train.embed:main",
+            "rga-search=train.search:main",
         ]
     },
 )

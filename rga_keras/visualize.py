@@ -1,4 +1,4 @@
-"""Pictures of re-id results, written as PNG: ranked lists and training curves (what the network attends
+"""Pictures of re-id results, written as PNG: ranked lists, search results and training curves (what the network attends
 to: `rga_keras.attention_maps`).
 
 Files are written atomically (a temporary file in the target folder, then ``os.replace``), so a
@@ -21,6 +21,7 @@ from rga_keras.files import atomic_write
 GREEN = (0, 170, 0)  # frame of a true match
 RED = (220, 0, 0)  # frame of a false match
 BLUE = (40, 90, 220)  # frame of the query
+GREY = (150, 150, 150)  # frame of a search result (no identity to judge it by)
 BORDER = 4  # frame width, pixels
 PAD = 4  # space around and between cells
 GAP = 16  # extra space between the query and its ranked list
@@ -84,8 +85,6 @@ def plot_ranked_lists(
     gallery image's rank and distance. ``cell_size`` is (width, height) of every image.
     Geometry: :func:`ranked_list_layout`. Returns the PNG path.
     """
-    from PIL import Image, ImageDraw
-
     distances = np.asarray(distances, dtype=np.float32)
     nq, ng = len(query_paths), len(gallery_paths)
     if distances.shape != (nq, ng):
@@ -96,16 +95,69 @@ def plot_ranked_lists(
             raise ValueError(f"{name} must have {n} entries (one per path), got shape {arr.shape}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    rows = _shown_queries(nq, num_queries, query_indices)
+    qid, qcam, gid, gcam = labels
+    order, kept, match = rank_gallery(distances[rows], qid[rows], qcam[rows], gid, gcam, junk_id)
+    lines = []
+    for r, q in enumerate(rows):
+        shown = order[r][kept[r]][:top_k]
+        cells = [(gallery_paths[g], GREEN if true else RED, f"{k}: {distances[q, g]:.3f}")
+                 for k, (g, true) in enumerate(zip(shown, match[r][kept[r]][:top_k]), start=1)]
+        lines.append((query_paths[q], f"id {qid[q]} c{qcam[q]}", cells))
+    return draw_ranked_rows(lines, out_png, top_k=top_k, cell_size=cell_size)
+
+
+def plot_search_results(
+    query_paths: Sequence[Any],
+    gallery_paths: Sequence[Any],
+    indices: Any,
+    similarities: Any,
+    out_png: str | os.PathLike,
+    *,
+    num_queries: int = 8,
+    query_indices: Sequence[int] | None = None,
+    cell_size: tuple[int, int] = (64, 128),
+) -> Path:
+    """One row per query: the query (blue frame) and its ranked gallery images as
+    :func:`rga_keras.retrieval.search` returns them (``indices``, ``similarities``: (num_query, k)), framed
+    grey (no identities: nothing to judge right or wrong) and labelled with rank and cosine similarity.
+    Queries shown as in :func:`plot_ranked_lists`. Returns the PNG path."""
+    indices, similarities = np.asarray(indices), np.asarray(similarities)
+    nq = len(query_paths)
+    if indices.ndim != 2 or indices.shape[0] != nq or similarities.shape != indices.shape:
+        raise ValueError(f"indices and similarities must both be (num_query, k) with num_query = {nq}, got "
+                         f"{indices.shape} and {similarities.shape}")
+    rows = _shown_queries(nq, num_queries, query_indices)
+    lines = [(query_paths[q], Path(str(query_paths[q])).name[:12],
+              [(gallery_paths[g], GREY, f"{k}: {s:.3f}")
+               for k, (g, s) in enumerate(zip(indices[q], similarities[q]), start=1)]) for q in rows]
+    return draw_ranked_rows(lines, out_png, top_k=max(indices.shape[1], 1), cell_size=cell_size)
+
+
+def _shown_queries(num_query: int, num_queries: int, query_indices: Sequence[int] | None) -> np.ndarray:
+    """``query_indices`` checked, or ``num_queries`` indices spread over the queries."""
     if query_indices is None:
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
-        query_indices = spread_indices(nq, num_queries)
+        query_indices = spread_indices(num_query, num_queries)
     rows = np.asarray(query_indices, dtype=int)
-    if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= nq:
-        raise ValueError(f"query_indices must be a non-empty list of indices below {nq}, got {list(rows)}")
+    if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= num_query:
+        raise ValueError(f"query_indices must be a non-empty list of indices below {num_query}, got {list(rows)}")
+    return rows
 
-    qid, qcam, gid, gcam = labels
-    order, kept, match = rank_gallery(distances[rows], qid[rows], qcam[rows], gid, gcam, junk_id)
+
+def draw_ranked_rows(
+    rows: Sequence[tuple[Any, str, Sequence[tuple[Any, tuple[int, int, int], str]]]],
+    out_png: str | os.PathLike,
+    *,
+    top_k: int,
+    cell_size: tuple[int, int] = (64, 128),
+) -> Path:
+    """Draw ranked lists as PNG: each row is ``(query_path, query_label, cells)`` and each cell
+    ``(image_path, frame_colour, label)``, at most ``top_k`` of them; the query is framed blue.
+    Geometry: :func:`ranked_list_layout`. Returns the PNG path."""
+    from PIL import Image, ImageDraw
+
     corner, size = ranked_list_layout(len(rows), top_k, cell_size)
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
@@ -117,11 +169,10 @@ def plot_ranked_lists(
         canvas.paste(_load_image(path, cell_size), (x + BORDER, y + BORDER))
         draw.text((x, y + frame[1] + 2), text, fill="black")
 
-    for r, q in enumerate(rows):
-        put(r, 0, query_paths[q], BLUE, f"id {qid[q]} c{qcam[q]}")
-        shown = order[r][kept[r]][:top_k]
-        for k, (g, true) in enumerate(zip(shown, match[r][kept[r]][:top_k]), start=1):
-            put(r, k, gallery_paths[g], GREEN if true else RED, f"{k}: {distances[q, g]:.3f}")
+    for r, (query_path, query_label, cells) in enumerate(rows):
+        put(r, 0, query_path, BLUE, query_label)
+        for k, (path, colour, text) in enumerate(cells[:top_k], start=1):
+            put(r, k, path, colour, text)
     return atomic_write(out_png, lambda tmp: canvas.save(tmp, format="PNG"))
 
 

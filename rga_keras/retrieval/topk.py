@@ -1,0 +1,83 @@
+"""Exact cosine top-k search of a gallery, chunked over queries so the similarity block stays small.
+
+For each chunk of queries: one float32 matrix product against the whole gallery, then a partial sort of
+each row (`rga_keras.evaluation.stable_argsort_rows`: unique 64-bit keys, so equal similarities keep gallery
+order, as a stable sort would). The chunk is sized so that the block and the sort's temporaries (about
+`BYTES_PER_ENTRY` bytes per query-gallery pair) stay within ``max_block_bytes`` (256 MiB by default): an
+MSMT17-size gallery (82,161 × 2,048) never needs its 3,368 × 82,161 similarity matrix (1.1 GB) in memory.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rga_keras.evaluation import as_features, feature_norms, stable_argsort_rows
+
+MAX_BLOCK_BYTES = 256 * 2**20
+# Per query-gallery pair in a chunk: the float32 similarity, and in stable_argsort_rows two int32 copies and
+# the uint64 sort keys (tracemalloc: 20 bytes, plus some slack; tests/test_retrieval_search.py checks the bound).
+BYTES_PER_ENTRY = 24
+RERANK_MAX_ENTRIES = 1 << 26  # re-ranking holds the dense (query, gallery) matrix: at most 256 MiB of it
+_EPS = 1e-12
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` (float32) scaled to unit L2 norm (all-zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(feature_norms(x, "cosine"), _EPS)[:, None]
+
+
+def search(
+    query: Any,
+    gallery: Any,
+    top_k: int = 10,
+    *,
+    rerank: bool = False,
+    max_block_bytes: int = MAX_BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top_k`` gallery rows most similar (cosine) to each query row, best first.
+
+    query (q, d), gallery (g, d): features, normalised here (rga-embed's are already). Returns ``indices``
+    int64 (q, k) and ``similarities`` float32 (q, k), k = min(top_k, g); equal similarities rank in gallery
+    order. ``rerank=True`` orders by k-reciprocal re-ranking (`rga_keras.reranking.k_reciprocal_rerank`,
+    cosine) instead, which needs the dense (q, g) matrix: allowed up to `RERANK_MAX_ENTRIES` pairs; the
+    similarities returned are still the cosine ones.
+    """
+    query, gallery = unit_rows(as_features(query, "query")), as_features(gallery, "gallery")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query and gallery dimensions differ: {query.shape[1]} vs {gallery.shape[1]}")
+    if int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    nq, ng = len(query), len(gallery)
+    k = min(int(top_k), ng)
+    neg_inverse_norms = -1.0 / np.maximum(feature_norms(gallery, "cosine"), _EPS)  # no (g, d) temporary
+    reranked = _rerank_order(query, gallery, k) if rerank else None
+    rows = max(1, int(max_block_bytes) // (BYTES_PER_ENTRY * ng))
+    indices, similarities = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
+    for start in range(0, nq, rows):
+        stop = start + rows
+        indices[start:stop], similarities[start:stop] = _block_top(
+            query[start:stop], gallery, neg_inverse_norms, k, None if reranked is None else reranked[start:stop])
+    return indices, similarities
+
+
+def _block_top(query: np.ndarray, gallery: np.ndarray, neg_inverse_norms: np.ndarray, k: int,
+               order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k indices and similarities of a chunk of queries (or their similarities at ``order``). A function
+    of its own so that the chunk's block and sort keys are freed before the next chunk's are made."""
+    block = query @ gallery.T
+    block *= neg_inverse_norms  # minus the cosine similarity: ascending order is best first
+    top = stable_argsort_rows(block, k) if order is None else order
+    return top, -np.take_along_axis(block, top, axis=1)
+
+
+def _rerank_order(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` gallery indices per query by k-reciprocal re-ranked distance."""
+    from rga_keras.reranking import k_reciprocal_rerank
+
+    if len(query) * len(gallery) > RERANK_MAX_ENTRIES:
+        raise ValueError(f"re-ranking holds the dense {len(query):,} x {len(gallery):,} distance matrix, more "
+                         f"than the {RERANK_MAX_ENTRIES:,} entries allowed; search without re-ranking, or with fewer "
+                         "queries")
+    return stable_argsort_rows(k_reciprocal_rerank(query, gallery, metric="cosine"), k)
