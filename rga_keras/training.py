@@ -36,8 +36,11 @@ import importlib.util
 import json
 import math
 import os
+import socket
+import sys
+import threading
 import warnings
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -70,6 +73,49 @@ def _cluster_size() -> int:
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
 
 
+def check_tf_config() -> list[str]:
+    """Validate TF_CONFIG for a multi-worker run; returns the peers' ``host:port`` addresses.
+
+    Expected: ``{"cluster": {"worker": ["host:port", ...]} (and optionally "chief": [one]), "task": {"type":
+    "worker"|"chief", "index": i}}``, every host resolvable. Raises ValueError naming what was found."""
+    config = _tf_config()
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not any(cluster.get(kind) for kind in ("chief", "worker")):
+        raise ValueError(f"TF_CONFIG needs \"cluster\": {{\"worker\": [\"host:port\", ...]}}, found {cluster!r}")
+    if not isinstance(task, dict) or task.get("type") not in ("chief", "worker"):
+        raise ValueError(f"TF_CONFIG needs \"task\": {{\"type\": \"worker\", \"index\": i}}, found {task!r}")
+    members = cluster.get(task["type"]) or []
+    index = task.get("index", 0)
+    if not (isinstance(index, int) and 0 <= index < len(members)):
+        raise ValueError(f"TF_CONFIG task index {index!r} is not in the {len(members)} "
+                         f"{task['type']} address(es) of the cluster")
+    addresses = [a for kind in ("chief", "worker") for a in cluster.get(kind) or []]
+    for address in addresses:
+        _check_address(address)
+    return [a for a in addresses if a != members[index]]
+
+
+def _check_address(address) -> None:
+    """A cluster address must be ``host:port`` with a host that resolves."""
+    host, _, port = str(address).rpartition(":")
+    if not (isinstance(address, str) and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"TF_CONFIG cluster address must be \"host:port\", found {address!r}")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except OSError as e:
+        raise ValueError(f"TF_CONFIG cluster address {address!r}: host {host!r} does not resolve ({e})") from None
+
+
+def _answers(address: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def is_chief() -> bool:
     """True unless TF_CONFIG names this process a non-chief worker (only the chief writes files)."""
     config = _tf_config()
@@ -79,6 +125,11 @@ def is_chief() -> bool:
     if "chief" in cluster:
         return task.get("type") == "chief"
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """How many worker processes ``strategy`` spans (the TF_CONFIG cluster under a multi-worker strategy)."""
+    return _cluster_size() if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else 1
 
 
 class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -99,14 +150,43 @@ class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return tf.nest.map_structure(one, value)
 
 
-def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None) -> tf.distribute.Strategy:
+def _join_cluster(peers: list[str], timeout_s: float | None) -> tf.distribute.Strategy:
+    """Build the multi-worker strategy; if the other workers have not all joined within ``timeout_s``, print
+    which addresses do not answer and exit the process with status 2.
+
+    TensorFlow waits for every worker without a limit, inside C++ where no Python exception or SIGTERM
+    reaches it (measured with TF 2.21: still waiting after 11 minutes), so ending the process is the only
+    bounded way out."""
+    done = threading.Event()
+
+    def give_up():
+        if done.wait(timeout_s):
+            return
+        silent = [a for a in peers if not _answers(a)] or peers
+        sys.stderr.write(f"rga-train: error: the cluster in TF_CONFIG did not form within {timeout_s:g} s: "
+                         f"no worker answers at {', '.join(silent)} (start every worker, check the addresses "
+                         f"and firewalls, or raise training.join_timeout_s)\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    if timeout_s:
+        threading.Thread(target=give_up, daemon=True).start()
+    try:
+        return _MultiWorkerStrategy()
+    finally:
+        done.set()
+
+
+def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None,
+                 join_timeout_s: float | None = None) -> tf.distribute.Strategy:
     """The distribution strategy to build and train the model under.
 
     kind "auto": MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
     MirroredStrategy over all GPUs when there is one, else the default one-device strategy.
     "mirrored", "multi_worker", "default" force a kind. ``devices`` (e.g. ["/cpu:0", "/cpu:1"])
     builds a MirroredStrategy over exactly those devices. Call it first: MultiWorkerMirroredStrategy
-    must be created before any other TensorFlow operation.
+    must be created before any other TensorFlow operation. TF_CONFIG is checked first (structure,
+    addresses resolve); ``join_timeout_s`` bounds the wait for the other workers (see `_join_cluster`).
     """
     if kind not in _STRATEGIES:
         raise ValueError(f"strategy kind must be one of {_STRATEGIES}, found {kind!r}")
@@ -122,7 +202,7 @@ def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None) -> tf
         else:
             kind = "default"
     if kind == "multi_worker":
-        return _MultiWorkerStrategy()
+        return _join_cluster(check_tf_config(), join_timeout_s)
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
@@ -198,6 +278,22 @@ def to_reid_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
         raise ValueError(f"to_reid_targets expects a dataset of (images, labels) pairs, found {spec}")
     return dataset.map(lambda x, y: (x, {"logits": y, "features": y}),
                        num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def distribute_pk_dataset(strategy: tf.distribute.Strategy,
+                          build: Callable[[tuple[int, int]], tf.data.Dataset]) -> tf.distribute.DistributedDataset:
+    """Feed a P×K stream to ``strategy`` with every replica's share of the global batch holding whole identities.
+
+    ``build((first, count))`` must return the per-replica slices first … first + count − 1 of each global batch,
+    in turn (`rga_keras.data.make_train_dataset`'s ``replicas``). Each worker builds only its own replicas'
+    slices (no auto-sharding: it would decode the whole global batch on every worker), and
+    ``distribute_datasets_from_function`` hands consecutive elements to the worker's replicas in order.
+    """
+    def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        return build((context.input_pipeline_id * local, local))
+
+    return strategy.distribute_datasets_from_function(per_worker)
 
 
 @contextlib.contextmanager
