@@ -22,11 +22,11 @@ come from one replica's slices; with it, statistics are those of the whole globa
 
 Several machines: run the same program on each with TF_CONFIG set, e.g. on the first machine
 ``TF_CONFIG='{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker",
-"index": 0}}'`` and ``"index": 1`` on the second; `get_strategy()` then returns a
-MultiWorkerMirroredStrategy. Feed fit the same P×K dataset as on one machine (built with
-``num_replicas=strategy.num_replicas_in_sync``): tf.distribute gives worker w the w-th contiguous slices
-of every global batch, so each replica still holds whole identities (tested with two processes).
-Worker 0 (or the "chief") writes checkpoints and logs.
+"index": 0}}'`` and ``"index": 1`` on the second; `get_strategy()` then checks TF_CONFIG, waits a bounded
+time for every worker to answer, and returns a MultiWorkerMirroredStrategy. Feed fit through
+`distribute_pk_dataset`: each worker then reads only its own replicas' slices of every global batch,
+whole identities each. Only the chief (worker 0) writes checkpoints and logs; every worker keeps its own
+BackupAndRestore state.
 """
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ import json
 import math
 import os
 import socket
-import sys
-import threading
+import time
 import warnings
 from typing import Callable, Iterator, Sequence
 
@@ -73,8 +72,8 @@ def _cluster_size() -> int:
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
 
 
-def check_tf_config() -> list[str]:
-    """Validate TF_CONFIG for a multi-worker run; returns the peers' ``host:port`` addresses.
+def check_tf_config() -> tuple[str, list[str]]:
+    """Validate TF_CONFIG for a multi-worker run; returns this worker's and the peers' ``host:port`` addresses.
 
     Expected: ``{"cluster": {"worker": ["host:port", ...]} (and optionally "chief": [one]), "task": {"type":
     "worker"|"chief", "index": i}}``, every host resolvable. Raises ValueError naming what was found."""
@@ -92,7 +91,7 @@ def check_tf_config() -> list[str]:
     addresses = [a for kind in ("chief", "worker") for a in cluster.get(kind) or []]
     for address in addresses:
         _check_address(address)
-    return [a for a in addresses if a != members[index]]
+    return members[index], [a for a in addresses if a != members[index]]
 
 
 def _check_address(address) -> None:
@@ -150,35 +149,32 @@ class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return tf.nest.map_structure(one, value)
 
 
-def _join_cluster(peers: list[str], timeout_s: float | None) -> tf.distribute.Strategy:
-    """Build the multi-worker strategy; if the other workers have not all joined within ``timeout_s``, print
-    which addresses do not answer and exit the process with status 2.
+def _wait_for_peers(own: str, peers: list[str], timeout_s: float) -> None:
+    """Hold this worker's port open and wait until every peer's answers, for at most ``timeout_s`` seconds.
 
-    TensorFlow waits for every worker without a limit, inside C++ where no Python exception or SIGTERM
-    reaches it (measured with TF 2.21: still waiting after 11 minutes), so ending the process is the only
-    bounded way out."""
-    done = threading.Event()
-
-    def give_up():
-        if done.wait(timeout_s):
-            return
-        silent = [a for a in peers if not _answers(a)] or peers
-        sys.stderr.write(f"rga-train: error: the cluster in TF_CONFIG did not form within {timeout_s:g} s: "
-                         f"no worker answers at {', '.join(silent)} (start every worker, check the addresses "
-                         f"and firewalls, or raise training.join_timeout_s)\n")
-        sys.stderr.flush()
-        os._exit(2)
-
-    if timeout_s:
-        threading.Thread(target=give_up, daemon=True).start()
+    TensorFlow waits for a missing worker without a limit, in C++ that holds the GIL and ignores SIGTERM
+    (measured with TF 2.21: still waiting after 11 minutes), so the wait is bounded here, before it starts.
+    The listener answers the peers' probes until this worker hands its port to TensorFlow, whose server
+    answers them from then on."""
+    port = int(own.rpartition(":")[2])
     try:
-        return _MultiWorkerStrategy()
-    finally:
-        done.set()
+        listener = socket.create_server(("", port))
+    except OSError as e:
+        raise OSError(f"TF_CONFIG gives this worker {own}, but port {port} cannot be opened here ({e})") from None
+    deadline = time.monotonic() + timeout_s
+    with listener:
+        waiting = list(peers)
+        while waiting:
+            waiting = [address for address in waiting if not _answers(address)]
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster in TF_CONFIG did not form within {timeout_s:g} s: no worker answers "
+                                   f"at {', '.join(waiting)} (start every worker, check the addresses and firewalls, "
+                                   "or raise training.join_timeout_s)")
+            time.sleep(0.5 if waiting else 0)
 
 
 def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None,
-                 join_timeout_s: float | None = None) -> tf.distribute.Strategy:
+                 join_timeout_s: float = 300) -> tf.distribute.Strategy:
     """The distribution strategy to build and train the model under.
 
     kind "auto": MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else
@@ -186,7 +182,7 @@ def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None,
     "mirrored", "multi_worker", "default" force a kind. ``devices`` (e.g. ["/cpu:0", "/cpu:1"])
     builds a MirroredStrategy over exactly those devices. Call it first: MultiWorkerMirroredStrategy
     must be created before any other TensorFlow operation. TF_CONFIG is checked first (structure,
-    addresses resolve); ``join_timeout_s`` bounds the wait for the other workers (see `_join_cluster`).
+    addresses resolve); ``join_timeout_s`` bounds the wait for the other workers (`_wait_for_peers`).
     """
     if kind not in _STRATEGIES:
         raise ValueError(f"strategy kind must be one of {_STRATEGIES}, found {kind!r}")
@@ -202,7 +198,8 @@ def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None,
         else:
             kind = "default"
     if kind == "multi_worker":
-        return _join_cluster(check_tf_config(), join_timeout_s)
+        _wait_for_peers(*check_tf_config(), join_timeout_s)
+        return _MultiWorkerStrategy()
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
