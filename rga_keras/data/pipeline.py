@@ -25,6 +25,8 @@ whole K-image group in training, so batches stay whole), and the bad file is rec
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,7 +190,7 @@ def make_train_dataset(
     ds = _skip_failures(ds, group_paths, log)
     ds = ds.map(_drop_position).batch(per_batch, drop_remainder=True)
     ds = ds.map(lambda x, y: (tf.reshape(x, [per_batch * k, height, width, 3]), tf.repeat(y, k)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _on_available_cores(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def make_eval_dataset(
@@ -231,7 +233,29 @@ def make_eval_dataset(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _skip_failures(ds, lambda first, stop: paths_t[first:stop], log)
     ds = ds.filter(lambda i, *_: i < n).map(_drop_position)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _on_available_cores(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def available_cores() -> int:
+    """The CPU cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus``), which ``os.cpu_count()`` and TensorFlow's own count both ignore."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def _on_available_cores(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Size the pipeline's threads and tf.data's autotuning (the AUTOTUNE parallel maps and prefetch) to
+    `available_cores`."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = available_cores()
+    options.autotune.cpu_budget = available_cores()
+    return ds.with_options(options)
 
 
 # --------------------------------------------------------------------------- image ops
