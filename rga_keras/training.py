@@ -150,7 +150,7 @@ class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
 
 
 def _wait_for_peers(own: str, peers: list[str], timeout_s: float) -> None:
-    """Hold this worker's port open and wait until every peer's answers, for at most ``timeout_s`` seconds.
+    """Hold this worker's port open and wait until every peer answers, for at most ``timeout_s`` seconds.
 
     TensorFlow waits for a missing worker without a limit, in C++ that holds the GIL and ignores SIGTERM
     (measured with TF 2.21: still waiting after 11 minutes), so the wait is bounded here, before it starts.
@@ -164,13 +164,15 @@ def _wait_for_peers(own: str, peers: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     with listener:
         waiting = list(peers)
-        while waiting:
+        while True:
             waiting = [address for address in waiting if not _answers(address)]
-            if waiting and time.monotonic() > deadline:
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"the cluster in TF_CONFIG did not form within {timeout_s:g} s: no worker answers "
                                    f"at {', '.join(waiting)} (start every worker, check the addresses and firewalls, "
                                    "or raise training.join_timeout_s)")
-            time.sleep(0.5 if waiting else 0)
+            time.sleep(0.5)
 
 
 def get_strategy(kind: str = "auto", devices: Sequence[str] | None = None,

@@ -215,7 +215,7 @@ def backup_epoch(path):
         return 0
 
 
-@pytest.mark.slow  # two 2-worker start-ups, 3 epochs and an export: 260 s on 2 shared cores
+@pytest.mark.slow  # two 2-worker start-ups, 3 epochs and an export: 350 s on 2 shared cores
 def test_rga_train_two_workers_shared_folder_killed_and_resumed(cache, tmp_path):
     """Both workers in one run folder: each keeps its own backup there (backup/, backup-worker1/). Worker 1 is
     killed after an epoch, then worker 0; restarted, both resume after that epoch and exit 0, and only the
