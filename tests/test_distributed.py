@@ -107,7 +107,7 @@ def test_rga_train_mirrored_matches_one_device_and_resumes(cache, tmp_path, monk
     assert two["replicas"] == 2 and two["untrained"] is None and two["final"]["after_bn"]["mAP"] > 0
     history = json.loads((tmp_path / "two" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    # Cross entropy follows the one-device run within 1 % (measured: 0.3 % at most); the triplet term does not
+    # Cross entropy follows the one-device run within 1 % (measured: 0.5 % at most); the triplet term does not
     # match by design: each replica mines its hardest negatives among its own 2 identities, not all 4, so it
     # reads lower (measured 2.95 vs 3.57 in epoch 1; docs/TRAINING.md).
     np.testing.assert_allclose([row["logits_loss"] for row in history], one["history"]["logits_loss"], rtol=0.01)
