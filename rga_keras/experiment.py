@@ -148,6 +148,9 @@ def check_config(config: dict, num_replicas: int = 1) -> None:
         raise ValueError(f"sampler: the global batch of {p * k} images (P={p} identities × K={k}) cannot be split into "
                          f"{num_replicas} replicas holding whole identities: it must be a multiple of replicas × K = "
                          f"{num_replicas * k} (P a multiple of {num_replicas})")
+    reference = config["optimizer"]["lr_reference_batch"]
+    if not (isinstance(reference, int) and reference >= 1):
+        raise ValueError(f"optimizer.lr_reference_batch must be a positive number of images, found {reference!r}")
     if config["optimizer"]["lr_scaling"] not in _LR_SCALING:
         raise ValueError(f"optimizer.lr_scaling must be one of {list(_LR_SCALING)}, "
                          f"found {config['optimizer']['lr_scaling']!r}")

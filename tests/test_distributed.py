@@ -79,6 +79,8 @@ def test_global_batch_and_learning_rate_rule():
         experiment.check_config(experiment.load_config(None, ["sampler.num_ids_per_batch=12"]), num_replicas=8)
     with pytest.raises(ValueError, match="lr_scaling must be one of"):
         experiment.load_config(None, ["optimizer.lr_scaling=cubic"])
+    with pytest.raises(ValueError, match="lr_reference_batch must be a positive number of images, found 0"):
+        experiment.load_config(None, ["optimizer.lr_reference_batch=0"])
 
 
 @pytest.mark.slow  # 3 runs: 7 min on 2 cores shared with other jobs
