@@ -252,9 +252,9 @@ def available_cores() -> int:
 def _on_available_cores(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Size the pipeline's threads and tf.data's autotuning (the AUTOTUNE parallel maps and prefetch) to
     `available_cores`."""
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = available_cores()
-    options.autotune.cpu_budget = available_cores()
+    options, cores = tf.data.Options(), available_cores()
+    options.threading.private_threadpool_size = cores
+    options.autotune.cpu_budget = cores
     return ds.with_options(options)
 
 
