@@ -83,7 +83,7 @@ def test_global_batch_and_learning_rate_rule():
         experiment.load_config(None, ["optimizer.lr_reference_batch=0"])
 
 
-@pytest.mark.slow  # 3 runs: 7 min on 2 cores shared with other jobs
+@pytest.mark.slow  # 3 runs: 340 s on 2 cores shared with other jobs
 def test_rga_train_mirrored_matches_one_device_and_resumes(cache, tmp_path, monkeypatch, capsys):
     """rga-train on 2 logical CPU replicas, interrupted during epoch 3 and resumed, follows the one-device run
     with the same global batch (synchronised BatchNorm; the triplet loss mines inside each replica's slice)."""
