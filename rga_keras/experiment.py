@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 _PAPER_MILESTONES = list(range(80, 361, 40))
+_LR_SCALING = {"linear": lambda ratio: ratio, "sqrt": lambda ratio: ratio ** 0.5, "none": lambda ratio: 1.0}
 
 
 def default_config() -> dict:
@@ -30,15 +31,22 @@ def default_config() -> dict:
             "backbone_weights": "imagenet", "s1": 8, "s2": 8, "use_relation": True, "use_original": True,
             "embedding": "asymmetric", "relation": "fused", "zero_init_residual": True,
         },
+        # The GLOBAL batch, all replicas and machines together: P = num_ids_per_batch identities × K images.
         "sampler": {"num_ids_per_batch": 16, "images_per_id": 4, "augment": True, "cache": False},
         "optimizer": {
-            "name": "adam", "base_lr": 8e-4, "weight_decay": 5e-4, "decoupled": False,
+            # base_lr and warmup_start_lr are for a global batch of lr_reference_batch images; another global
+            # batch scales both by lr_scaling: "linear" (× batch / reference), "sqrt" or "none".
+            "name": "adam", "base_lr": 8e-4, "lr_reference_batch": 64, "lr_scaling": "linear",
+            "weight_decay": 5e-4, "decoupled": False,
             "schedule": "multistep", "warmup_start_lr": 8e-6, "warmup_epochs": 20,
             "milestones": _PAPER_MILESTONES, "gamma": 0.5,
         },
         "loss": {"margin": 0.3, "epsilon": 0.1, "triplet_weight": 1.0, "ce_weight": 1.0, "soft_margin": False},
         "training": {
             "epochs": 600, "steps_per_epoch": None, "eval_every": 20, "seed": 0, "strategy": "auto",
+            # devices: a list (e.g. ["/gpu:0", "/gpu:1"]) trains with MirroredStrategy on exactly those.
+            # join_timeout_s: how long a multi-worker run (TF_CONFIG) waits for every worker before it gives up.
+            "devices": None, "join_timeout_s": 300,
             "precision": "float32", "xla": False, "sync_bn": False, "backup": True, "tensorboard": True,
         },
         "eval": {"feature": "after_bn", "metric": "cosine", "flip": False, "rerank": False, "batch_size": 128},
@@ -61,8 +69,8 @@ def demo_config(run_dir: str | None = None) -> dict:
     config["sampler"].update(num_ids_per_batch=8, images_per_id=4)
     # A constant rate after a short warm-up: over so few steps from scratch, decaying it (cosine, or ×0.1 for
     # the last quarter) left the network less far along (docs/TRAINING.md, "The demo").
-    config["optimizer"].update(base_lr=1e-3, warmup_start_lr=1e-4, warmup_epochs=1, schedule="multistep",
-                               milestones=[], weight_decay=5e-4)
+    config["optimizer"].update(base_lr=1e-3, lr_reference_batch=32, warmup_start_lr=1e-4, warmup_epochs=1,
+                               schedule="multistep", milestones=[], weight_decay=5e-4)
     config["training"].update(epochs=12, steps_per_epoch=25, eval_every=4)
     config["eval"]["batch_size"] = 64
     config["export"]["enabled"] = True
@@ -138,8 +146,15 @@ def check_config(config: dict, num_replicas: int = 1) -> None:
         raise ValueError(f"sampler: need num_ids_per_batch >= 2 and images_per_id >= 2 for the batch-hard triplet "
                          f"loss, found P={p}, K={k}")
     if p % num_replicas:
-        raise ValueError(f"sampler: the batch of P={p} identities × K={k} images cannot be split into {num_replicas} "
-                         f"replicas holding whole identities; choose P divisible by {num_replicas}")
+        raise ValueError(f"sampler: the global batch of {p * k} images (P={p} identities × K={k}) cannot be split into "
+                         f"{num_replicas} replicas holding whole identities: it must be a multiple of replicas × K = "
+                         f"{num_replicas * k} (P a multiple of {num_replicas})")
+    reference = config["optimizer"]["lr_reference_batch"]
+    if not (isinstance(reference, int) and reference >= 1):
+        raise ValueError(f"optimizer.lr_reference_batch must be a positive number of images, found {reference!r}")
+    if config["optimizer"]["lr_scaling"] not in _LR_SCALING:
+        raise ValueError(f"optimizer.lr_scaling must be one of {list(_LR_SCALING)}, "
+                         f"found {config['optimizer']['lr_scaling']!r}")
     if int(training["epochs"]) < 1:
         raise ValueError(f"training.epochs must be >= 1, found {training['epochs']}")
     if config["eval"]["feature"] not in ("after_bn", "before_bn"):
@@ -155,6 +170,24 @@ def check_config(config: dict, num_replicas: int = 1) -> None:
     formats = config["export"]["formats"]
     if not formats or any(f not in FORMATS for f in formats):
         raise ValueError(f"export.formats must be a non-empty list from {list(FORMATS)}, found {formats!r}")
+
+
+def lr_factor(config: dict) -> float:
+    """What the config's learning rates are multiplied by for its global batch (``optimizer.lr_scaling``)."""
+    opt, sampler = config["optimizer"], config["sampler"]
+    ratio = sampler["num_ids_per_batch"] * sampler["images_per_id"] / opt["lr_reference_batch"]
+    return _LR_SCALING[opt["lr_scaling"]](ratio)
+
+
+def distribution_line(config: dict, num_replicas: int, workers: int) -> str:
+    """One line for the start of a run: global batch, its split over the replicas, and the learning rate."""
+    sampler, opt = config["sampler"], config["optimizer"]
+    p, k = sampler["num_ids_per_batch"], sampler["images_per_id"]
+    factor = lr_factor(config)
+    return (f"global batch {p * k} images ({p} identities × {k}) over {num_replicas} replica(s) on {workers} "
+            f"worker(s): {p * k // num_replicas} images ({p // num_replicas} identities) per replica; "
+            f"lr {opt['base_lr'] * factor:.3g} = base_lr {opt['base_lr']:.3g} (for batch {opt['lr_reference_batch']}) "
+            f"× {factor:.3g} ({opt['lr_scaling']} scaling)")
 
 
 def load_data(config: dict):
@@ -282,66 +315,59 @@ class PeriodicEvaluation(keras.callbacks.Callback):
 def run(config: dict, *, verbose: int = 1) -> dict:
     """Train as the config says and return the summary (also written to ``run_dir/summary.json``).
 
-    Re-running the same config after an interruption resumes from ``run_dir/backup``.
+    Re-running the same config after an interruption resumes from ``run_dir/backup``. Under several workers
+    (TF_CONFIG) every worker trains, but only the chief evaluates and writes files into its ``run_dir``; the
+    others keep only their own backup there and return ``{"chief": False, ...}`` without results.
     """
-    from rga_keras.data import corrupt_images, make_train_dataset, steps_per_epoch
+    from rga_keras.data import corrupt_images, steps_per_epoch
     from rga_keras.files import write_text_atomic
-    from rga_keras.optimizers import WarmupCosineSchedule, WarmupMultiStepSchedule, make_optimizer
-    from rga_keras.training import (compile_reid, completed_epochs, explain_oom, get_strategy, make_callbacks,
-                                    set_precision, to_reid_targets, use_sync_batchnorm)
+    from rga_keras.training import (completed_epochs, explain_oom, get_strategy, is_chief, make_callbacks,
+                                    num_workers, set_precision)
     from rga_keras.visualize import plot_training_curves
 
-    training, sampler, opt = config["training"], config["sampler"], config["optimizer"]
-    strategy = get_strategy(training["strategy"])
-    check_config(config, strategy.num_replicas_in_sync)
+    training, sampler = config["training"], config["sampler"]
+    strategy = get_strategy(training["strategy"], training["devices"], training["join_timeout_s"])
+    replicas, workers = strategy.num_replicas_in_sync, num_workers(strategy)
+    check_config(config, replicas)
     keras.utils.set_random_seed(int(training["seed"]))
     set_precision(training["precision"])
     data = load_data(config)  # before anything is written: a wrong dataset path leaves no run folder behind
+    chief = is_chief()
     print(data.summary(), flush=True)
+    print(distribution_line(config, replicas, workers), flush=True)
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    p, k = sampler["num_ids_per_batch"], sampler["images_per_id"]
-    steps = training["steps_per_epoch"] or steps_per_epoch(data.train, p)
+    if chief:
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    steps = training["steps_per_epoch"] or steps_per_epoch(data.train, sampler["num_ids_per_batch"])
     resumed = completed_epochs(str(run_dir)) if training["backup"] else 0  # epochs a backup says are done
-    train_ds = make_train_dataset(
-        data.train, num_ids_per_batch=p, images_per_id=k, image_size=tuple(config["model"]["input_size"]),
-        augment=sampler["augment"], cache=sampler["cache"], seed=int(training["seed"]),
-        num_replicas=strategy.num_replicas_in_sync,
-        first_batch=resumed * steps,  # a resumed run continues the stream where it stopped
-    )
     epochs = int(training["epochs"])
     with strategy.scope():
-        model = build_model(config, data.num_train_ids)
-        if training["sync_bn"]:
-            use_sync_batchnorm(model)
-        schedule_args = dict(base_lr=opt["base_lr"], warmup_start_lr=opt["warmup_start_lr"],
-                             warmup_epochs=opt["warmup_epochs"], steps_per_epoch=steps)
-        schedule = (WarmupMultiStepSchedule(milestones=opt["milestones"], gamma=opt["gamma"], **schedule_args)
-                    if opt["schedule"] == "multistep"
-                    else WarmupCosineSchedule(total_epochs=max(epochs, opt["warmup_epochs"] + 1), **schedule_args))
-        loss = config["loss"]
-        compile_reid(model, optimizer=make_optimizer(opt["name"], schedule, opt["weight_decay"], opt["decoupled"]),
-                     triplet_weight=loss["triplet_weight"], ce_weight=loss["ce_weight"], margin=loss["margin"],
-                     epsilon=loss["epsilon"], soft_margin=loss["soft_margin"], jit_compile=training["xla"])
+        model = _compiled_model(config, data.num_train_ids, steps)
+    train_ds = _train_input(config, data, strategy, first_batch=resumed * steps)  # continue where it stopped
 
     started = time.time()
-    untrained = None if resumed else evaluate_model(model, data, config)
+    untrained = None if resumed or not chief else evaluate_model(model, data, config)
     if untrained:
         print(f"untrained: {format_results_line(untrained)}", flush=True)
     evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs)
-    callbacks = [evaluation] + make_callbacks(str(run_dir), backup=training["backup"],
-                                              tensorboard=training["tensorboard"], checkpoint_best_monitor="val_mAP",
-                                              best_mode="max")
+    callbacks = ([evaluation] if chief else []) + make_callbacks(
+        str(run_dir), backup=training["backup"], tensorboard=training["tensorboard"],
+        checkpoint_best_monitor="val_mAP", best_mode="max")
     with explain_oom("lower sampler.num_ids_per_batch or model.input_size, or use training.precision=mixed_float16"):
         # shuffle=False: the P×K sampler shuffles; Keras cannot shuffle a tf.data.Dataset (and warns if asked).
-        history = model.fit(to_reid_targets(train_ds), epochs=epochs, steps_per_epoch=steps, shuffle=False,
+        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, shuffle=False,
                             callbacks=callbacks, verbose=verbose)
+    if not chief:  # the chief's files may not even be on this machine: read and write none of them
+        return {"chief": False, "run_dir": str(run_dir), "epochs": epochs, "replicas": replicas,
+                "history": {k: [float(x) for x in v] for k, v in history.history.items()}}
     final = evaluation.results.get(epochs) or evaluate_model(model, data, config)
     curves = plot_training_curves(run_dir / "history.json", run_dir / "training_curves.png")
     summary = {
         "dataset": data.summary(), "run_dir": str(run_dir), "epochs": epochs, "steps_per_epoch": steps,
-        "replicas": strategy.num_replicas_in_sync, "train_seconds": round(time.time() - started, 1),
+        "replicas": replicas, "workers": workers, "global_batch": sampler["num_ids_per_batch"] * sampler["images_per_id"],
+        "learning_rate": config["optimizer"]["base_lr"] * lr_factor(config),
+        "train_seconds": round(time.time() - started, 1),
         "eval_feature": config["eval"]["feature"], "untrained": _metrics(untrained), "final": _metrics(final),
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "corrupt_images_skipped": corrupt_images.count,
@@ -355,7 +381,46 @@ def run(config: dict, *, verbose: int = 1) -> dict:
         if summary["export"]["artefacts"]:
             summary["artefacts"]["export"] = str(run_dir / "export")
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    return {**summary, "model": model, "data": data}
+    return {**summary, "chief": True, "model": model, "data": data}
+
+
+def _compiled_model(config: dict, num_classes: int, steps: int) -> keras.Model:
+    """The config's model, compiled with its losses and optimiser (learning rates scaled for the global batch).
+    Call inside the strategy scope."""
+    from rga_keras.optimizers import WarmupCosineSchedule, WarmupMultiStepSchedule, make_optimizer
+    from rga_keras.training import compile_reid, use_sync_batchnorm
+
+    opt, loss, training = config["optimizer"], config["loss"], config["training"]
+    model = build_model(config, num_classes)
+    if training["sync_bn"]:
+        use_sync_batchnorm(model)
+    factor = lr_factor(config)
+    schedule_args = dict(base_lr=opt["base_lr"] * factor, warmup_start_lr=opt["warmup_start_lr"] * factor,
+                         warmup_epochs=opt["warmup_epochs"], steps_per_epoch=steps)
+    schedule = (WarmupMultiStepSchedule(milestones=opt["milestones"], gamma=opt["gamma"], **schedule_args)
+                if opt["schedule"] == "multistep" else
+                WarmupCosineSchedule(total_epochs=max(int(training["epochs"]), opt["warmup_epochs"] + 1),
+                                     **schedule_args))
+    return compile_reid(model, optimizer=make_optimizer(opt["name"], schedule, opt["weight_decay"], opt["decoupled"]),
+                        triplet_weight=loss["triplet_weight"], ce_weight=loss["ce_weight"], margin=loss["margin"],
+                        epsilon=loss["epsilon"], soft_margin=loss["soft_margin"], jit_compile=training["xla"])
+
+
+def _train_input(config: dict, data, strategy, first_batch: int):
+    """The P×K training stream for ``model.fit``: one dataset of global batches on one replica; under several,
+    each worker reads only its replicas' slices of every global batch (whole identities each)."""
+    from rga_keras.data import make_train_dataset
+    from rga_keras.training import distribute_pk_dataset, to_reid_targets
+
+    sampler, replicas = config["sampler"], strategy.num_replicas_in_sync
+
+    def stream(slices=None):
+        return to_reid_targets(make_train_dataset(
+            data.train, num_ids_per_batch=sampler["num_ids_per_batch"], images_per_id=sampler["images_per_id"],
+            image_size=tuple(config["model"]["input_size"]), augment=sampler["augment"], cache=sampler["cache"],
+            seed=int(config["training"]["seed"]), num_replicas=replicas, first_batch=first_batch, replicas=slices))
+
+    return stream() if replicas == 1 else distribute_pk_dataset(strategy, stream)
 
 
 def export_model(model: keras.Model, data, config: dict, out_dir: Path) -> dict:
@@ -393,6 +458,10 @@ def _metrics(results: dict[str, dict] | None) -> dict | None:
 
 def print_summary(result: dict) -> None:
     """What the run produced and where it went, for the terminal."""
+    if not result["chief"]:
+        print(f"\ntraining: {result['epochs']} epochs done on this worker; the chief (worker 0) evaluates and "
+              "writes the model, history, summary and export into its run_dir")
+        return
     selected = "  (eval.feature: selects best.keras" + (", exported)" if "export" in result else ")")
 
     def rows(label: str, results: dict | None) -> list[str]:

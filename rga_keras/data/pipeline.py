@@ -25,6 +25,8 @@ whole K-image group in training, so batches stay whole), and the bad file is rec
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,11 +102,16 @@ def make_train_dataset(
     erase_prob: float = 0.5,
     corrupt_log: CorruptImages | None = None,
     first_batch: int = 0,
+    replicas: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """Infinite dataset of ``(images, labels)``: float32 (P·K, H, W, 3) in 0–255, int32 (P·K,).
 
     samples: (path, person_id, camera_id) items, e.g. ``ReidDataset.train``; labels are the person ids.
     num_replicas: the number of replicas the global batch will be split over; P must divide by it.
+    replicas: ``(first, count)`` yields, instead of each global batch, the slices of replicas first, …,
+    first + count − 1 in turn (P / num_replicas identities × K images each): one worker's input for
+    ``strategy.distribute_datasets_from_function`` (see `rga_keras.training.distribute_pk_dataset`). Only
+    that worker's images are read; the slices equal those of the global batch, augmentations included.
     cache: read every file once into memory (saves file-system reads; decoding still happens per use).
     augment=False gives plain resized images (the probabilities are then ignored).
     first_batch: start the stream there. A run resumed after ``n`` steps passes ``n`` and trains on the
@@ -122,6 +129,10 @@ def make_train_dataset(
         raise ValueError(
             f"num_ids_per_batch={p} is not divisible by num_replicas={num_replicas}: each replica must get "
             f"whole identities (K={k} images each) for the triplet loss; use a multiple of {num_replicas}")
+    first, count = _check_replicas(replicas, num_replicas)
+    share = p // num_replicas  # identities per replica slice
+    per_batch = share if replicas else p  # identities per element of the output
+    n = count * share  # groups this stream reads per global batch
     log = corrupt_log or corrupt_images
     paths, starts, counts, ids = _identity_table(samples)
     if len(ids) < p:
@@ -145,14 +156,19 @@ def make_train_dataset(
         order = _index_shuffle(place, n - 1, seed, 1, key=ident[:, None], cycle=passes[:, None] // chunks)
         return ident, tf.gather(starts_t, ident)[:, None] + order
 
+    def group_of(position):
+        """Group number of each stream position (0, 1, … over this stream's groups, from first_batch)."""
+        return (first_batch + position // n) * p + first * share + position % n
+
     def plan_batch(batch):
-        """Group numbers, identities, image indices and augmentation parameters of one batch."""
-        groups = batch * p + tf.range(p, dtype=tf.int64)
-        ident, images = plan(groups)
+        """Stream positions, identities, image indices and augmentation parameters of one batch's groups."""
+        positions = (batch - first_batch) * n + tf.range(n, dtype=tf.int64)
+        ident, images = plan(group_of(positions))
         u = tf.random.stateless_uniform([p * k, 5 + 4 * ERASE_ATTEMPTS],
                                         seed=tf.stack([tf.constant(seed, tf.int64), batch]))
-        params = augment_parameters(u, (height, width), translate_prob, flip_prob, erase_prob)
-        return groups, ident, images, tf.reshape(params, [p, k, 8])
+        params = augment_parameters(u[first * share * k:(first + count) * share * k], (height, width),
+                                    translate_prob, flip_prob, erase_prob)
+        return positions, ident, images, tf.reshape(params, [n, k, 8])
 
     def load_group(group, ident, images, params):
         """Decode and augment the K images of one group."""
@@ -164,17 +180,17 @@ def make_train_dataset(
                             else resize_image(picture, height, width))
         return group, tf.stack(pictures), tf.cast(tf.gather(ids_t, ident), tf.int32)
 
-    def group_paths(first, stop):
-        _, images = plan(tf.range(first, stop))
+    def group_paths(start, stop):
+        _, images = plan(group_of(tf.range(start, stop)))
         return tf.reshape(tf.gather(paths_t, images), [-1])
 
     ds = tf.data.Dataset.counter(start=first_batch)
     ds = ds.map(plan_batch).unbatch()
     ds = ds.map(load_group, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _skip_failures(ds, group_paths, log)
-    ds = ds.map(_drop_position).batch(p, drop_remainder=True)
-    ds = ds.map(lambda x, y: (tf.reshape(x, [p * k, height, width, 3]), tf.repeat(y, k)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(_drop_position).batch(per_batch, drop_remainder=True)
+    ds = ds.map(lambda x, y: (tf.reshape(x, [per_batch * k, height, width, 3]), tf.repeat(y, k)))
+    return _on_available_cores(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def make_eval_dataset(
@@ -217,7 +233,29 @@ def make_eval_dataset(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _skip_failures(ds, lambda first, stop: paths_t[first:stop], log)
     ds = ds.filter(lambda i, *_: i < n).map(_drop_position)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _on_available_cores(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def available_cores() -> int:
+    """The CPU cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
+    ``--cpus``), which ``os.cpu_count()`` and TensorFlow's own count both ignore."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def _on_available_cores(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Size the pipeline's threads and tf.data's autotuning (the AUTOTUNE parallel maps and prefetch) to
+    `available_cores`."""
+    options, cores = tf.data.Options(), available_cores()
+    options.threading.private_threadpool_size = cores
+    options.autotune.cpu_budget = cores
+    return ds.with_options(options)
 
 
 # --------------------------------------------------------------------------- image ops
@@ -345,6 +383,19 @@ def _skip_failures(ds: tf.data.Dataset, paths_between, log: CorruptImages) -> tf
 
 def _drop_position(position, *rest):
     return rest
+
+
+def _check_replicas(replicas, num_replicas: int) -> tuple[int, int]:
+    """``(first, count)`` of the replica slices a training stream yields (all of them when None)."""
+    if replicas is None:
+        return 0, num_replicas
+    try:
+        first, count = (int(v) for v in replicas)
+    except (TypeError, ValueError):
+        raise ValueError(f"replicas must be (first, count), got {replicas!r}") from None
+    if first < 0 or count < 1 or first + count > num_replicas:
+        raise ValueError(f"replicas=({first}, {count}) must lie within the num_replicas={num_replicas} slices")
+    return first, count
 
 
 def _identity_table(samples: Sequence) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
