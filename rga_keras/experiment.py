@@ -365,7 +365,8 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     curves = plot_training_curves(run_dir / "history.json", run_dir / "training_curves.png")
     summary = {
         "dataset": data.summary(), "run_dir": str(run_dir), "epochs": epochs, "steps_per_epoch": steps,
-        "replicas": replicas, "workers": workers, "global_batch": sampler["num_ids_per_batch"] * sampler["images_per_id"],
+        "replicas": replicas, "workers": workers,
+        "global_batch": sampler["num_ids_per_batch"] * sampler["images_per_id"],
         "learning_rate": config["optimizer"]["base_lr"] * lr_factor(config),
         "train_seconds": round(time.time() - started, 1),
         "eval_feature": config["eval"]["feature"], "untrained": _metrics(untrained), "final": _metrics(final),

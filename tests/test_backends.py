@@ -27,7 +27,7 @@ def _run(backend: str, args: list[str], timeout: int) -> subprocess.CompletedPro
 
 
 def _suite(backend: str) -> None:
-    result = _run(backend, ["-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+    result = _run(backend, ["-m", "pytest", "-q", "-o", "addopts=", "-m", "not slow", "-p", "no:cacheprovider",
                             *(f"tests/{name}" for name in BACKEND_NEUTRAL)], timeout=1500)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout.splitlines()[-1]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from rga_keras import experiment
 from rga_keras.data import CorruptImages, load_dataset, make_train_dataset
@@ -135,8 +134,8 @@ def start_workers(run_dirs, extra, ports=None, log_dir=None):
     for i, run_dir in enumerate(run_dirs):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        log = open(Path(log_dir or run_dir).parent / f"worker{i}-{len(os.listdir(Path(log_dir or run_dir).parent))}.log",
-                   "w")
+        log_folder = Path(log_dir or run_dir).parent
+        log = open(log_folder / f"worker{i}-{len(os.listdir(log_folder))}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-m", "train", *TINY, *extra, "--run-dir", str(run_dir)],
                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         procs[-1].log_path = log.name

@@ -83,8 +83,8 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
                              f"version {FILE_VERSION}")
         features = file["features"][()]
         paths = [p.decode() if isinstance(p, bytes) else str(p) for p in file["paths"][()]]
-        source = {key: file.attrs[key] for key in ("model", "model_sha256", "model_format", "feature", "input_size",
-                                                    "flip")}
+        keys = ("model", "model_sha256", "model_format", "feature", "input_size", "flip")
+        source = {key: file.attrs[key] for key in keys}
     if features.ndim != 2 or len(features) != len(paths):
         raise ValueError(f"{path} is damaged: {len(paths)} paths but features of shape {features.shape}")
     source = {**source, "feature": source["feature"] or None, "flip": bool(source["flip"]),

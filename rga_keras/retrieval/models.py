@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
+from rga_keras.models import FEATURES
 from rga_keras.retrieval.topk import unit_rows
 
 MODEL_FORMATS = ("keras", "saved_model", "tflite", "onnx")
-FEATURES = ("after_bn", "before_bn")
 
 
 @dataclass(frozen=True)
