@@ -12,7 +12,7 @@ REQUIREMENTS = [
 
 setup(
     name="rga-keras",
-    version="0.1.0",
+    version="0.2.0",
     description="Relation-Aware Global Attention (RGA, CVPR 2020) for person re-identification in Keras 3",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",

@@ -25,7 +25,7 @@ from rga_keras.models import (
 )
 from rga_keras.weights import load_backbone_weights, load_official_state_dict
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "RGA",

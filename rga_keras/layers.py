@@ -61,6 +61,8 @@ class RGAOptions:
     relation: str = "fused"
 
     def __post_init__(self) -> None:
+        for ratio in ("s1", "s2"):  # 8.0 from a YAML or JSON file is 8
+            object.__setattr__(self, ratio, int(getattr(self, ratio)))
         _check_choice("embedding", self.embedding, EMBEDDINGS)
         _check_choice("relation", self.relation, RELATIONS)
         if not (self.use_relation or self.use_original):
@@ -77,11 +79,21 @@ class RGAOptions:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def changes(self) -> dict:
+        """The fields that differ from the defaults."""
+        return {k: v for k, v in self.to_dict().items() if v != getattr(RGAOptions, k)}
+
 
 def _split_options(options: "RGAOptions | dict | None", kwargs: dict) -> RGAOptions:
     """Take the option keywords (``s1=``, ``use_relation=``, ...) out of a layer's ``kwargs``."""
     names = [field.name for field in dataclasses.fields(RGAOptions)]
     return RGAOptions.make(options, **{name: kwargs.pop(name) for name in names if name in kwargs})
+
+
+def _float32_or_wider(dtype: Any) -> str:
+    """float16 / bfloat16 → float32; float32 and float64 stay."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
 
 
 def _transpose(x):
@@ -98,8 +110,8 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 class RelationAttention(keras.layers.Layer):
     """One RGA branch: maps X (B, H, W, C) to its attention weights, broadcastable to X.
 
-    Returns (B, H, W, 1) for ``axis="spatial"`` and (B, 1, 1, C) for ``axis="channel"``, in float32.
-    With ``return_relation=True`` at call time it also returns R (B, nodes, nodes), float32.
+    Returns (B, H, W, 1) for ``axis="spatial"`` and (B, 1, 1, C) for ``axis="channel"``, in float32 (float64
+    for a float64 layer). With ``return_relation=True`` at call time it also returns R (B, nodes, nodes), same dtype.
 
     Args:
         axis: "spatial" (RGA-S) or "channel" (RGA-C).
@@ -258,7 +270,7 @@ class RelationAttention(keras.layers.Layer):
         hidden = ops.relu(self._linear_bn(self.head_bn1, training, self.head_kernel1, head_projection))
         score = self._linear_bn(self.head_bn2, training, self.head_kernel2,
                                 lambda kernel: self._project(hidden, kernel))
-        attention = ops.sigmoid(ops.cast(score, "float32"))  # (B, nodes, 1)
+        attention = ops.sigmoid(ops.cast(score, _float32_or_wider(score.dtype)))  # (B, nodes, 1)
         attention = ops.reshape(attention, (-1, h, w, 1) if spatial else (-1, 1, 1, c))
         return (attention, relation) if return_relation else attention
 
@@ -267,13 +279,14 @@ class RelationAttention(keras.layers.Layer):
         return (batch, height, width, 1) if self.axis == "spatial" else (batch, 1, 1, channels)
 
     def compute_output_spec(self, inputs, training=None, return_relation: bool = False):
-        """The attention is float32 whatever the dtype policy (sigmoid of a float32 score), R too."""
-        attention = keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
+        """The attention is float32 under any half-precision policy (sigmoid of a float32 score), R too."""
+        dtype = _float32_or_wider(self.compute_dtype)
+        attention = keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=dtype)
         if not return_relation:
             return attention
         batch, height, width, channels = inputs.shape
         nodes = height * width if self.axis == "spatial" else channels
-        relation = keras.KerasTensor((batch, nodes, nodes), dtype="float32") if self.options.use_relation else None
+        relation = keras.KerasTensor((batch, nodes, nodes), dtype=dtype) if self.options.use_relation else None
         return attention, relation
 
     def get_config(self) -> dict:

@@ -232,6 +232,9 @@ def load_official_state_dict(model: Any, state_dict: Mapping[str, Any] | str | o
     if not isinstance(state_dict, Mapping):
         state_dict = read_state_dict(state_dict)
     sd = _StateDict(state_dict, "official state dict")
+    if not (hasattr(model, "bnneck") and hasattr(model, "classifier")):
+        raise ValueError(f"official checkpoints hold the whole re-id network: expected an RGAReID model (with its "
+                         f"BNNeck and classifier), got {type(model).__name__}")
     backbone = _backbone(model)
     if backbone.attention != "sc" or tuple(backbone.rga_stages) != (1, 2, 3, 4):
         raise ValueError(f"official checkpoints hold an RGA-SC module after every stage; model '{model.name}' has "

@@ -22,7 +22,7 @@ VARIANT_IDS = [m + "".join(f"-{k}={v}" for k, v in f.items()) for m, f in VARIAN
     (None, 25_050_176),  # backbone 23,508,032 + BNNeck 4,096 + classifier 2048×751
     ("s", 28_273_976),
     ("c", 28_140_472),
-    ("sc", 31_364_272),  # + RGA-SC modules 6,314,096 (docs/DESIGN.md §1)
+    ("sc", 31_364_272),  # + RGA-SC modules 6,314,096 (docs/DESIGN.md §2)
 ])
 def test_parameter_counts_match_paper(attention, expected):
     model = rga_keras.build_rga_resnet50(751, attention)
@@ -236,3 +236,24 @@ def test_feature_map_model_is_what_the_head_pools():
     np.testing.assert_allclose(to_numpy(out["feature_map"]).mean(axis=(1, 2)), to_numpy(model(x)["features"]),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(to_numpy(out["logits"]), to_numpy(model(x)["logits"]), rtol=1e-6)
+
+
+def test_dtype_policy_survives_saving_under_another_global_policy(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = rga_keras.build_rga_resnet50(3, "s", input_shape=(64, 32, 3), rga_stages=(4,))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for _ in range(2):  # saved, loaded under float32, saved again
+        model.save(tmp_path / "m.keras")
+        model = keras.models.load_model(tmp_path / "m.keras")
+    assert model.backbone.dtype_policy.name == "mixed_bfloat16"
+    assert model.backbone.get_layer("conv1").dtype_policy.name == "mixed_bfloat16"
+    assert model.pool.dtype_policy.name == "mixed_bfloat16" and model.bnneck.dtype_policy.name == "float32"
+
+
+def test_preset_options_are_changed_not_replaced():
+    backbone = rga_keras.RGAResNetBackbone.from_preset("rga_sc_wo_rel_resnet50", input_shape=(64, 32, 3),
+                                                       rga_options={"relation": "explicit"}, rga_stages=(4,))
+    assert backbone.rga_options == rga_keras.RGAOptions(use_relation=False, relation="explicit")
+    assert rga_keras.RGAOptions(s1=8.0).s1 == 8 and isinstance(rga_keras.RGAOptions(s1=8.0).s1, int)

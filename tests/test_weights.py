@@ -128,3 +128,9 @@ def test_bad_weight_paths(tmp_path):
     bad.write_bytes(b"123")
     with pytest.raises(ValueError, match="unsupported weights file"):
         rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3), backbone_weights=str(bad))
+
+
+def test_official_import_needs_the_whole_network(official):
+    backbone = rga_keras.build_rga_resnet50(12, "sc").backbone
+    with pytest.raises(ValueError, match="expected an RGAReID model"):
+        rga_keras.load_official_state_dict(backbone, official[0])

@@ -115,7 +115,9 @@ class RGAResNetBackbone(keras.Model):
                 x = RGA(attention, options, synchronized_bn, name=f"rga{stage}", dtype=dtype)(x)
         default_name = f"rga_{attention.replace('//', '_par_')}_resnet50" if attention else "baseline_resnet50"
         kwargs.setdefault("name", default_name + "_backbone")
-        super().__init__(inputs=images, outputs=x, dtype=dtype, **kwargs)
+        super().__init__(inputs=images, outputs=x, **kwargs)
+        if dtype is not None:  # Functional.__init__ does not take it; the saved config must hold the layers' policy
+            self.dtype_policy = keras.dtype_policies.get(dtype)
 
         # === Config ===
         self.attention = attention
@@ -167,7 +169,11 @@ class RGAResNetBackbone(keras.Model):
         """
         from rga_keras.models.presets import backbone_config
 
-        return cls(**{**backbone_config(preset), **overrides})
+        config = backbone_config(preset)
+        if "rga_options" in overrides:  # the caller's options change the preset's, they do not replace them
+            overrides["rga_options"] = RGAOptions.make(config.get("rga_options"),
+                                                       **RGAOptions.make(overrides["rga_options"]).changes())
+        return cls(**{**config, **overrides})
 
     def get_config(self) -> dict:
         return {

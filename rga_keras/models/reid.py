@@ -50,23 +50,23 @@ class RGAReID(keras.Model):
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         # === Layers ===
-        self.backbone = backbone
-        self.pool = keras.layers.GlobalAveragePooling2D(name="pool", dtype=backbone.dtype_policy)
-        self.to_float32 = keras.layers.Activation("linear", dtype="float32", name="features")
-        self.bnneck = BNNeck(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype="float32",
-                             synchronized=backbone.synchronized_bn, name="bnneck")
-        self.classifier = keras.layers.Dense(
+        pool = keras.layers.GlobalAveragePooling2D(name="pool", dtype=backbone.dtype_policy)
+        to_float32 = keras.layers.Activation("linear", dtype="float32", name="features")
+        bnneck = BNNeck(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype="float32",
+                        synchronized=backbone.synchronized_bn, name="bnneck")
+        classifier = keras.layers.Dense(
             int(num_classes), use_bias=False, kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
             dtype="float32", name="classifier")
 
         # === Functional model ===
         images = backbone.input
-        features = self.to_float32(self.pool(backbone(images)))
-        logits = self.classifier(self.bnneck(features))
+        features = to_float32(pool(backbone(images)))
+        logits = classifier(bnneck(features))
         kwargs.setdefault("name", backbone.name.removesuffix("_backbone"))
         super().__init__(inputs=images, outputs={"features": features, "logits": logits}, **kwargs)
 
-        # === Config ===
+        # === Parts and config === (set after the functional init: PyTorch modules refuse attributes before it)
+        self.backbone, self.pool, self.bnneck, self.classifier = backbone, pool, bnneck, classifier
         self.num_classes = int(num_classes)
 
     @property
