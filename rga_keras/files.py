@@ -12,6 +12,24 @@ from pathlib import Path
 from typing import Callable
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def staging_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new temporary folder in ``parent`` with the permissions of an ordinary new folder.
+
+    mkdtemp makes it private (0700), and a folder published by renaming it would stay so: a TF Serving
+    process or a colleague under another user could not read it.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
@@ -26,9 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from rga_keras.data import load_dataset, synthetic
+from rga_keras.files import current_umask
 
 SMALL = {"num_ids": 6, "images_per_id": 6, "num_cameras": 3, "image_size": (64, 32)}
 NAME = re.compile(r"^(\d{4})_c(\d)s(\d)_(\d{6})_01\.jpg$")
@@ -101,6 +102,7 @@ def test_ensure_synthetic_generates_once_under_cache(tmp_path, monkeypatch):
     explicit = tmp_path / "mine"
     monkeypatch.undo()
     assert synthetic.ensure_synthetic(explicit, **SMALL) == explicit
+    assert explicit.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # readable by others, as any new folder
     first = files(explicit, "query")
     synthetic.ensure_synthetic(explicit, **{**SMALL, "seed": 3})  # other arguments: regenerated in place
     assert files(explicit, "query") != first

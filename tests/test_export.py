@@ -21,6 +21,7 @@ from rga_keras import RGAReID, RGAResNetBackbone, build_rga_resnet50
 from rga_keras import export as ex
 from rga_keras.data import load_dataset, make_eval_dataset, make_train_dataset
 from rga_keras.data.synthetic import ensure_synthetic
+from rga_keras.files import current_umask
 from rga_keras.optimizers import make_optimizer
 from rga_keras.training import compile_reid, to_reid_targets
 
@@ -140,6 +141,8 @@ def test_layout_report_and_metadata(exported):
     for kind in ("float32", "float16", "dynamic", "int8"):
         assert (out / "tflite" / f"rga_v1_{kind}.tflite").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    # An ordinary folder (umask), not mkdtemp's 0700: TF Serving may run as another user.
+    assert version.stat().st_mode & 0o777 == 0o777 & ~current_umask()
     assert json.loads((out / "rga_v1_export_report.json").read_text())["checks"] == json.loads(
         json.dumps(report["checks"]))
     markdown = (out / "rga_v1_export_report.md").read_text()

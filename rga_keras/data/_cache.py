@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from rga_keras.files import staging_dir
+
 MARKER = ".complete.json"
 
 
@@ -42,7 +44,7 @@ def build_atomically(final: Path, build: Callable[[Path], None], params: dict, *
     if not replace_foreign:
         check_replaceable(final, params)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = staging_dir(final.parent, prefix=f".{final.name}.tmp-")
     try:
         build(tmp)
         (tmp / MARKER).write_text(json.dumps(params, sort_keys=True))

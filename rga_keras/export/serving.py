@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import keras
@@ -13,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from rga_keras.export.model import check_choice, embed_function, reid_model_info
+from rga_keras.files import staging_dir
 from rga_keras.models import FEATURES, embedding_model
 
 SERVING_DTYPES = ("float32", "uint8")
@@ -132,7 +132,7 @@ def write_saved_model(
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     height, width = info["input_size"]
     embedder = embedding_model(model, feature)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent))
+    tmp = staging_dir(export_dir.parent, prefix=f".{export_dir.name}.tmp-")
     try:
         # add_endpoint tracks the variables the endpoints use; track(embedder) would store each twice.
         archive = keras.export.ExportArchive()
