@@ -79,10 +79,6 @@ class RGAOptions:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def changes(self) -> dict:
-        """The fields that differ from the defaults."""
-        return {k: v for k, v in self.to_dict().items() if v != getattr(RGAOptions, k)}
-
 
 def _split_options(options: "RGAOptions | dict | None", kwargs: dict) -> RGAOptions:
     """Take the option keywords (``s1=``, ``use_relation=``, ...) out of a layer's ``kwargs``."""

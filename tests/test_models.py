@@ -256,4 +256,7 @@ def test_preset_options_are_changed_not_replaced():
     backbone = rga_keras.RGAResNetBackbone.from_preset("rga_sc_wo_rel_resnet50", input_shape=(64, 32, 3),
                                                        rga_options={"relation": "explicit"}, rga_stages=(4,))
     assert backbone.rga_options == rga_keras.RGAOptions(use_relation=False, relation="explicit")
+    restored = rga_keras.RGAResNetBackbone.from_preset("rga_sc_wo_rel_resnet50", input_shape=(64, 32, 3),
+                                                       rga_options={"use_relation": True}, rga_stages=(4,))
+    assert restored.rga_options == rga_keras.RGAOptions()  # a key set back to its default is kept too
     assert rga_keras.RGAOptions(s1=8.0).s1 == 8 and isinstance(rga_keras.RGAOptions(s1=8.0).s1, int)

@@ -170,9 +170,9 @@ class RGAResNetBackbone(keras.Model):
         from rga_keras.models.presets import backbone_config
 
         config = backbone_config(preset)
-        if "rga_options" in overrides:  # the caller's options change the preset's, they do not replace them
-            overrides["rga_options"] = RGAOptions.make(config.get("rga_options"),
-                                                       **RGAOptions.make(overrides["rga_options"]).changes())
+        options = overrides.get("rga_options")
+        if isinstance(options, dict):  # option keys change the preset's options; an RGAOptions replaces them
+            overrides["rga_options"] = RGAOptions.make(config.get("rga_options"), **options)
         return cls(**{**config, **overrides})
 
     def get_config(self) -> dict:
