@@ -198,64 +198,67 @@ def _query_stats(distances, query_ids, query_cams, gallery_ids, gallery_cams, ju
     kept, match = (keys & np.uint64(1)).astype(bool), (keys & np.uint64(2)).astype(bool)
     # The high 32 bits of a key order like its distance: a strided view of them, no copy.
     high = keys.view(np.uint32)[:, 1 if sys.byteorder == "little" else 0 :: 2]
-    tie = high[:, 1:] == high[:, :-1]
-    flat = ~tie.any(axis=1)  # rows without ties: the plain walk down the list is exact
-    single = tie.all(axis=1) & (tie.shape[1] > 0)
-    n = distances.shape[0]
+    n, g = distances.shape
     rank = np.cumsum(kept, axis=1, dtype=np.int32)  # 1-based rank among kept items, per position
     hits = np.cumsum(match, axis=1, dtype=np.int32)
     num_match = hits[:, -1].astype(np.int64)
     rows, cols = np.nonzero(match)  # row-major: each row's matches in rank order
-    match_rank = rank[rows, cols].astype(np.float64)
-    ap = np.bincount(rows, hits[rows, cols] / match_rank, minlength=n) / np.maximum(num_match, 1)
+    # Each match's tie group (positions with its distance), as (kept before, kept in it, matches before, in it);
+    # a match without a tied neighbour is a group of one.
+    group = np.stack([rank[rows, cols] - 1, np.ones_like(cols), hits[rows, cols] - 1, np.ones_like(cols)])
+    tied = np.flatnonzero(_tied_neighbour(high, rows, cols))
+    if tied.size:
+        group[:, tied] = _tie_groups(high, kept, match, rank, hits, rows[tied], cols[tied])
+    before, size, ahead, count = group
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, g + 1))])
+    precision = _expected_precision(before, size, ahead, count, harmonic)
+    ap = np.bincount(rows, precision, minlength=n) / np.maximum(num_match, 1)
+    has = num_match > 0
+    first_match = np.cumsum(num_match)[has] - num_match[has]  # index in rows/cols of each query's first match
+    last_match = first_match + num_match[has] - 1
     first = np.zeros((3, n), np.int64)  # kept before the first match's group, its size, its matches
     first[1:] = 1
-    last_rank = np.ones(n, np.int64)
-    has = num_match > 0
-    starts = np.cumsum(num_match) - num_match  # index in rows/cols of each query's first match
-    first[0, has] = match_rank[starts[has]] - 1
-    last_rank[has] = match_rank[starts[has] + num_match[has] - 1]
-    inp = num_match / last_rank
-    tied = np.flatnonzero(~flat & has)
-    if tied.size:
-        ap[tied], first[:, tied], inp[tied] = _tied_stats(tie[tied], kept[tied], match[tied], rank[tied],
-                                                          hits[tied], num_match[tied])
+    first[:, has] = group[[0, 1, 3]][:, first_match]
+    inp = np.zeros(n)
+    inp[has] = num_match[has] * _expected_inverse_last(*group[[0, 1, 3]][:, last_match])
+    single = (high[:, 0] == high[:, -1]) & (g > 1)  # rows are sorted: first equals last only if all tie
     return num_match, first, ap, inp, single
 
 
-def _tied_stats(tie, kept, match, rank, hits, num_match):
-    """Expected AP, first-match group and expected INP of rows with ties (all rows have a match).
-
-    A tie group of n kept items with r matches, after b kept items of which h are matches: each of its
-    matches sits at a uniform position y ∈ [0, n) with, on average, y (r-1)/(n-1) other matches ahead, so
-    its expected precision is  Σ_y (h + 1 + y c) / (b + 1 + y) / n  with c = (r-1)/(n-1), a sum of
-    harmonic numbers. The last match of the last group sits at m ∈ [r, n] with P(m) = C(m-1, r-1) / C(n, r).
-    """
-    t, g = kept.shape
-    start = np.ones((t, g), bool)
-    np.logical_not(tie, out=start[:, 1:])
-    grow, gcol = np.nonzero(start)
-    index = np.cumsum(start.ravel()) - 1
-    size = np.bincount(index, kept.ravel(), minlength=grow.size).astype(np.int64)
-    count = np.bincount(index, match.ravel(), minlength=grow.size).astype(np.int64)
-    before = rank[grow, gcol] - kept[grow, gcol]
-    ahead = hits[grow, gcol] - match[grow, gcol]
-    some = count > 0
-    grow, size, count, before, ahead = grow[some], size[some], count[some], before[some], ahead[some]
-    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, g + 1))])
-    s0 = harmonic[before + size] - harmonic[before]
-    c = np.where(size > 1, (count - 1) / np.maximum(size - 1, 1), 0.0)
-    expected = count / size * ((ahead + 1) * s0 + c * (size - (before + 1) * s0))
-    ap = np.bincount(grow, expected, minlength=t) / num_match
-    firsts = np.flatnonzero(np.r_[True, grow[1:] != grow[:-1]])
-    lasts = np.r_[firsts[1:], grow.size] - 1
-    inp = num_match * _expected_last_rank_inverse(before[lasts], size[lasts], count[lasts])
-    return ap, np.stack([before[firsts], size[firsts], count[firsts]]), inp
+def _tied_neighbour(high: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Whether the sorted item at each (row, col) has the same distance as the item before or after it."""
+    g = high.shape[1]
+    value = high[rows, cols]
+    left = (cols > 0) & (high[rows, np.maximum(cols - 1, 0)] == value)
+    return left | ((cols < g - 1) & (high[rows, np.minimum(cols + 1, g - 1)] == value))
 
 
-def _expected_last_rank_inverse(before, size, count):
-    """E[1 / (b + m)] for the last of r matches placed uniformly in a group of n, per row."""
-    out = 1.0 / (before + size)  # r == n: the last match is the group's last item
+def _tie_groups(high, kept, match, rank, hits, rows, cols) -> np.ndarray:
+    """(kept before, kept in it, matches before, matches in it) of the tie group of each (row, col)."""
+    lo, hi = np.empty_like(cols), np.empty_like(cols)
+    bounds = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):  # rows with tied matches: usually few, all when features collapse
+        line, value = high[rows[a]], high[rows[a], cols[a:b]]
+        lo[a:b], hi[a:b] = np.searchsorted(line, value, "left"), np.searchsorted(line, value, "right") - 1
+    before = rank[rows, lo] - kept[rows, lo]
+    ahead = hits[rows, lo] - match[rows, lo]
+    return np.stack([before, rank[rows, hi] - before, ahead, hits[rows, hi] - ahead])
+
+
+def _expected_precision(before, size, ahead, count, harmonic):
+    """Expected precision at a match in a tie group of n kept items with r matches, after b kept items of
+    which h match. The match sits at a uniform position y ∈ [0, n) with on average y (r-1)/(n-1) other
+    matches ahead of it, so the expectation is Σ_y (h + 1 + y c) / (b + 1 + y) / n with c = (r-1)/(n-1),
+    a difference of harmonic numbers H. Without ties (n = 1) it is the plain (h + 1) / (b + 1)."""
+    s0 = harmonic[before + size] - harmonic[before]  # Σ_y 1 / (b + 1 + y)
+    c = (count - 1) / np.maximum(size - 1, 1)
+    return ((ahead + 1) * s0 + c * (size - (before + 1) * s0)) / size
+
+
+def _expected_inverse_last(before, size, count):
+    """E[1 / rank of the last match] when it is the last of r matches placed uniformly in a tie group of n
+    after b kept items: it sits at m ∈ [r, n] of the group with P(m) = C(m-1, r-1) / C(n, r)."""
+    out = 1.0 / (before + size)  # r == n (a group of one included): the group's last item
     for i in np.flatnonzero(count < size):
         b, n, r = int(before[i]), int(size[i]), int(count[i])
         m = np.arange(r, n + 1)
