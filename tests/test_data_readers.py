@@ -11,6 +11,7 @@ import scipy.io
 from PIL import Image
 
 from rga_keras.data import DatasetWarning, Sample, load_dataset, readers
+from tests.bad_images import write_images
 
 
 def touch(folder, names):
@@ -414,3 +415,17 @@ def test_market_names_with_ids_below_minus_one_are_not_identities(tmp_path):
     assert as_pairs(ds.train) == [(0, 1), (0, 2)]
     with pytest.raises(ValueError, match="person id -2 is below -1"):
         load_dataset("folder", tmp_path, strict=True)
+
+
+def test_corrupt_jpegs_are_skipped_counted_and_named(tmp_path):
+    # A JPEG with bytes inverted mid-stream decodes (with only libjpeg's unattributed warning): it must not
+    # reach training or evaluation unnoticed.
+    write_images(tmp_path / "train", ["0001_c1_a.jpg", "0001_c2_b.jpg", "0002_c1_c.jpg"], corrupt=("0001_c2_b.jpg",))
+    bad = str(tmp_path / "train" / "0001_c2_b.jpg")
+    with pytest.warns(DatasetWarning, match=f"skipped 1 .*first: {bad}: corrupt JPEG data .*extraneous bytes"):
+        ds = load_dataset("folder", tmp_path)
+    assert [s.path for s in ds.train] == [str(tmp_path / "train" / n) for n in ("0001_c1_a.jpg", "0002_c1_c.jpg")]
+    assert f"skipped 1 unusable entries, the first: {bad}: corrupt JPEG data" in ds.summary()
+    with pytest.raises(ValueError, match="0001_c2_b.jpg: corrupt JPEG data"):
+        load_dataset("folder", tmp_path, strict=True)
+    assert len(load_dataset("folder", tmp_path, check_images=False).train) == 3

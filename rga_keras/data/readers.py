@@ -64,7 +64,8 @@ class ReidDataset:
         return f"{self.name}: " + ", ".join(parts) + notes
 
 
-def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs) -> ReidDataset:
+def load_dataset(name: str, root: str | Path, *, strict: bool = False, check_images: bool = True,
+                 **kwargs) -> ReidDataset:
     """Read a dataset in one of the layouts of docs/DESIGN.md §5.
 
     name: ``market1501``, ``dukemtmc``, ``msmt17`` (kwarg ``include_val=True`` adds list_val.txt to
@@ -74,7 +75,10 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs)
     Market-style names) or ``csv`` (a folder with train.csv, query.csv, gallery.csv of
     ``path,person_id,camera_id`` rows).
     root: the release folder, or a folder holding it one level down.
-    strict: fail on the first file name or list line that does not parse instead of skipping it.
+    strict: fail on the first file name or list line that does not parse, or image that is corrupt,
+    instead of skipping it.
+    check_images: read every JPEG through libjpeg in strict mode and skip (count, warn about) the ones that
+    decode only with "Corrupt JPEG data" warnings (`rga_keras.data.image_check`; about 0.2 ms per image).
     """
     key = name.lower()
     if key not in _READERS:
@@ -89,6 +93,8 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs)
         raise TypeError(f"{key}: unexpected argument(s) {sorted(unknown)}; accepted: {accepted}")
     skipped = _Skipped(strict)
     splits, expected, folder = reader(root, skipped, **kwargs)
+    if check_images:
+        splits = _without_corrupt(splits, skipped)
     return _finish(key if key != "cuhk03" else f"cuhk03-{kwargs.get('split', 'labeled')}",
                    splits, expected, folder, skipped)
 
@@ -110,6 +116,16 @@ class _Skipped:
             raise ValueError(f"{where}: {why}")
         self.first = self.first or f"{where}: {why}"
         self.items.append(where)
+
+
+def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict[str, list[Sample]]:
+    """The splits less the images that are corrupt JPEGs (each recorded in ``skipped``)."""
+    from rga_keras.data.image_check import find_corrupt
+
+    bad = find_corrupt(sorted({s.path for samples in splits.values() for s in samples}))
+    for path in sorted(bad):
+        skipped(path, bad[path])
+    return {k: [s for s in v if s.path not in bad] for k, v in splits.items()} if bad else splits
 
 
 def _count(samples: list[Sample]) -> tuple[int, int]:
