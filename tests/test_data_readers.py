@@ -422,10 +422,15 @@ def test_corrupt_jpegs_are_skipped_counted_and_named(tmp_path):
     # reach training or evaluation unnoticed.
     write_images(tmp_path / "train", ["0001_c1_a.jpg", "0001_c2_b.jpg", "0002_c1_c.jpg"], corrupt=("0001_c2_b.jpg",))
     bad = str(tmp_path / "train" / "0001_c2_b.jpg")
-    with pytest.warns(DatasetWarning, match=f"skipped 1 .*first: {bad}: corrupt JPEG data .*extraneous bytes"):
+    with pytest.warns(DatasetWarning, match=f"skipped 1 corrupt images, the first: {bad}: corrupt JPEG data "
+                                            r"\(Corrupt JPEG data: \d+ extraneous bytes"):
         ds = load_dataset("folder", tmp_path)
     assert [s.path for s in ds.train] == [str(tmp_path / "train" / n) for n in ("0001_c1_a.jpg", "0002_c1_c.jpg")]
-    assert f"skipped 1 unusable entries, the first: {bad}: corrupt JPEG data" in ds.summary()
+    assert f"skipped 1 corrupt images, the first: {bad}: corrupt JPEG data" in ds.summary()
     with pytest.raises(ValueError, match="0001_c2_b.jpg: corrupt JPEG data"):
         load_dataset("folder", tmp_path, strict=True)
     assert len(load_dataset("folder", tmp_path, check_images=False).train) == 3
+    write_images(tmp_path / "only_bad" / "train", ["0001_c1_a.jpg"], corrupt=("0001_c1_a.jpg",))
+    with pytest.raises(ValueError, match="no images found .*; skipped 1 corrupt images, the first: .*0001_c1_a.jpg"):
+        with pytest.warns(DatasetWarning):
+            load_dataset("folder", tmp_path / "only_bad")

@@ -119,13 +119,20 @@ class _Skipped:
 
 
 def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict[str, list[Sample]]:
-    """The splits less the images that are corrupt JPEGs (each recorded in ``skipped``)."""
+    """The splits less the images that are corrupt JPEGs or unreadable: counted and the first named in the
+    notes and a `DatasetWarning` (an error in strict mode)."""
     from rga_keras.data.image_check import find_corrupt
 
     bad = find_corrupt(sorted({s.path for samples in splits.values() for s in samples}))
-    for path in sorted(bad):
-        skipped(path, bad[path])
-    return {k: [s for s in v if s.path not in bad] for k, v in splits.items()} if bad else splits
+    if not bad:
+        return splits
+    first = min(bad)
+    if skipped.strict:
+        raise ValueError(f"{first}: {bad[first]}")
+    note = f"skipped {len(bad)} corrupt images, the first: {first}: {bad[first]}"
+    skipped.notes.append(note)
+    warnings.warn(f"{note}; pass check_images=False to keep them", DatasetWarning, stacklevel=3)
+    return {k: [s for s in v if s.path not in bad] for k, v in splits.items()}
 
 
 def _count(samples: list[Sample]) -> tuple[int, int]:
@@ -141,7 +148,8 @@ def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, f
     if not any(splits.values()):
         junk_note = f" ({junk} junk images, id -1)" if junk else ""
         first = f"; all {len(skipped.items)} entries were unusable, the first: {skipped.first}" if skipped.items else ""
-        raise ValueError(f"{name}: no images found under {folder}{junk_note}{first}")
+        raise ValueError(f"{name}: no images found under {folder}{junk_note}{first}"
+                         + "".join(f"; {note}" for note in skipped.notes))
     if junk:
         notes.append(f"dropped {junk} junk images (id -1)")
     if skipped.items:
