@@ -24,7 +24,8 @@ BROKEN_CSVS = {
                            r"image .*gone/a.jpg does not exist"),
 }
 PROGRAMS = {
-    "rga-train": lambda tmp, data: (rga_train, ["--data-root", data, "-o", "dataset.name=csv", "--run-dir", tmp / "run"]),
+    "rga-train": lambda tmp, data: (rga_train, ["--data-root", data, "-o", "dataset.name=csv",
+                                                "--run-dir", tmp / "run"]),
     "rga-eval": lambda tmp, data: (rga_eval, [tmp / "model.keras", "--dataset", "csv", "--data-root", data]),
 }
 
