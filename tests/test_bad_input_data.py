@@ -2,6 +2,7 @@
 one line on stderr (``prog: error: …`` naming the file, line or item and what is wrong) and exit status 2,
 never a traceback or a silent wrong result. In-process ``main(argv)`` calls: no model is built for these."""
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +57,23 @@ def test_broken_csv_lists(tmp_path, capsys, prog, case):
     status, _, err = run(program, argv, capsys)
     assert_one_line_error(status, err, prog, pattern)
     assert not (tmp_path / "run").exists()  # nothing written for a dataset that cannot be read
+
+
+@pytest.mark.parametrize("prog", PROGRAMS)
+def test_a_dataset_of_corrupt_jpegs(tmp_path, capsys, prog):
+    # Every image decodes with libjpeg's "Corrupt JPEG data" warning only: no dataset, one line (no warning
+    # before it), and nothing written.
+    data = tmp_path / "data"
+    write_images(data / "train", ["0001_c1_a.jpg", "0002_c1_b.jpg"], corrupt=("0001_c1_a.jpg", "0002_c1_b.jpg"))
+    program, argv = PROGRAMS[prog](tmp_path, data)
+    argv = [a if a != "dataset.name=csv" else "dataset.name=folder" for a in argv]
+    argv = [a if a != "csv" else "folder" for a in argv]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status, _, err = run(program, argv, capsys)
+    assert_one_line_error(status, err, prog, r"folder: no images found under .*; skipped 2 corrupt images, the "
+                                             r"first: .*0001_c1_a.jpg: corrupt JPEG data \(Corrupt JPEG data: ")
+    assert not (tmp_path / "run").exists()
 
 
 def test_rga_embed_refuses_images_that_are_all_corrupt(tmp_path, capsys, monkeypatch):

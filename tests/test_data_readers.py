@@ -432,5 +432,4 @@ def test_corrupt_jpegs_are_skipped_counted_and_named(tmp_path):
     assert len(load_dataset("folder", tmp_path, check_images=False).train) == 3
     write_images(tmp_path / "only_bad" / "train", ["0001_c1_a.jpg"], corrupt=("0001_c1_a.jpg",))
     with pytest.raises(ValueError, match="no images found .*; skipped 1 corrupt images, the first: .*0001_c1_a.jpg"):
-        with pytest.warns(DatasetWarning):
-            load_dataset("folder", tmp_path / "only_bad")
+        load_dataset("folder", tmp_path / "only_bad")  # the error says it all: no warning before it

@@ -110,6 +110,7 @@ class _Skipped:
         self.items: list[str] = []
         self.first = ""  # the first item with its reason
         self.notes: list[str] = []  # things a reader wants said in the dataset's summary
+        self.warnings: list[str] = []  # said once the dataset is known not to be empty
 
     def __call__(self, where: str, why: str) -> None:
         if self.strict:
@@ -131,7 +132,7 @@ def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict
         raise ValueError(f"{first}: {bad[first]}")
     note = f"skipped {len(bad)} corrupt images, the first: {first}: {bad[first]}"
     skipped.notes.append(note)
-    warnings.warn(f"{note}; pass check_images=False to keep them", DatasetWarning, stacklevel=3)
+    skipped.warnings.append(f"{note}; pass check_images=False to keep them")
     return {k: [s for s in v if s.path not in bad] for k, v in splits.items()}
 
 
@@ -150,6 +151,8 @@ def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, f
         first = f"; all {len(skipped.items)} entries were unusable, the first: {skipped.first}" if skipped.items else ""
         raise ValueError(f"{name}: no images found under {folder}{junk_note}{first}"
                          + "".join(f"; {note}" for note in skipped.notes))
+    for message in skipped.warnings:
+        warnings.warn(f"{name}: {message}", DatasetWarning, stacklevel=3)
     if junk:
         notes.append(f"dropped {junk} junk images (id -1)")
     if skipped.items:
