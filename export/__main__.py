@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="embedding: BNNeck output (after_bn, default) or the pooled feature (before_bn)")
     out.add_argument("--serving-dtype", choices=SERVING_DTYPES, default="float32",
                      help="dtype of serving_default's images input (default float32; uint8 makes requests 4x smaller)")
+    out.add_argument("--serving-allow-unit-range", action="store_true",
+                     help="serving_default accepts batches whose pixels are all <= 1 (default: refused as images "
+                          "scaled to [0, 1]; docs/EXPORT.md)")
     out.add_argument("--int8-io", action="store_true",
                      help="int8 TFLite model takes uint8 pixels and returns int8 embeddings (default: float32)")
     out.add_argument("--int8-float-ops", default=",".join(INT8_FLOAT_OPS), metavar="OPS",
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 model, args.out, formats=args.formats, feature=args.feature, model_name=args.model_name,
                 version=args.version, calibration_samples=calibration, num_calibration=args.num_calibration,
                 eval_split=(data.query, data.gallery) if data else None, serving_dtype=args.serving_dtype,
-                int8_io=args.int8_io, int8_float_ops=float_ops,
+                serving_allow_unit_range=args.serving_allow_unit_range, int8_io=args.int8_io, int8_float_ops=float_ops,
                 int8_range_percentile=args.int8_range_percentile, check=not args.skip_parity_check,
                 enforce=not args.allow_failures, latency_runs=args.latency_runs, num_threads=args.threads,
                 overwrite=args.overwrite, verbose=not args.quiet)

@@ -10,8 +10,13 @@ Protocol (docs/DESIGN.md §4, the Market-1501 / torchreid convention):
   AP is non-interpolated: the mean over the true matches of precision at their rank.
   INP (Ye et al., TPAMI 2021, "Deep Learning for Person Re-identification: A Survey and
   Outlook", eq. 7) is  #true matches / rank of the hardest (last) true match.
-* Ties: the gallery is sorted by float32 distance with a stable rule, so items at equal
-  distance keep gallery order (the lower gallery index ranks first).
+* Ties: gallery items at exactly the same float32 distance from a query have no order, so
+  CMC, AP and INP are their exact expected values over all orders of the tied items (as if
+  ties were broken uniformly at random; McSherry & Najork, ECIR 2008). Constant features
+  therefore score at chance, not at whatever the gallery's file order gives. `rank_gallery`
+  and `stable_argsort_rows`, which return an order, put tied items in gallery order.
+* Features with NaN or Inf are an error; features under which a query sees every gallery
+  item at the same distance (e.g. all equal: a collapsed model) give a `DegenerateFeaturesWarning`.
 
 Everything is NumPy and chunked over queries: a chunk of the (query × gallery) distance
 matrix is computed, ranked and reduced to per-query numbers before the next chunk, so an
@@ -19,6 +24,8 @@ MSMT17-sized problem never holds the full 11,659 × 82,161 matrix.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +36,10 @@ METRICS = ("cosine", "euclidean")
 # chunk's matrix product stays large enough for BLAS (~100 query rows against MSMT17's gallery).
 _CHUNK_ENTRIES = 1 << 23
 _EPS = 1e-12
+
+
+class DegenerateFeaturesWarning(UserWarning):
+    """Features under which distances carry no ranking information (metrics are then at chance)."""
 
 
 def _check_metric(metric: str) -> None:
@@ -42,6 +53,14 @@ def as_features(x: Any, name: str) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D array (num_images, dim), got shape {arr.shape}")
     return arr
+
+
+def _check_finite(x: np.ndarray, name: str, what: str = "features") -> None:
+    """Refuse rows holding NaN or Inf, naming how many there are and the first."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{name}: {int(bad.sum())} of {len(x)} rows hold NaN or Inf values (first: row "
+                         f"{int(np.argmax(bad))}); these {what} cannot be ranked (a diverged model or broken input)")
 
 
 def _as_labels(x: Any, n: int, name: str) -> np.ndarray:
@@ -152,6 +171,13 @@ def rank_gallery(
     ``kept`` (q, g): False where ``order`` points to a junk item (same id and camera, or
     ``junk_id``); ``match`` (q, g): kept true matches.
     """
+    keys = _ranked_keys(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id)
+    kept, match = (keys & np.uint64(1)).astype(bool), (keys & np.uint64(2)).astype(bool)
+    return _key_columns(keys), kept, match
+
+
+def _ranked_keys(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id) -> np.ndarray:
+    """Sorted `_sort_keys` of a block, payload bit 0 = kept, bit 1 = kept true match."""
     same_id = query_ids[:, None] == gallery_ids[None, :]
     junk = same_id & (query_cams[:, None] == gallery_cams[None, :])
     if junk_id is not None:
@@ -160,33 +186,103 @@ def rank_gallery(
     flags = junk.view(np.uint8) | ((same_id & junk).view(np.uint8) << 1)  # bit 0 kept, bit 1 match
     keys = _sort_keys(distances, flags)
     keys.sort(axis=1)
-    kept, match = (keys & np.uint64(1)).astype(bool), (keys & np.uint64(2)).astype(bool)
-    return _key_columns(keys), kept, match
+    return keys
 
 
 def _query_stats(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id):
-    """Per query of a block: (number of true matches, rank of first match, AP, INP)."""
-    if not np.isfinite(distances).all():
-        raise ValueError("distances contain NaN or Inf (check the features for NaN/Inf values)")
-    _, kept, match = rank_gallery(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id)
-    n = distances.shape[0]
+    """Per query of a block: number of true matches; the tie group holding the first match as (kept items
+    ranked before it, its kept items, its matches); expected AP; expected INP; whether every gallery item
+    lies at one distance. Expectations are over the orders of tied items (module docstring)."""
+    _check_finite(distances, "distances", "distances")
+    keys = _ranked_keys(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id)
+    kept, match = (keys & np.uint64(1)).astype(bool), (keys & np.uint64(2)).astype(bool)
+    # The high 32 bits of a key order like its distance: a strided view of them, no copy.
+    high = keys.view(np.uint32)[:, 1 if sys.byteorder == "little" else 0 :: 2]
+    n, g = distances.shape
     rank = np.cumsum(kept, axis=1, dtype=np.int32)  # 1-based rank among kept items, per position
     hits = np.cumsum(match, axis=1, dtype=np.int32)
     num_match = hits[:, -1].astype(np.int64)
     rows, cols = np.nonzero(match)  # row-major: each row's matches in rank order
-    match_rank = rank[rows, cols].astype(np.float64)
-    ap = np.bincount(rows, hits[rows, cols] / match_rank, minlength=n) / np.maximum(num_match, 1)
-    first_rank = np.zeros(n, np.int64)
-    last_rank = np.ones(n, np.int64)
+    # Each match's tie group (positions with its distance), as (kept before, kept in it, matches before, in it);
+    # a match without a tied neighbour is a group of one.
+    group = np.stack([rank[rows, cols] - 1, np.ones_like(cols), hits[rows, cols] - 1, np.ones_like(cols)])
+    tied = np.flatnonzero(_tied_neighbour(high, rows, cols))
+    if tied.size:
+        group[:, tied] = _tie_groups(high, kept, match, rank, hits, rows[tied], cols[tied])
+    before, size, ahead, count = group
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, g + 1))])
+    precision = _expected_precision(before, size, ahead, count, harmonic)
+    ap = np.bincount(rows, precision, minlength=n) / np.maximum(num_match, 1)
     has = num_match > 0
-    starts = np.cumsum(num_match) - num_match  # index in rows/cols of each query's first match
-    first_rank[has] = match_rank[starts[has]]
-    last_rank[has] = match_rank[starts[has] + num_match[has] - 1]
-    return num_match, first_rank, ap, num_match / last_rank
+    first_match = np.cumsum(num_match)[has] - num_match[has]  # index in rows/cols of each query's first match
+    last_match = first_match + num_match[has] - 1
+    first = np.zeros((3, n), np.int64)  # kept before the first match's group, its size, its matches
+    first[1:] = 1
+    first[:, has] = group[[0, 1, 3]][:, first_match]
+    inp = np.zeros(n)
+    inp[has] = num_match[has] * _expected_inverse_last(*group[[0, 1, 3]][:, last_match])
+    single = (high[:, 0] == high[:, -1]) & (g > 1)  # rows are sorted: first equals last only if all tie
+    return num_match, first, ap, inp, single
+
+
+def _tied_neighbour(high: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Whether the sorted item at each (row, col) has the same distance as the item before or after it."""
+    g = high.shape[1]
+    value = high[rows, cols]
+    left = (cols > 0) & (high[rows, np.maximum(cols - 1, 0)] == value)
+    return left | ((cols < g - 1) & (high[rows, np.minimum(cols + 1, g - 1)] == value))
+
+
+def _tie_groups(high, kept, match, rank, hits, rows, cols) -> np.ndarray:
+    """(kept before, kept in it, matches before, matches in it) of the tie group of each (row, col)."""
+    lo, hi = np.empty_like(cols), np.empty_like(cols)
+    bounds = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):  # rows with tied matches: usually few, all when features collapse
+        line, value = high[rows[a]], high[rows[a], cols[a:b]]
+        lo[a:b], hi[a:b] = np.searchsorted(line, value, "left"), np.searchsorted(line, value, "right") - 1
+    before = rank[rows, lo] - kept[rows, lo]
+    ahead = hits[rows, lo] - match[rows, lo]
+    return np.stack([before, rank[rows, hi] - before, ahead, hits[rows, hi] - ahead])
+
+
+def _expected_precision(before, size, ahead, count, harmonic):
+    """Expected precision at a match in a tie group of n kept items with r matches, after b kept items of
+    which h match. The match sits at a uniform position y ∈ [0, n) with on average y (r-1)/(n-1) other
+    matches ahead of it, so the expectation is Σ_y (h + 1 + y c) / (b + 1 + y) / n with c = (r-1)/(n-1),
+    a difference of harmonic numbers H. Without ties (n = 1) it is the plain (h + 1) / (b + 1)."""
+    s0 = harmonic[before + size] - harmonic[before]  # Σ_y 1 / (b + 1 + y)
+    c = (count - 1) / np.maximum(size - 1, 1)
+    return ((ahead + 1) * s0 + c * (size - (before + 1) * s0)) / size
+
+
+def _expected_inverse_last(before, size, count):
+    """E[1 / rank of the last match] when it is the last of r matches placed uniformly in a tie group of n
+    after b kept items: it sits at m ∈ [r, n] of the group with P(m) = C(m-1, r-1) / C(n, r)."""
+    out = 1.0 / (before + size)  # r == n (a group of one included): the group's last item
+    for i in np.flatnonzero(count < size):
+        b, n, r = int(before[i]), int(size[i]), int(count[i])
+        m = np.arange(r, n + 1)
+        log_weight = np.concatenate([[0.0], np.cumsum(np.log((m[1:] - 1) / (m[1:] - r)))])  # ∝ C(m-1, r-1)
+        weight = np.exp(log_weight - log_weight.max())
+        out[i] = np.sum(weight / (b + m)) / weight.sum()
+    return out
+
+
+def _within(first: np.ndarray, ranks: int) -> np.ndarray:
+    """P(first match at rank ≤ k) for k = 1..ranks, per query, from its first-match tie group (b, n, r):
+    the first of r matches placed uniformly in n slots is beyond slot j with probability C(n-r, j) / C(n, j)."""
+    before, size, count = (a[:, None].astype(np.float64) for a in first)
+    i = np.arange(ranks)
+    survive = np.cumprod(np.clip((size - count - i) / np.maximum(size - i, 1), 0.0, 1.0), axis=1)
+    reach = np.arange(1, ranks + 1) - before  # how far rank k reaches into the group
+    beyond = np.take_along_axis(survive, np.clip(reach - 1, 0, ranks - 1).astype(np.int64), axis=1)
+    return np.where(reach >= 1, 1.0 - beyond, 0.0)
 
 
 def _summarise(stats: list, max_rank: int) -> dict:
-    num_match, first_rank, ap, inp = (np.concatenate(s) for s in zip(*stats))
+    num_match = np.concatenate([s[0] for s in stats])
+    first = np.concatenate([s[1] for s in stats], axis=1)
+    ap, inp, single = (np.concatenate([s[i] for s in stats]) for i in (2, 3, 4))
     valid = num_match > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -194,14 +290,16 @@ def _summarise(stats: list, max_rank: int) -> dict:
             "no query has a true match in the gallery once same-identity-same-camera "
             "(and junk) images are removed; check the ids and camera ids"
         )
-    first = first_rank[valid]
-    counts = np.bincount(np.minimum(first, max_rank + 1), minlength=max_rank + 2)[1 : max_rank + 1]
-    cmc = np.cumsum(counts) / num_valid
+    if single.any():
+        warnings.warn(f"{int(single.sum())} of {single.size} queries see every gallery image at the same "
+                      "distance (degenerate features, e.g. all equal: a collapsed model); their metrics are "
+                      "at chance level", DegenerateFeaturesWarning, stacklevel=3)
+    within = _within(first[:, valid], max(max_rank, 10)).mean(axis=0)
     return {
-        "cmc": cmc,
-        "rank1": float(np.mean(first <= 1)),
-        "rank5": float(np.mean(first <= 5)),
-        "rank10": float(np.mean(first <= 10)),
+        "cmc": within[:max_rank],
+        "rank1": float(within[0]),
+        "rank5": float(within[4]),
+        "rank10": float(within[9]),
         "mAP": float(np.mean(ap[valid])),
         "mINP": float(np.mean(inp[valid])),
         "num_valid_queries": num_valid,
@@ -286,6 +384,8 @@ def evaluate(
     _check_metric(metric)
     query = as_features(query_features, "query_features")
     gallery = as_features(gallery_features, "gallery_features")
+    _check_finite(query, "query_features")
+    _check_finite(gallery, "gallery_features")
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(
             f"query and gallery feature dimensions differ: {query.shape[1]} vs {gallery.shape[1]}"

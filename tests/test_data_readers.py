@@ -11,6 +11,7 @@ import scipy.io
 from PIL import Image
 
 from rga_keras.data import DatasetWarning, Sample, load_dataset, readers
+from tests.bad_images import write_images
 
 
 def touch(folder, names):
@@ -79,7 +80,7 @@ def test_unparsable_names_skipped_or_strict(tmp_path):
     with pytest.warns(DatasetWarning) as caught:
         ds = load_dataset("market1501", tmp_path)
     assert any("skipped 2 files or lines" in str(w.message) for w in caught)
-    assert len(ds.query) == 2 and "skipped 2 unparsable entries" in ds.summary()
+    assert len(ds.query) == 2 and "skipped 2 unusable entries, the first: " in ds.summary()
     with pytest.raises(ValueError, match="holiday.jpg"):
         load_dataset("market1501", tmp_path, strict=True)
 
@@ -176,11 +177,11 @@ def test_csv_layout(tmp_path):
     assert as_pairs(ds.train) == [(0, 2), (1, 1)]
     assert ds.train[0].path == str(tmp_path / "img" / "a.jpg")
     assert as_pairs(ds.query) == [(5, 3)] and ds.gallery == []
-    (tmp_path / "gallery.csv").write_text("img/a.jpg,x,1\nimg/missing.jpg,3,1\nimg/b.jpg,3\nimg/b.jpg,8,2\n")
-    with pytest.warns(DatasetWarning, match="skipped 3"):
+    (tmp_path / "gallery.csv").write_text("img/missing.jpg,3,1\nimg/b.jpg,8,2\n")
+    with pytest.warns(DatasetWarning, match="skipped 1 .*first: .*gallery.csv:1: image .*missing.jpg does not exist"):
         ds = load_dataset("csv", tmp_path)
-    assert as_pairs(ds.gallery) == [(8, 2)]
-    with pytest.raises(ValueError, match="gallery.csv:1"):
+    assert as_pairs(ds.gallery) == [(8, 2)] and "skipped 1 unusable entries" in ds.summary()
+    with pytest.raises(ValueError, match="gallery.csv:1: image .*missing.jpg does not exist"):
         load_dataset("csv", tmp_path, strict=True)
     with pytest.raises(FileNotFoundError, match="train.csv"):
         load_dataset("csv", tmp_path / "img")
@@ -369,3 +370,66 @@ def test_cuhk03_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="MATLAB v7.3"):
         load_dataset("cuhk03", root, cache_dir=tmp_path / "c4")
     assert not list((tmp_path / "c4").rglob("*labeled*"))  # nothing half-written
+
+
+@pytest.mark.parametrize("rows,message", [
+    ("img/a.jpg,1,1\nimg/b.jpg;2;1\n", r"train.csv:2: expected 3 comma-separated columns .*found 1 column\(s\) "
+                                       r"\(the separator must be a comma, this row uses ';'\)"),
+    ("img/a.jpg,1\n", r"train.csv:1: expected 3 comma-separated columns .*found 2 column"),
+    ("path,person_id,camera_id\nimg/a.jpg,1.0,1\n", r"train.csv:2: person_id must be an integer, found '1.0'"),
+    ("img/a.jpg,1,c1\n", r"train.csv:1: camera_id must be an integer, found 'c1'"),
+    ("img/a.jpg,-2,1\n", r"train.csv:1: person_id -2 is below -1"),
+    ("../outside.jpg,1,1\n", r"train.csv:1: relative path '../outside.jpg' leads outside the dataset folder"),
+])
+def test_csv_bad_rows_name_the_line_and_why(tmp_path, rows, message):
+    data = tmp_path / "data"
+    touch(data / "img", ["a.jpg", "b.jpg"])
+    touch(tmp_path, ["outside.jpg"])
+    (data / "train.csv").write_text(rows)
+    with pytest.raises(ValueError, match=message):
+        load_dataset("csv", data)
+
+
+def test_csv_every_path_missing_names_the_first(tmp_path):
+    (tmp_path / "train.csv").write_text("nope/a.jpg,1,1\nnope/b.jpg,1,2\n")
+    with pytest.raises(ValueError, match=r"no images found .*all 2 entries were unusable, the first: "
+                                         r".*train.csv:1: image .*a.jpg does not exist"):
+        load_dataset("csv", tmp_path)
+
+
+def test_csv_junk_kept_out_and_absolute_paths_outside_noted(tmp_path):
+    data = tmp_path / "data"
+    touch(data / "img", ["a.jpg", "b.jpg"])
+    touch(tmp_path / "elsewhere", ["c.jpg"])
+    (data / "train.csv").write_text(f"img/a.jpg,1,1\n./img/b.jpg,-1,1\n{tmp_path / 'elsewhere' / 'c.jpg'},2,1\n")
+    ds = load_dataset("csv", data)
+    assert [s.path for s in ds.train] == [str(data / "img" / "a.jpg"), str(tmp_path / "elsewhere" / "c.jpg")]
+    assert "dropped 1 junk images (id -1)" in ds.summary()
+    assert f"1 images outside {data} (absolute paths, e.g. {tmp_path / 'elsewhere' / 'c.jpg'})" in ds.summary()
+
+
+def test_market_names_with_ids_below_minus_one_are_not_identities(tmp_path):
+    touch(tmp_path / "train", ["0001_c1_a.jpg", "-2_c1_b.jpg", "0001_c2_c.jpg"])
+    with pytest.warns(DatasetWarning, match=r"first: .*-2_c1_b.jpg: person id -2 is below -1"):
+        ds = load_dataset("folder", tmp_path)
+    assert as_pairs(ds.train) == [(0, 1), (0, 2)]
+    with pytest.raises(ValueError, match="person id -2 is below -1"):
+        load_dataset("folder", tmp_path, strict=True)
+
+
+def test_corrupt_jpegs_are_skipped_counted_and_named(tmp_path):
+    # A JPEG with bytes inverted mid-stream decodes (with only libjpeg's unattributed warning): it must not
+    # reach training or evaluation unnoticed.
+    write_images(tmp_path / "train", ["0001_c1_a.jpg", "0001_c2_b.jpg", "0002_c1_c.jpg"], corrupt=("0001_c2_b.jpg",))
+    bad = str(tmp_path / "train" / "0001_c2_b.jpg")
+    with pytest.warns(DatasetWarning, match=f"skipped 1 corrupt images, the first: {bad}: corrupt JPEG data "
+                                            r"\(Corrupt JPEG data: \d+ extraneous bytes"):
+        ds = load_dataset("folder", tmp_path)
+    assert [s.path for s in ds.train] == [str(tmp_path / "train" / n) for n in ("0001_c1_a.jpg", "0002_c1_c.jpg")]
+    assert f"skipped 1 corrupt images, the first: {bad}: corrupt JPEG data" in ds.summary()
+    with pytest.raises(ValueError, match="0001_c2_b.jpg: corrupt JPEG data"):
+        load_dataset("folder", tmp_path, strict=True)
+    assert len(load_dataset("folder", tmp_path, check_images=False).train) == 3
+    write_images(tmp_path / "only_bad" / "train", ["0001_c1_a.jpg"], corrupt=("0001_c1_a.jpg",))
+    with pytest.raises(ValueError, match="no images found .*; skipped 1 corrupt images, the first: .*0001_c1_a.jpg"):
+        load_dataset("folder", tmp_path / "only_bad")  # the error says it all: no warning before it

@@ -1,37 +1,53 @@
 """Metrics against hand-computed cases and a straightforward per-query reference loop."""
+import itertools
+import warnings
+
 import numpy as np
 import pytest
 
-from rga_keras.evaluation import evaluate, evaluate_distances, extract_features, pairwise_distance
+from rga_keras.evaluation import (
+    DegenerateFeaturesWarning,
+    evaluate,
+    evaluate_distances,
+    extract_features,
+    pairwise_distance,
+)
 
 
 def reference_metrics(dist, qids, gids, qcams, gcams, max_rank, junk_id=-1):
-    """One query at a time: drop junk, sort by (distance, gallery index), walk the list."""
-    firsts, aps, inps = [], [], []
+    """One query at a time: drop junk, group the rest by equal float32 distance, and average the plain
+    walk down the list over every placement of each group's matches among its slots (all orders of tied
+    items equally likely; AP is a sum over groups, so groups are averaged one at a time)."""
+    cmcs, aps, inps = [], [], []
+    dist = np.asarray(dist, np.float32)
     for i in range(len(qids)):
         kept = [j for j in range(len(gids))
                 if not (gids[j] == qids[i] and gcams[j] == qcams[i]) and gids[j] != junk_id]
-        ranked = sorted(kept, key=lambda j: (dist[i][j], j))
-        hits, precisions, last = 0, [], None
-        for position, j in enumerate(ranked, start=1):
-            if gids[j] == qids[i]:
-                hits += 1
-                precisions.append(hits / position)
-                last = position
-                if hits == 1:
-                    firsts.append(position)
-        if hits:
-            aps.append(sum(precisions) / hits)
-            inps.append(hits / last)
-    firsts = np.array(firsts)
-    cmc = np.array([np.mean(firsts <= k) for k in range(1, max_rank + 1)])
-    return {"cmc": cmc, "rank1": cmc[0], "mAP": np.mean(aps), "mINP": np.mean(inps),
-            "num_valid_queries": len(aps), "num_skipped_queries": len(qids) - len(aps)}
+        groups = [[gids[j] == qids[i] for j in kept if dist[i][j] == d] for d in sorted({dist[i][j] for j in kept})]
+        total = sum(sum(g) for g in groups)
+        if not total:
+            continue
+        ap, before, ahead, first, last = 0.0, 0, 0, None, None
+        for group in groups:
+            n, r = len(group), sum(group)
+            if r:
+                placements = list(itertools.combinations(range(n), r))
+                ap += sum((ahead + h + 1) / (before + s + 1) for p in placements
+                          for h, s in enumerate(p)) / len(placements)
+                first = first or [(before + p[0] + 1) for p in placements]
+                last = [(before + p[-1] + 1) for p in placements]
+            before, ahead = before + n, ahead + r
+        cmcs.append([np.mean([f <= k for f in first]) for k in range(1, max(max_rank, 10) + 1)])
+        aps.append(ap / total)
+        inps.append(np.mean([total / x for x in last]))
+    cmc = np.mean(cmcs, axis=0)
+    return {"cmc": cmc[:max_rank], "rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": np.mean(aps),
+            "mINP": np.mean(inps), "num_valid_queries": len(aps), "num_skipped_queries": len(qids) - len(aps)}
 
 
 def assert_same(got, want):
     np.testing.assert_allclose(got["cmc"], want["cmc"], atol=1e-12)
-    for key in ("rank1", "mAP", "mINP"):
+    for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert got[key] == pytest.approx(want[key], abs=1e-12), key
     for key in ("num_valid_queries", "num_skipped_queries"):
         assert got[key] == want[key], key
@@ -66,20 +82,63 @@ def test_hand_computed_junk_distractor_and_skipped_queries():
     assert r["mAP"] == pytest.approx((0.5 + 1 / 6) / 2)
 
 
-@pytest.mark.parametrize("match_first,expected_rank1,expected_ap", [(True, 1.0, 1.0), (False, 0.0, 0.5)])
-def test_ties_keep_gallery_order(match_first, expected_rank1, expected_ap):
-    # Both gallery images at distance 1 from the query: the lower gallery index ranks first.
+@pytest.mark.parametrize("match_first", [True, False])
+def test_ties_score_their_expectation_whatever_the_gallery_order(match_first):
+    # Both gallery images at distance 1 from the query: either may come first, so rank-1 is 1/2 and AP
+    # the mean of 1 and 1/2, whichever holds the lower gallery index.
     gallery = scalar_features([-1, 1])
     gids = np.array([7, 8]) if match_first else np.array([8, 7])
-    r = evaluate(scalar_features([0]), gallery, [7], gids, [0], [1, 1], metric="euclidean")
-    assert r["rank1"] == expected_rank1 and r["mAP"] == pytest.approx(expected_ap)
+    with pytest.warns(DegenerateFeaturesWarning):  # the one query sees a single distance
+        r = evaluate(scalar_features([0]), gallery, [7], gids, [0], [1, 1], metric="euclidean")
+    assert r["rank1"] == pytest.approx(0.5) and r["mAP"] == pytest.approx(0.75)
+    assert r["mINP"] == pytest.approx(0.75)  # INP 1/1 or 1/2
 
 
-def test_all_tied_ranks_follow_gallery_order():
+def permutation_average(gids, qid, max_rank):
+    """Every order of an all-tied gallery, walked plainly: the brute-force chance level."""
+    firsts, aps, inps = [], [], []
+    for order in itertools.permutations(gids):
+        found = [position for position, gid in enumerate(order, 1) if gid == qid]
+        firsts.append(found[0])
+        aps.append(np.mean([h / position for h, position in enumerate(found, 1)]))
+        inps.append(len(found) / found[-1])
+    return ([np.mean(np.array(firsts) <= k) for k in range(1, max_rank + 1)], np.mean(aps), np.mean(inps))
+
+
+def test_constant_features_score_at_chance_and_warn():
+    # 7 gallery images, 3 of the query's identity, every feature equal: all 5040 orders are equally likely.
+    # Sorting ties by gallery index would put the matches first (AP 1) or last, not at chance.
+    gids = np.array([1, 1, 1, 2, 3, 4, 5])
+    cmc, ap, inp = permutation_average(gids, 1, 7)
+    with pytest.warns(DegenerateFeaturesWarning, match="1 of 1 queries see every gallery image at the same"):
+        r = evaluate(np.ones((1, 4)), np.ones((7, 4)), [1], gids, [0], np.ones(7, int), max_rank=7)
+    np.testing.assert_allclose(r["cmc"], cmc, atol=1e-12)
+    assert r["mAP"] == pytest.approx(ap, abs=1e-12) and r["mINP"] == pytest.approx(inp, abs=1e-12)
+    assert r["mAP"] < 0.6  # the identity-sorted order would give 1.0
+
+
+def test_nan_features_are_an_error_naming_the_rows():
+    gallery = np.eye(5, 4)
+    gallery[[1, 3], 2] = np.nan
+    with pytest.raises(ValueError, match=r"gallery_features: 2 of 5 rows hold NaN or Inf values \(first: row 1\)"):
+        evaluate(np.eye(2, 4), gallery, [1, 2], [1, 2, 3, 4, 5], [0, 0], [1] * 5)
+    with pytest.raises(ValueError, match="distances: 1 of 1 rows hold NaN"):
+        evaluate_distances([[0.1, np.inf]], [1], [1, 2], [0], [1, 1])
+
+
+def test_distinct_features_give_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(np.eye(2, 4), np.eye(3, 4), [1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
+
+
+def test_all_tied_matches_the_reference():
     dist = np.zeros((1, 5), np.float32)
-    gids = np.array([2, 1, 2, 1, 1])  # matches at positions 2, 4, 5
-    r = evaluate_distances(dist, [1], gids, [0], [1, 1, 1, 1, 1])
-    assert r["mAP"] == pytest.approx((1 / 2 + 2 / 4 + 3 / 5) / 3) and r["mINP"] == pytest.approx(3 / 5)
+    gids = np.array([2, 1, 2, 1, 1])  # 3 matches among 5 tied items
+    with pytest.warns(DegenerateFeaturesWarning):
+        r = evaluate_distances(dist, [1], gids, [0], [1, 1, 1, 1, 1], max_rank=5)
+    assert_same(r, reference_metrics(dist, [1], gids, [0], [1] * 5, max_rank=5))
+    assert r["rank1"] == pytest.approx(3 / 5)
 
 
 def test_negative_distances_and_signed_zero():

@@ -276,12 +276,26 @@ def test_warmup_file_parses_back_and_runs(exported, loaded):
     (np.full((1, 64, 32, 3), np.nan, np.float32), r"raw RGB pixel values in \[0, 255\]"),
     (np.zeros((0, 64, 32, 3), np.float32), r"at least one image"),
     (np.zeros((1, 64, 32, 3), np.uint8), r"expected to be a float tensor but is a uint8"),
+    (np.linspace(0, 1, 2 * 64 * 32 * 3, dtype=np.float32).reshape(2, 64, 32, 3),
+     r"every pixel of the batch is <= 1: the images look scaled to \[0, 1\]. Send raw RGB pixel values 0-255"),
 ])
 def test_serving_default_rejects_bad_input_clearly(loaded, images, message):
     signature = loaded.signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         signature(images=tf.constant(images))
-    assert signature(images=tf.zeros((1, *SIZE, 3)))["embedding"].shape == (1, EMBEDDING_DIM)  # still serving
+    assert signature(images=tf.fill((1, *SIZE, 3), 128.0))["embedding"].shape == (1, EMBEDDING_DIM)  # still serving
+
+
+def test_unit_range_batches_accepted_only_when_exported_so(model, data):
+    # Images scaled to [0, 1] embed as near-black ones, far from the right embedding: refused by default
+    # (above); the export option lets them through. The signature function itself, without writing a SavedModel.
+    from rga_keras.export.serving import _serving_functions
+    from rga_keras.models import embedding_model
+
+    images = images_of(data.query[:2]) / 255.0
+    serve = _serving_functions(embedding_model(model, "after_bn"), *SIZE, "float32", allow_unit_range=True)
+    got = serve["serving_default"][0](tf.constant(images))["embedding"].numpy()  # eager: no tracing
+    np.testing.assert_allclose(got, keras_embeddings(model, images), atol=2e-5)
 
 
 def test_serve_image_bytes_names_the_bad_item(loaded, data):
@@ -305,7 +319,10 @@ def test_uint8_serving_signature(model, data, tmp_path):
     np.testing.assert_allclose(got, keras_embeddings(model, images.astype(np.float32)), atol=2e-5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a uint8 tensor"):
         signature(images=tf.constant(images.astype(np.float32)))
-    assert json.loads((path / "assets" / "rga_metadata.json").read_text())["input"]["dtype"] == "uint8"
+    meta = json.loads((path / "assets" / "rga_metadata.json").read_text())["input"]
+    assert meta["dtype"] == "uint8" and meta["allow_unit_range"] is False
+    with pytest.raises(tf.errors.InvalidArgumentError, match="look scaled to"):  # uint8 0/1 values: the same mistake
+        signature(images=tf.constant((images > 127).astype(np.uint8)))
     with pytest.raises(FileExistsError):
         ex.write_saved_model(model, path)
     # its parity check feeds rounded pixels and compares with Keras on the same pixels (uint8 clients send those)

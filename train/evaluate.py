@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         from rga_keras.experiment import eval_features, evaluate_model
 
+        data = load_data(args)  # before the model: a broken dataset is found in a second, not after a model load
         model, size = load_model(args.model, args.image_size)
-        data = load_data(args)
         print(f"model    {args.model} ({model.name}, input {size[0]}x{size[1]})")
         print(f"dataset  {data.summary()}")
         config = eval_config(args, size)

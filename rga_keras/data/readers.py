@@ -3,11 +3,13 @@
 Every reader returns a :class:`ReidDataset`. Training identities are relabelled 0..K-1 (in the order
 of their original ids); query and gallery keep the original ids, since evaluation only compares them.
 Identity -1 (Market-1501's junk boxes) is dropped everywhere; identity 0 (Market's distractors) stays
-in the gallery (docs/DESIGN.md §4). Camera ids are the numbers in the release (Market ``c1`` → 1).
+in the gallery (docs/DESIGN.md §4); ids below -1 are not identities and are refused. Camera ids are the
+numbers in the release (Market ``c1`` → 1).
 """
 from __future__ import annotations
 
 import csv
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -62,7 +64,8 @@ class ReidDataset:
         return f"{self.name}: " + ", ".join(parts) + notes
 
 
-def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs) -> ReidDataset:
+def load_dataset(name: str, root: str | Path, *, strict: bool = False, check_images: bool = True,
+                 **kwargs) -> ReidDataset:
     """Read a dataset in one of the layouts of docs/DESIGN.md §5.
 
     name: ``market1501``, ``dukemtmc``, ``msmt17`` (kwarg ``include_val=True`` adds list_val.txt to
@@ -72,7 +75,10 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs)
     Market-style names) or ``csv`` (a folder with train.csv, query.csv, gallery.csv of
     ``path,person_id,camera_id`` rows).
     root: the release folder, or a folder holding it one level down.
-    strict: fail on the first file name or list line that does not parse instead of skipping it.
+    strict: fail on the first file name or list line that does not parse, or image that is corrupt,
+    instead of skipping it.
+    check_images: read every JPEG through libjpeg in strict mode and skip (count, warn about) the ones that
+    decode only with "Corrupt JPEG data" warnings (`rga_keras.data.image_check`; about 0.2 ms per image).
     """
     key = name.lower()
     if key not in _READERS:
@@ -87,6 +93,8 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs)
         raise TypeError(f"{key}: unexpected argument(s) {sorted(unknown)}; accepted: {accepted}")
     skipped = _Skipped(strict)
     splits, expected, folder = reader(root, skipped, **kwargs)
+    if check_images:
+        splits = _without_corrupt(splits, skipped)
     return _finish(key if key != "cuhk03" else f"cuhk03-{kwargs.get('split', 'labeled')}",
                    splits, expected, folder, skipped)
 
@@ -95,16 +103,37 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, **kwargs)
 
 
 class _Skipped:
-    """Collects inputs that do not parse; in strict mode the first one raises."""
+    """Collects inputs that do not parse (in strict mode the first one raises) and the reader's notes."""
 
     def __init__(self, strict: bool):
         self.strict = strict
         self.items: list[str] = []
+        self.first = ""  # the first item with its reason
+        self.notes: list[str] = []  # things a reader wants said in the dataset's summary
+        self.warnings: list[str] = []  # said once the dataset is known not to be empty
 
     def __call__(self, where: str, why: str) -> None:
         if self.strict:
             raise ValueError(f"{where}: {why}")
+        self.first = self.first or f"{where}: {why}"
         self.items.append(where)
+
+
+def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict[str, list[Sample]]:
+    """The splits less the images that are corrupt JPEGs or unreadable: counted and the first named in the
+    notes and a `DatasetWarning` (an error in strict mode)."""
+    from rga_keras.data.image_check import find_corrupt
+
+    bad = find_corrupt(sorted({s.path for samples in splits.values() for s in samples}))
+    if not bad:
+        return splits
+    first = min(bad)
+    if skipped.strict:
+        raise ValueError(f"{first}: {bad[first]}")
+    note = f"skipped {len(bad)} corrupt images, the first: {first}: {bad[first]}"
+    skipped.notes.append(note)
+    skipped.warnings.append(f"{note}; pass check_images=False to keep them")
+    return {k: [s for s in v if s.path not in bad] for k, v in splits.items()}
 
 
 def _count(samples: list[Sample]) -> tuple[int, int]:
@@ -119,15 +148,20 @@ def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, f
     splits = {k: [s for s in v if s.person_id != JUNK_ID] for k, v in splits.items()}
     if not any(splits.values()):
         junk_note = f" ({junk} junk images, id -1)" if junk else ""
-        raise ValueError(f"{name}: no images found under {folder}{junk_note}")
+        first = f"; all {len(skipped.items)} entries were unusable, the first: {skipped.first}" if skipped.items else ""
+        raise ValueError(f"{name}: no images found under {folder}{junk_note}{first}"
+                         + "".join(f"; {note}" for note in skipped.notes))
+    for message in skipped.warnings:
+        warnings.warn(f"{name}: {message}", DatasetWarning, stacklevel=3)
     if junk:
         notes.append(f"dropped {junk} junk images (id -1)")
     if skipped.items:
-        notes.append(f"skipped {len(skipped.items)} unparsable entries")
+        notes.append(f"skipped {len(skipped.items)} unusable entries, the first: {skipped.first}")
         warnings.warn(
-            f"{name}: skipped {len(skipped.items)} files or lines that do not parse "
-            f"(first: {skipped.items[0]}); pass strict=True to fail on them instead",
+            f"{name}: skipped {len(skipped.items)} files or lines that do not parse or name no image "
+            f"(first: {skipped.first}); pass strict=True to fail on them instead",
             DatasetWarning, stacklevel=3)
+    notes += skipped.notes
     notes.append(_check_counts(name, splits, expected, folder))
     train_ids = sorted({s.person_id for s in splits["train"]})
     relabel = {pid: i for i, pid in enumerate(train_ids)}
@@ -181,8 +215,10 @@ def _market_files(folder: Path, skipped: _Skipped) -> list[Sample]:
         match = _MARKET_NAME.match(path.name)
         if match is None:
             skipped(str(path), "file name does not start with PPPP_cC (person id, camera)")
-            continue
-        samples.append(Sample(str(path), int(match[1]), int(match[2])))
+        elif int(match[1]) < JUNK_ID:
+            skipped(str(path), f"person id {match[1]} is below -1 (ids are >= 0, or -1 for junk)")
+        else:
+            samples.append(Sample(str(path), int(match[1]), int(match[2])))
     return samples
 
 
@@ -241,10 +277,15 @@ def _msmt_list(folder: Path, list_name: str, image_dir: str, skipped: _Skipped) 
         try:
             rel, pid = fields
             camera = int(Path(rel).name.split("_")[2])
-            samples.append(Sample(str(folder / image_dir / rel), int(pid), camera))
+            sample = Sample(str(folder / image_dir / rel), int(pid), camera)
         except (ValueError, IndexError):
             skipped(f"{folder / list_name}:{number}", f"expected 'path pid' with a name like "
                     f"0000_000_01_0303morning_0015_0.jpg, found {line!r}")
+            continue
+        if sample.person_id < JUNK_ID:
+            skipped(f"{folder / list_name}:{number}", f"person id {pid} is below -1 (ids are >= 0, or -1 for junk)")
+        else:
+            samples.append(sample)
     for sample in samples[:1] + samples[-1:]:
         if not Path(sample.path).exists():
             raise FileNotFoundError(f"msmt17: {list_name} names {sample.path}, which does not exist "
@@ -257,28 +298,64 @@ def _read_csv(root: Path, skipped: _Skipped):
     if folder is None:
         raise _layout_error("csv", root, "train.csv, query.csv and/or gallery.csv (rows path,person_id,camera_id)")
     files = {split: folder / f"{split}.csv" for split in _SPLITS}
-    return {split: _csv_rows(f, skipped) if f.exists() else [] for split, f in files.items()}, None, folder
+    splits = {split: _csv_rows(f, folder, skipped) if f.exists() else [] for split, f in files.items()}
+    outside = sum(not _inside(s.path, folder) for samples in splits.values() for s in samples)
+    if outside:
+        first = next(s.path for v in splits.values() for s in v if not _inside(s.path, folder))
+        skipped.notes.append(f"{outside} images outside {folder} (absolute paths, e.g. {first})")
+    return splits, None, folder
 
 
-def _csv_rows(file: Path, skipped: _Skipped) -> list[Sample]:
-    """Rows ``path,person_id,camera_id`` (an optional header row of those names); paths relative to the file."""
+_CSV_HEADER = ["path", "person_id", "camera_id"]
+
+
+def _csv_rows(file: Path, folder: Path, skipped: _Skipped) -> list[Sample]:
+    """Rows ``path,person_id,camera_id`` (an optional header row of those names).
+
+    A relative path is taken from the file's folder and must stay inside ``folder`` (the dataset root);
+    images elsewhere need an absolute path. A row that does not parse is an error naming its line (a list
+    is written by hand or by a script, so one bad row usually means all are); a row naming a missing
+    image is skipped (an error with ``strict``).
+    """
     samples = []
-    with open(file, newline="") as handle:
+    with open(file, newline="", encoding="utf-8") as handle:
         for number, row in enumerate(csv.reader(handle), 1):
-            if not row or (number == 1 and [c.strip() for c in row] == ["path", "person_id", "camera_id"]):
+            cells = [c.strip() for c in row]
+            if not any(cells) or (number == 1 and [c.lower() for c in cells] == _CSV_HEADER):
                 continue
-            where = f"{file}:{number}"
-            try:
-                path, pid, camera = (c.strip() for c in row)
-                sample = Sample(str(file.parent / path), int(pid), int(camera))
-            except ValueError:
-                skipped(where, f"expected path,person_id,camera_id with integer ids, found {row!r}")
-                continue
-            if not Path(sample.path).is_file():
-                skipped(where, f"image {sample.path} does not exist")
-                continue
-            samples.append(sample)
+            sample = _csv_sample(cells, file, folder, f"{file}:{number}")
+            if Path(sample.path).is_file():
+                samples.append(sample)
+            else:
+                skipped(f"{file}:{number}", f"image {sample.path} does not exist")
     return samples
+
+
+def _csv_sample(cells: list[str], file: Path, folder: Path, where: str) -> Sample:
+    """One parsed row, or a ValueError saying what is wrong with it."""
+    expected = "expected 3 comma-separated columns path,person_id,camera_id"
+    if len(cells) != 3:
+        other = next((sep for sep in ";\t|" if len(cells) == 1 and sep in cells[0]), None)
+        hint = f" (the separator must be a comma, this row uses {other!r})" if other else ""
+        raise ValueError(f"{where}: {expected}, found {len(cells)} column(s){hint}: {','.join(cells)!r}")
+    path, pid, camera = cells
+    for name, value in (("person_id", pid), ("camera_id", camera)):
+        if not re.fullmatch(r"-?\d+", value):
+            raise ValueError(f"{where}: {name} must be an integer, found {value!r}")
+    if int(pid) < JUNK_ID:
+        raise ValueError(f"{where}: person_id {pid} is below -1 (ids are >= 0, or -1 for junk images)")
+    if not path:
+        raise ValueError(f"{where}: the path column is empty")
+    full = os.path.normpath(file.parent / path)
+    if not Path(path).is_absolute() and not _inside(full, folder):
+        raise ValueError(f"{where}: relative path {path!r} leads outside the dataset folder {folder}; "
+                         f"write it as an absolute path to use an image from elsewhere")
+    return Sample(full, int(pid), int(camera))
+
+
+def _inside(path: str, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder``, comparing the normalised paths (not following links)."""
+    return Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder))
 
 
 def _read_cuhk03(root: Path, skipped: _Skipped, split: str = "labeled", cache_dir: str | Path | None = None):

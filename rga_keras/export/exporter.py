@@ -59,6 +59,7 @@ def export_all(
     eval_split: tuple[Sequence, Sequence] | None = None,
     eval_batch_size: int = 32,
     serving_dtype: str = "float32",
+    serving_allow_unit_range: bool = False,
     int8_io: bool = False,
     int8_float_ops: Sequence[str] = INT8_FLOAT_OPS,
     int8_range_percentile: float | str = "auto",
@@ -83,6 +84,8 @@ def export_all(
     check: measure parity, retrieval and latency (False: only write the artefacts).
     enforce: a missed threshold raises `ParityError` and publishes nothing (False: report and publish anyway).
     overwrite: replace an existing version / files of the same name.
+    serving_allow_unit_range: the SavedModel's serving_default accepts batches whose pixels are all <= 1
+        (by default refused as images scaled to [0, 1]; see `write_saved_model`).
 
     Returns the report (also written as JSON/Markdown): "model", "settings", "reference" (Keras),
     "checks" (per artefact), "artefacts" ({name: path}), "passed".
@@ -122,7 +125,8 @@ def export_all(
             calibration = load_images(samples, size, num_calibration)
             log(f"int8 calibration: {len(calibration)} images")
         built = _build(model, formats, staging, feature=feature, model_name=model_name, version=version,
-                       serving_dtype=serving_dtype, calibration=calibration, int8_io=int8_io,
+                       serving_dtype=serving_dtype, allow_unit_range=serving_allow_unit_range,
+                       calibration=calibration, int8_io=int8_io,
                        int8_float_ops=int8_float_ops, int8_range_percentile=int8_range_percentile, log=log)
         report = {
             "model": {"name": model_name, "version": version, "feature": feature, **info},
@@ -161,14 +165,15 @@ def _targets(out_dir: Path, formats: list[str], name: str, version: int) -> dict
                   else out_dir / "tflite" / f"{name}_v{version}_{fmt[len('tflite_'):]}.tflite") for fmt in formats}
 
 
-def _build(model, formats, staging, *, feature, model_name, version, serving_dtype, calibration, int8_io,
-           int8_float_ops, int8_range_percentile, log) -> dict[str, tuple[Path, dict]]:
+def _build(model, formats, staging, *, feature, model_name, version, serving_dtype, allow_unit_range, calibration,
+           int8_io, int8_float_ops, int8_range_percentile, log) -> dict[str, tuple[Path, dict]]:
     """Write every artefact into ``staging``; returns {format: (path, extra report entries)}."""
     built = {}
     if "saved_model" in formats:
         start = time.perf_counter()
         path = write_saved_model(model, staging / "saved_model", feature=feature, model_name=model_name,
-                                 serving_dtype=serving_dtype, metadata={"version": version})
+                                 serving_dtype=serving_dtype, allow_unit_range=allow_unit_range,
+                                 metadata={"version": version})
         built["saved_model"] = (path, {"seconds_to_build": round(time.perf_counter() - start, 1)})
         log(f"saved_model: written in {built['saved_model'][1]['seconds_to_build']} s")
     kinds = [fmt[len("tflite_"):] for fmt in formats if fmt.startswith("tflite_")]

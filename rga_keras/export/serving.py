@@ -38,8 +38,19 @@ def _complete_jpeg_or_png(data: tf.Tensor) -> tf.Tensor:
     return jpeg | png
 
 
-def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: str) -> dict:
-    """The two signature functions, with input checks that fail with a message instead of deep in the graph."""
+UNIT_RANGE_MESSAGE = (
+    "serving_default: every pixel of the batch is <= 1: the images look scaled to [0, 1]. Send raw RGB pixel "
+    "values 0-255, as decoding the image file gives them (e.g. np.asarray(PIL.Image.open(f).convert('RGB'), "
+    "np.float32)), without scaling or normalising; the model normalises them itself. (A model exported with "
+    "--serving-allow-unit-range takes such batches as they are, for all-black inputs.)")
+
+
+def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: str,
+                       allow_unit_range: bool = False) -> dict:
+    """The two signature functions, with input checks that fail with a message instead of deep in the graph.
+
+    ``serving_default`` refuses a batch whose pixels are all <= 1 (the commonest client mistake: images
+    scaled to [0, 1], which the model would embed as near-black images) unless ``allow_unit_range``."""
     from rga_keras.data.pipeline import decode_image, resize_image  # the evaluation pipeline's preprocessing
 
     embed = embed_function(embedder)
@@ -55,14 +66,19 @@ def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: st
                 got], summarize=8),
             tf.debugging.Assert(padded[0] > 0, ["serving_default: expected at least one image, got an empty batch"]),
         ]
+        # After the shape check: the reductions assume rank 4 and would fail first, without the message.
+        with tf.control_dependencies(checks):
+            top = tf.reduce_max(images)
         if dtype == "float32":
             message = ("serving_default: expected raw RGB pixel values in [0, 255] (the model normalises "
                        "them itself; do not scale or normalise the images), found a value outside")
             # 0.5 of slack: resizing (antialiased bilinear) can overshoot 255 by float rounding
-            # After the shape check: the reductions assume rank 4 and would fail first, without the message.
             with tf.control_dependencies(checks):
                 checks += [tf.debugging.assert_greater_equal(tf.reduce_min(images), -0.5, message=message),
-                           tf.debugging.assert_less_equal(tf.reduce_max(images), 255.5, message=message)]
+                           tf.debugging.assert_less_equal(top, 255.5, message=message)]
+        if not allow_unit_range:
+            with tf.control_dependencies(checks):
+                checks.append(tf.debugging.Assert(tf.cast(top, tf.float32) > 1.0, [UNIT_RANGE_MESSAGE]))
         with tf.control_dependencies(checks):
             images = tf.ensure_shape(tf.cast(images, tf.float32), [None, height, width, 3])
         return embed(images)
@@ -114,6 +130,7 @@ def write_saved_model(
     feature: str = "after_bn",
     model_name: str = "rga",
     serving_dtype: str = "float32",
+    allow_unit_range: bool = False,
     metadata: dict | None = None,
 ) -> Path:
     """Write the TF Serving SavedModel of ``model`` into ``export_dir`` (a version folder, which must not exist).
@@ -121,7 +138,8 @@ def write_saved_model(
     Built in a temporary sibling folder and renamed into place when complete. Signatures:
     ``serving_default``: images (batch, H, W, 3) of ``serving_dtype`` → {"embedding"}; ``serve_image_bytes``:
     (batch,) encoded JPEG/PNG strings → {"embedding"}. Adds the warm-up file and ``assets/rga_metadata.json``
-    (``metadata`` entries are added to it).
+    (``metadata`` entries are added to it). ``serving_default`` refuses batches whose pixels are all <= 1
+    (images scaled to [0, 1]) unless ``allow_unit_range`` (recorded in the metadata as ``input.allow_unit_range``).
     """
     info = reid_model_info(model)
     check_choice("feature", feature, FEATURES)
@@ -136,7 +154,7 @@ def write_saved_model(
     try:
         # add_endpoint tracks the variables the endpoints use; track(embedder) would store each twice.
         archive = keras.export.ExportArchive()
-        for name, (fn, spec) in _serving_functions(embedder, height, width, serving_dtype).items():
+        for name, (fn, spec) in _serving_functions(embedder, height, width, serving_dtype, allow_unit_range).items():
             archive.add_endpoint(name, fn, input_signature=[spec])
         archive.write_out(str(tmp), verbose=False)
         _write_warmup(tmp / "assets.extra" / WARMUP_FILE, model_name, height, width, serving_dtype)
@@ -144,7 +162,7 @@ def write_saved_model(
             "model_name": model_name, "feature": feature, "l2_normalised": True,
             "embedding_dim": info["embedding_dim"],
             "input": {"height": height, "width": width, "channels": 3, "dtype": serving_dtype,
-                      "pixels": "raw RGB 0-255, not normalised"},
+                      "pixels": "raw RGB 0-255, not normalised", "allow_unit_range": allow_unit_range},
             "signatures": {
                 "serving_default": {"inputs": {"images": f"{serving_dtype} (batch, {height}, {width}, 3)"},
                                     "outputs": {"embedding": f"float32 (batch, {info['embedding_dim']})"}},

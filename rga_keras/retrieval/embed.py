@@ -1,5 +1,6 @@
 """Embed image files with an `Embedder`: decoded and resized as the evaluation pipeline does, in batches,
-with optional flip test-time augmentation; unreadable files are skipped and reported, never fatal."""
+with optional flip test-time augmentation; unreadable files and corrupt JPEGs (`rga_keras.data.image_check`)
+are skipped and reported, never fatal."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,7 +22,8 @@ def embed_images(
     """Embed the images at ``paths``: returns ``(features, embedded, skipped)``.
 
     features: float32 (n, d), L2-normalised, one row per path of ``embedded`` (``paths`` in order, without
-    the ``skipped`` ones: missing or undecodable files). flip=True: the normalised mean of the image's and its
+    the ``skipped`` ones: missing or undecodable files, and JPEGs that decode only with libjpeg's "Corrupt JPEG
+    data" warning). flip=True: the normalised mean of the image's and its
     mirror's embeddings. Images are read and resized by parallel `tf.data` workers
     (`rga_keras.data.make_eval_dataset`); a ``keras.utils.Progbar`` counts images (``verbose=0`` hides it).
     ValueError when no image can be read.
@@ -29,10 +31,14 @@ def embed_images(
     import keras
 
     from rga_keras.data import CorruptImages, make_eval_dataset
+    from rga_keras.data.image_check import find_corrupt
 
     if not paths:
         raise ValueError("no images to embed")
-    dataset = make_eval_dataset([(path, 0, 0) for path in paths], image_size=embedder.input_size,
+    corrupt = find_corrupt(paths)
+    if len(corrupt) == len(paths):
+        raise ValueError(f"none of the {len(paths)} images could be read (the first, {paths[0]}: {corrupt[paths[0]]})")
+    dataset = make_eval_dataset([(p, 0, 0) for p in paths if p not in corrupt], image_size=embedder.input_size,
                                 batch_size=batch_size, corrupt_log=CorruptImages())
     progbar = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
     position = {path: i for i, path in enumerate(paths)}  # progress counts skipped images as done

@@ -37,7 +37,13 @@ class Embedder:
     run: Callable[[np.ndarray], np.ndarray]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return unit_rows(np.asarray(self.run(np.asarray(images, np.float32)), np.float32))
+        """Embeddings of raw RGB pixels 0-255 (n, H, W, 3); a batch whose pixels are all <= 1 is refused as
+        images scaled to [0, 1] (the rule of the SavedModel's serving_default, docs/EXPORT.md)."""
+        images = np.asarray(images, np.float32)
+        if images.size and images.max() <= 1.0:
+            raise ValueError("every pixel of the batch is <= 1: the images look scaled to [0, 1]; pass raw RGB "
+                             "pixel values 0-255, as decoding the image file gives them, without scaling")
+        return unit_rows(np.asarray(self.run(images), np.float32))
 
 
 def model_format(path: str | os.PathLike) -> str:
