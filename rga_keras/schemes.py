@@ -18,6 +18,7 @@ runs on every backend and exports to TFLite builtin ops. `SCHEMES` maps the name
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import keras
@@ -302,19 +303,19 @@ SCHEMES: dict[str, Scheme] = {
     "se": Scheme("SE, reduction 16, in every bottleneck (SE-ResNet-50; Table 2, channel)",
                  _without_bn(SqueezeExcitation, 16), in_blocks=True),
     "cbam_c": Scheme("CBAM channel attention, reduction 8, after each stage (Table 2, channel)",
-                     lambda **kw: CBAM("c", 8, **kw)),
+                     functools.partial(CBAM, "c", 8)),
     "cbam_s": Scheme("CBAM spatial attention, 7×7 conv, after each stage (Table 2, spatial)",
-                     lambda **kw: CBAM("s", 8, **kw)),
+                     functools.partial(CBAM, "s")),
     "cbam_cs": Scheme("CBAM channel then spatial attention, after each stage (Table 2, both)",
-                      lambda **kw: CBAM("cs", 8, **kw)),
+                      functools.partial(CBAM, "cs", 8)),
     "fc_s": Scheme("FC spatial attention, 1×1 embedding C/8, FCs N→N/8→N, after each stage (Table 2, spatial)",
-                   lambda **kw: FCAttention("s", 8, **kw)),
+                   functools.partial(FCAttention, "s", 8)),
     "fc_c": Scheme("FC channel attention, 1×1 embedding C/8, FC C/8→C, after each stage (Table 2, channel)",
-                   lambda **kw: FCAttention("c", 8, **kw)),
+                   functools.partial(FCAttention, "c", 8)),
     "fc_s/c": Scheme("FC spatial and channel attention in parallel, after each stage (Table 2, both)",
-                     lambda **kw: FCAttention("s/c", 8, **kw)),
+                     functools.partial(FCAttention, "s/c", 8)),
     "nl": Scheme("Non-local block, inner width C/4, after each stage (Table 2, spatial)",
-                 lambda **kw: NonLocal(4, **kw)),
+                 functools.partial(NonLocal, 4)),
     "snl": Scheme("Simplified non-local block (GCNet §3.3), after each stage (Table 2, spatial)",
                   _without_bn(SimplifiedNonLocal)),
 }
