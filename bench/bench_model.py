@@ -1,4 +1,4 @@
-"""Forward latency, train-step throughput and peak memory: baseline vs RGA-SC (fused) vs RGA-SC (explicit).
+"""Forward latency, train-step throughput and peak memory: baseline, RGA-SC (fused, explicit), Table 2's schemes.
 
 Runs on the Keras backend in KERAS_BACKEND: TensorFlow (a `tf.function` step, ``--xla`` to jit-compile it)
 or JAX (a `jax.jit` step over `model.stateless_call`, always XLA; no TensorFlow is imported). Each
@@ -8,6 +8,7 @@ allocation) belongs to that configuration alone, and the ratios come from one in
     python bench/bench_model.py                          # CPU forward, batch 1 and 16
     KERAS_BACKEND=jax python bench/bench_model.py --train --batch-sizes 64 --precision mixed_bfloat16  # a GPU
     python bench/bench_model.py --markdown docs/bench_model_cpu.md
+    python bench/bench_model.py --batch-sizes 1 --configs baseline se nl rga_sc_fused   # Table 2's schemes
 """
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ import subprocess
 import sys
 import time
 
+from rga_keras.schemes import SCHEMES
+
 CONFIGS = {"baseline": (None, "fused"), "rga_sc_fused": ("sc", "fused"), "rga_sc_explicit": ("sc", "explicit")}
+DEFAULT_CONFIGS = list(CONFIGS)
+CONFIGS.update({name: (name, "fused") for name in SCHEMES})  # the comparison schemes of Table 2, by name
 NUM_CLASSES = 751
 
 
@@ -181,7 +186,7 @@ def _machine() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"])
     parser.add_argument("--xla", action="store_true", help="jit_compile the step (TensorFlow; JAX always is)")

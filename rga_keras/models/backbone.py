@@ -14,6 +14,7 @@ import keras
 
 from rga_keras import weights
 from rga_keras.layers import MODES, RGA, RGAOptions, batch_norm
+from rga_keras.schemes import SCHEME_LAYERS, SCHEMES
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 RESNET50_WIDTHS = (64, 128, 256, 512)
@@ -27,8 +28,10 @@ def _conv(x, filters: int, kernel: int, stride: int, name: str, dtype: Any):
     return keras.layers.Conv2D(filters, kernel, strides=stride, use_bias=False, name=name, dtype=dtype)(x)
 
 
-def _bottleneck(x, width: int, stride: int, name: str, synchronized_bn: bool, zero_init_residual: bool, dtype: Any):
-    """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution (as torchvision)."""
+def _bottleneck(x, width: int, stride: int, name: str, synchronized_bn: bool, zero_init_residual: bool, dtype: Any,
+                attention: keras.layers.Layer | None = None):
+    """ResNet v1.5 bottleneck: the stride sits on the 3×3 convolution (as torchvision). ``attention``, if
+    given, acts on the residual branch before the addition (as SE-ResNet's SE blocks)."""
     def conv_bn(y, filters, kernel, stride_, part, **bn_kwargs):
         y = _conv(y, filters, kernel, stride_, f"{name}_{part[0]}", dtype)
         return batch_norm(f"{name}_{part[1]}", synchronized_bn, dtype=dtype, **bn_kwargs)(y)
@@ -36,6 +39,8 @@ def _bottleneck(x, width: int, stride: int, name: str, synchronized_bn: bool, ze
     out = keras.layers.ReLU(dtype=dtype)(conv_bn(x, width, 1, 1, ("conv1", "bn1")))
     out = keras.layers.ReLU(dtype=dtype)(conv_bn(out, width, 3, stride, ("conv2", "bn2")))
     out = conv_bn(out, 4 * width, 1, 1, ("conv3", "bn3"), gamma_initializer="zeros" if zero_init_residual else "ones")
+    if attention is not None:
+        out = attention(out)
     shortcut = x
     if stride != 1 or x.shape[-1] != 4 * width:
         shortcut = conv_bn(x, 4 * width, 1, stride, ("downsample_conv", "downsample_bn"))
@@ -47,10 +52,13 @@ class RGAResNetBackbone(keras.Model):
     """ResNet-50 v1.5 (last stride 1) with an RGA module after each chosen stage (paper Fig. 3).
 
     Args:
-        attention: an `RGA` mode ("s", "c", "sc", "cs", "s//c") or None for the paper's baseline.
+        attention: an `RGA` mode ("s", "c", "sc", "cs", "s//c"), None for the paper's baseline, or one of the
+            comparison schemes of Table 2 (`rga_keras.schemes.SCHEMES`: "se", "cbam_c", "cbam_s", "cbam_cs",
+            "fc_s", "fc_c", "fc_s/c", "nl", "snl"), placed after each chosen stage as RGA, or inside every
+            bottleneck of the chosen stages where the design puts it there (SE).
         input_shape: (H, W, 3) of the raw RGB input; the RGA weights depend on it.
         last_stride: stride of stage 4 (1 in the paper: a 16×8 final map for 256×128).
-        rga_stages: which of the stages 1–4 get an RGA module.
+        rga_stages: which of the stages 1–4 get an RGA module (or the comparison scheme).
         rga_options: an `RGAOptions` (or its dict) for every module: the ablations of Tables 1 and 4.
         synchronized_bn: synchronise every BatchNorm's statistics across replicas.
         zero_init_residual: start the last BN of every residual branch at γ = 0 (Goyal et al., 2017), so
@@ -83,8 +91,8 @@ class RGAResNetBackbone(keras.Model):
         if len(stage_blocks) != 4 or len(stage_widths) != 4 or min(stage_blocks + stage_widths) < 1:
             raise ValueError(f"stage_blocks and stage_widths must be 4 positive numbers each, got {stage_blocks} "
                              f"and {stage_widths}")
-        if attention is not None and attention not in MODES:
-            raise ValueError(f"attention must be None or one of {MODES}, got {attention!r}")
+        if attention is not None and attention not in MODES and attention not in SCHEMES:
+            raise ValueError(f"attention must be None or one of {MODES + tuple(SCHEMES)}, got {attention!r}")
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
         stages = tuple(sorted(set(int(s) for s in rga_stages)))
@@ -94,6 +102,8 @@ class RGAResNetBackbone(keras.Model):
         if len(input_shape) != 3 or input_shape[2] != 3 or min(input_shape[:2]) < 32:
             raise ValueError(f"input_shape must be (height, width, 3) with height, width >= 32, got {input_shape}")
         options = RGAOptions.make(rga_options)
+        scheme = SCHEMES.get(attention)
+        slug = attention.replace("//", "_par_").replace("/", "_") if attention else None
 
         # === Functional model ===
         images = keras.Input(input_shape, name="images")
@@ -108,12 +118,18 @@ class RGAResNetBackbone(keras.Model):
         x = keras.layers.MaxPooling2D(3, strides=2, name="maxpool", dtype=dtype)(x)
         for stage, (blocks, width) in enumerate(zip(stage_blocks, stage_widths), start=1):
             stride = 1 if stage == 1 else (last_stride if stage == 4 else 2)
+            chosen = attention is not None and stage in stages
             for block in range(blocks):
-                x = _bottleneck(x, width, stride if block == 0 else 1, f"layer{stage}_{block}", synchronized_bn,
-                                zero_init_residual, dtype)
-            if attention is not None and stage in stages:
+                block_name = f"layer{stage}_{block}"
+                in_block = (scheme.make(name=f"{block_name}_{slug}", dtype=dtype, synchronized_bn=synchronized_bn)
+                            if chosen and scheme is not None and scheme.in_blocks else None)
+                x = _bottleneck(x, width, stride if block == 0 else 1, block_name, synchronized_bn, zero_init_residual,
+                                dtype, in_block)
+            if chosen and scheme is None:
                 x = RGA(attention, options, synchronized_bn, name=f"rga{stage}", dtype=dtype)(x)
-        default_name = f"rga_{attention.replace('//', '_par_')}_resnet50" if attention else "baseline_resnet50"
+            elif chosen and not scheme.in_blocks:
+                x = scheme.make(name=f"{slug}{stage}", dtype=dtype, synchronized_bn=synchronized_bn)(x)
+        default_name = (f"rga_{slug}" if scheme is None else slug) + "_resnet50" if attention else "baseline_resnet50"
         kwargs.setdefault("name", default_name + "_backbone")
         super().__init__(inputs=images, outputs=x, **kwargs)
         if dtype is not None:  # Functional.__init__ does not take it; the saved config must hold the layers' policy
@@ -133,6 +149,11 @@ class RGAResNetBackbone(keras.Model):
     def rga_layers(self) -> list[RGA]:
         """The RGA modules, in network order."""
         return [layer for layer in self.layers if isinstance(layer, RGA)]
+
+    @property
+    def scheme_layers(self) -> list[keras.layers.Layer]:
+        """The comparison scheme's modules (`rga_keras.schemes`), in network order."""
+        return [layer for layer in self.layers if isinstance(layer, SCHEME_LAYERS)]
 
     def resnet_layers(self) -> Iterator[tuple[str, keras.layers.Layer, str]]:
         """(torchvision key prefix, layer, "conv" | "bn") for every ResNet-50 weight layer.

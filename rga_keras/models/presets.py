@@ -1,4 +1,4 @@
-"""The paper's network variants by name (Tables 1 and 4 of Zhang et al., CVPR 2020).
+"""The paper's network variants by name (Tables 1, 2 and 4 of Zhang et al., CVPR 2020).
 
 Architecture only: the official code publishes no trained weights to download. Each preset is the
 backbone's configuration; ``RGAReID.from_preset(name, num_classes=…)`` adds the re-id head.
@@ -6,6 +6,8 @@ backbone's configuration; ``RGAReID.from_preset(name, num_classes=…)`` adds th
 from __future__ import annotations
 
 from typing import Any
+
+from rga_keras.schemes import SCHEMES
 
 PRESETS: dict[str, dict[str, Any]] = {
     "baseline_resnet50": {"description": "ResNet-50, last stride 1, no attention (the paper's baseline)",
@@ -25,6 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rga_sc_no_embedding_resnet50": {"description": "RGA-SC, affinities of the raw features (Table 4)",
                                      "attention": "sc", "rga_options": {"embedding": "none"}},
 }
+# The comparison schemes of Table 2 (rga_keras.schemes; docs/SCHEMES.md): "se_resnet50", "cbam_cs_resnet50", ...
+PRESETS.update({f"{name.replace('/', '_')}_resnet50": {"description": scheme.description, "attention": name}
+                for name, scheme in SCHEMES.items()})
 
 
 def backbone_config(preset: str) -> dict[str, Any]:

@@ -97,7 +97,8 @@ class RGAReID(keras.Model):
         """
         layers = self.rga_layers
         if not layers:
-            raise ValueError(f"model '{self.name}' has no RGA layers (a baseline model has no attention maps)")
+            raise ValueError(f"model '{self.name}' has no RGA layers (baseline and Table 2 scheme models have no "
+                             "RGA attention maps)")
         outputs = {layer.name: _AttentionMaps(layer, name=f"{layer.name}_maps")(layer.input) for layer in layers}
         return keras.Model(self.backbone.input, outputs, name=f"{self.name}_attention")
 
