@@ -23,7 +23,8 @@ Output: OUT/serving/NAME/VERSION/ (TF Serving: --model_base_path=OUT/serving/NAM
 OUT/tflite/NAME_vVERSION_KIND.tflite, OUT/NAME_vVERSION_export_report.{json,md}.
 Parity and retrieval are checked on the query/gallery split of --data-root (default: the built-in
 synthetic dataset); a missed threshold publishes nothing and exits with status 1 unless --allow-failures.
-Bad input (a model that does not load, an existing version without --overwrite) exits with status 2.
+Bad input (a model that does not load, an existing version without --overwrite, a full disk) exits with
+status 2; Ctrl-C / SIGTERM publish nothing and exit with 130 / 143 (docs/RELIABILITY.md).
 """
 
 
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {path}")
         return 0
 
-    return run_command("rga-export", work, errors=(ex.ExportError,))
+    return run_command("rga-export", work, errors=(ex.ExportError,),
+                       on_interrupt=lambda: f"nothing was published in {args.out} (its staging folder was removed)")
 
 
 def _untrained_model(args: argparse.Namespace, calibration):

@@ -48,6 +48,9 @@ def default_config() -> dict:
             # join_timeout_s: how long a multi-worker run (TF_CONFIG) waits for every worker before it gives up.
             "devices": None, "join_timeout_s": 300,
             "precision": "float32", "xla": False, "sync_bn": False, "backup": True, "tensorboard": True,
+            # deterministic: seeded and TensorFlow's op determinism, so two runs give the same losses (slower,
+            # docs/TRAINING.md); diverge_factor: stop when the loss exceeds this multiple of its first value.
+            "deterministic": False, "diverge_factor": 100.0,
         },
         "eval": {"feature": "after_bn", "metric": "cosine", "flip": False, "rerank": False, "batch_size": 128},
         # After training: export the final model (rga_keras.export) into run_dir/export, checked on query/gallery.
@@ -89,6 +92,7 @@ def merge(base: dict, override: dict, path: str = "") -> dict:
             raise ValueError(f"config key '{where}' is a section; expected a mapping, found {value!r}")
         if isinstance(out[key], float) and isinstance(value, str):
             value = _as_float(value, where)  # YAML 1.1 reads "1e-3" as a string
+        _check_type(out[key], value, where)
         out[key] = merge(out[key], value, where + ".") if isinstance(out[key], dict) and value else value
     return out
 
@@ -98,6 +102,16 @@ def _as_float(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"config key '{where}' expects a number, found {text!r}") from None
+
+
+def _check_type(default: Any, value: Any, where: str) -> None:
+    """A value for a key whose default is a bool, an integer, a number or a string must be one too (a string
+    key may be null): ``training.epochs=abc`` fails here, naming the key, not deep inside the run."""
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str, type(None))}.get(type(default))
+    if expected is None or (isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)):
+        return
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)]
+    raise ValueError(f"config key '{where}' expects {kind}, found {value!r}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base: dict | None = None) -> dict:
@@ -110,7 +124,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
         if "=" not in item:
             raise ValueError(f"override must look like section.key=value, found {item!r}")
         dotted, raw = item.split("=", 1)
-        value: Any = yaml.safe_load(raw)
+        try:
+            value: Any = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value is not valid YAML (quote it, e.g. key='...')") from None
         for part in reversed(dotted.strip().split(".")):
             value = {part: value}
         config = merge(config, value)
@@ -122,7 +139,13 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:  # one line: where, and what the parser expected
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ValueError(f"{path}: not valid YAML ({where}{' '.join(str(problem).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     base = data.pop("base", None)
@@ -312,35 +335,42 @@ class PeriodicEvaluation(keras.callbacks.Callback):
         print(f"\nepoch {epoch + 1}: {format_results_line(results)}", flush=True)
 
 
-def run(config: dict, *, verbose: int = 1) -> dict:
+def run(config: dict, *, verbose: int = 1, fresh: bool = False) -> dict:
     """Train as the config says and return the summary (also written to ``run_dir/summary.json``).
 
-    Re-running the same config after an interruption resumes from ``run_dir/backup``. Under several workers
+    Re-running the same config after an interruption resumes from ``run_dir/backup``; a finished run, or an
+    unfinished one of another config, is refused before anything is written (`rga_keras.run_folder`), unless
+    ``fresh``, which deletes the run's files first. A diverging run stops with `TrainingDiverged`. Under several workers
     (TF_CONFIG) every worker trains, but only the chief evaluates and writes files into its ``run_dir``; the
     others keep only their own backup there and return ``{"chief": False, ...}`` without results.
     """
     from rga_keras.data import corrupt_images, steps_per_epoch
     from rga_keras.files import write_text_atomic
-    from rga_keras.training import (completed_epochs, explain_oom, get_strategy, is_chief, make_callbacks,
-                                    num_workers, set_precision)
+    from rga_keras.run_folder import check_run_folder, clear_run_folder
+    from rga_keras.training import (DivergenceGuard, completed_epochs, explain_oom, get_strategy, is_chief,
+                                    make_callbacks, num_workers, set_precision)
     from rga_keras.visualize import plot_training_curves
 
     training, sampler = config["training"], config["sampler"]
     strategy = get_strategy(training["strategy"], training["devices"], training["join_timeout_s"])
     replicas, workers = strategy.num_replicas_in_sync, num_workers(strategy)
     check_config(config, replicas)
-    keras.utils.set_random_seed(int(training["seed"]))
+    set_determinism(int(training["seed"]), bool(training["deterministic"]))
     set_precision(training["precision"])
+    run_dir, chief = Path(config["run_dir"]), is_chief()
+    resumed = completed_epochs(str(run_dir)) if training["backup"] else 0  # epochs a backup says are done
+    # Before anything is written: a finished run, or another config's, is refused with what differs.
+    folder = check_run_folder(run_dir, config, resumable=resumed > 0, fresh=fresh) if chief else "resume"
     data = load_data(config)  # before anything is written: a wrong dataset path leaves no run folder behind
-    chief = is_chief()
     print(data.summary(), flush=True)
     print(distribution_line(config, replicas, workers), flush=True)
-    run_dir = Path(config["run_dir"])
+    if folder != "resume":  # --fresh, or the same run stopped before its first backup: start over cleanly
+        clear_run_folder(run_dir)
+        resumed = 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if chief:
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     steps = training["steps_per_epoch"] or steps_per_epoch(data.train, sampler["num_ids_per_batch"])
-    resumed = completed_epochs(str(run_dir)) if training["backup"] else 0  # epochs a backup says are done
     epochs = int(training["epochs"])
     with strategy.scope():
         model = _compiled_model(config, data.num_train_ids, steps)
@@ -351,7 +381,8 @@ def run(config: dict, *, verbose: int = 1) -> dict:
     if untrained:
         print(f"untrained: {format_results_line(untrained)}", flush=True)
     evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs)
-    callbacks = ([evaluation] if chief else []) + make_callbacks(
+    guard = DivergenceGuard(_probe_images(config, data), training["diverge_factor"])  # first: before any file
+    callbacks = [guard] + ([evaluation] if chief else []) + make_callbacks(
         str(run_dir), backup=training["backup"], tensorboard=training["tensorboard"],
         checkpoint_best_monitor="val_mAP", best_mode="max")
     with explain_oom("lower sampler.num_ids_per_batch or model.input_size, or use training.precision=mixed_float16"):
@@ -383,6 +414,25 @@ def run(config: dict, *, verbose: int = 1) -> dict:
             summary["artefacts"]["export"] = str(run_dir / "export")
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return {**summary, "chief": True, "model": model, "data": data}
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and the backend; with ``deterministic`` also make TensorFlow's ops deterministic, so
+    two runs of the same config give the same losses (at a cost in speed, docs/TRAINING.md). Op determinism is
+    a process-wide switch TensorFlow offers no way to undo."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def _probe_images(config: dict, data, count: int = 16):
+    """A fixed batch of query images for `DivergenceGuard`'s collapse check."""
+    from rga_keras.data import make_eval_dataset
+
+    ds = make_eval_dataset(data.query[:count], image_size=tuple(config["model"]["input_size"]), batch_size=count)
+    return next(iter(ds))[0]
 
 
 def _compiled_model(config: dict, num_classes: int, steps: int) -> keras.Model:

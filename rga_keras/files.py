@@ -2,14 +2,66 @@
 
 A crash or an error mid-write leaves the target as it was, so a half-written checkpoint, report or
 picture can never be mistaken for a good one.
+
+Temporary names carry ``<pid>@<host>~``, the process that writes them. A process killed mid-write
+(kill -9, a power cut) leaves its temporary behind; the next write of the same kind in the same folder
+removes it once it is stale: written on this host by a process that no longer runs, or, written
+elsewhere (a shared filesystem) or before names carried the tag, last modified over `STALE_AFTER_S` ago.
+A live process's temporaries are never touched.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
+
+STALE_AFTER_S = 24 * 3600  # a temporary whose writer cannot be checked is stale after a day
+_TAG = re.compile(r"(\d+)@([^~/]*)~")
+
+
+def temp_tag() -> str:
+    """``<pid>@<host>~``: put in every temporary name, so a later run can tell whether its writer still runs."""
+    return f"{os.getpid()}@{socket.gethostname()}~"
+
+
+def _writer_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def is_stale(path: Path) -> bool:
+    """Whether the temporary ``path`` was left by a writer that is gone (see the module doc)."""
+    match = _TAG.search(path.name)
+    if match and match.group(2) == socket.gethostname():
+        return int(match.group(1)) != os.getpid() and _writer_gone(int(match.group(1)))
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def remove_stale_temps(parent: str | os.PathLike, prefix: str, suffix: str = "") -> list[Path]:
+    """Delete the stale temporaries ``parent/<prefix>*<suffix>`` (files or folders); returns those deleted."""
+    removed = []
+    for path in Path(parent).glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        if not is_stale(path):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def current_umask() -> int:
@@ -20,12 +72,14 @@ def current_umask() -> int:
 
 
 def staging_dir(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new temporary folder in ``parent`` with the permissions of an ordinary new folder.
+    """A new temporary folder in ``parent`` with the permissions of an ordinary new folder; stale ones of the
+    same ``prefix`` there are removed first.
 
     mkdtemp makes it private (0700), and a folder published by renaming it would stay so: a TF Serving
     process or a colleague under another user could not read it.
     """
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    remove_stale_temps(parent, prefix)
+    path = Path(tempfile.mkdtemp(prefix=prefix + temp_tag(), dir=parent))
     os.chmod(path, 0o777 & ~current_umask())
     return path
 
@@ -40,7 +94,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name
     ext = ".weights.h5" if name.endswith(".weights.h5") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{name[: len(name) - len(ext)]}.", suffix=f".tmp{ext}", dir=path.parent)
+    prefix, suffix = f".{name[: len(name) - len(ext)]}.", f".tmp{ext}"
+    remove_stale_temps(path.parent, prefix, suffix)  # left by a writer killed mid-write
+    fd, tmp = tempfile.mkstemp(prefix=prefix + temp_tag(), suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

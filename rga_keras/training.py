@@ -42,6 +42,7 @@ import warnings
 from typing import Callable, Iterator, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from rga_keras.files import atomic_write, write_text_atomic
@@ -318,6 +319,58 @@ def save_model_atomic(model: keras.Model, path: str) -> None:
 
 # ---- callbacks -----------------------------------------------------------------------------------
 
+class TrainingDiverged(RuntimeError):
+    """Training stopped because its loss or its features stopped making sense (`DivergenceGuard`)."""
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stop training when it diverges, before anything of the diverged epoch is kept.
+
+    After every step: the loss must be finite and at most ``explode_factor`` × max(1, the first step's loss)
+    (measured before any update, so it is sane). After every epoch: the model's ``features`` output on ``probe_images``
+    must be finite and must not have collapsed (every image the same vector: retrieval is then at chance
+    whatever the loss says). Raises `TrainingDiverged`; put it first among the callbacks, so the diverged
+    epoch is neither evaluated nor checkpointed nor backed up.
+    """
+
+    def __init__(self, probe_images=None, explode_factor: float = 100.0,
+                 hint: str = "lower optimizer.base_lr, or check the data") -> None:
+        super().__init__()
+        self.probe_images, self.explode_factor, self.hint = probe_images, float(explode_factor), hint
+        self.first_loss: float | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def _stop(self, problem: str) -> None:
+        raise TrainingDiverged(f"training diverged in epoch {self.epoch}: {problem}; {self.hint}. Nothing of this "
+                               f"epoch was kept (last.keras, best.keras and the backup hold earlier epochs)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        if not math.isfinite(loss):
+            self._stop(f"the loss is {loss} at step {batch + 1}")
+        if self.first_loss is None:
+            self.first_loss = abs(loss)
+        elif abs(loss) > self.explode_factor * max(self.first_loss, 1.0):  # floor: a loss near 0 may rise a little
+            self._stop(f"the loss is {loss:.3g} at step {batch + 1}, over {self.explode_factor:g}× its first value "
+                       f"{self.first_loss:.3g}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.probe_images is None:
+            return
+        features = keras.ops.convert_to_numpy(self.model(self.probe_images, training=False)["features"])
+        if not np.isfinite(features).all():
+            self._stop("the features hold NaN or infinite values")
+        if np.ptp(features, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(features).max())):
+            self._stop(f"the features collapsed: all {len(features)} probe images give the same vector, so "
+                       "retrieval would be at chance")
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore with each backup file (weights, epoch counter) replaced atomically,
     so a kill during a backup leaves the previous one loadable. A kill between the two renames
@@ -360,9 +413,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         if self.monitor is None:
             save_model_atomic(self.model, self.filepath)
             return
-        value = (logs or {}).get(self.monitor)
-        if value is None or not math.isfinite(float(value)):
-            return
+        value, loss = (logs or {}).get(self.monitor), (logs or {}).get("loss", 0.0)
+        if value is None or not math.isfinite(float(value)) or not math.isfinite(float(loss)):
+            return  # an epoch whose loss is NaN/inf is never the best, whatever its evaluation said
         value = float(value)
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
             save_model_atomic(self.model, self.filepath)

@@ -181,10 +181,11 @@ def load_backbone_weights(model: Any, weights: str | os.PathLike) -> None:
             path = keras.utils.get_file(KERAS_NOTOP_FILE, KERAS_NOTOP_URL, cache_subdir="models",
                                         file_hash=KERAS_NOTOP_MD5)
         except Exception as exc:  # offline, proxy, truncated download...
-            raise RuntimeError(
+            raise ConnectionError(  # an OSError: the programs report it in one line (rga_keras.cli)
                 f"could not download the ImageNet ResNet50 weights ({exc}). Offline? Put the file "
                 f"{KERAS_NOTOP_FILE} (from {KERAS_NOTOP_URL}) at {cached}, or pass backbone_weights= a local "
-                f"Keras *_notop.h5 or a torchvision resnet50 state dict (.npz/.pth)."
+                f"Keras *_notop.h5 or a torchvision resnet50 state dict (.npz/.pth), or train from scratch "
+                f"with backbone_weights=None (rga-train -o model.backbone_weights=null)."
             ) from exc
         load_keras_resnet50_h5(model, path)
         return

@@ -85,8 +85,14 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
-    """Ctrl-C during epoch 2 → exit 130 with how to resume; the same command then continues after epoch 1,
-    its training stream starting at the batch the uninterrupted run would have reached."""
+    """SIGTERM (a scheduler's stop) during epoch 2 → exit 143 with how to resume, the backup of epoch 1 kept;
+    the same command then continues after epoch 1, its training stream starting at the batch the
+    uninterrupted run would have reached, and removes the temporary a killed checkpoint write left."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
     from rga_keras import data as data_module
 
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
@@ -97,20 +103,26 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
             "-o", "export.enabled=false"]
     evaluate, calls, first_batches = experiment.evaluate_model, [], []
 
-    def interrupt_third(*a, **k):  # untrained, epoch 1, then Ctrl-C in epoch 2's evaluation
+    def interrupt_third(*a, **k):  # untrained, epoch 1, then SIGTERM in epoch 2's evaluation
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*a, **k)
 
     make_train_dataset = data_module.make_train_dataset
     monkeypatch.setattr(data_module, "make_train_dataset",
                         lambda *a, **k: first_batches.append(k["first_batch"]) or make_train_dataset(*a, **k))
     monkeypatch.setattr(experiment, "evaluate_model", interrupt_third)
-    assert main(args) == 130
-    assert "interrupted; re-run the same command to resume" in capsys.readouterr().err
+    assert main(args) == 143
+    assert "interrupted by SIGTERM; re-run the same command to resume" in capsys.readouterr().err
+    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    partial = run_dir / f".last.{killed.pid}@{socket.gethostname()}~x.tmp.keras"  # kill -9 while saving
+    partial.write_bytes(b"half a checkpoint")
     monkeypatch.setattr(experiment, "evaluate_model", evaluate)
     assert main(args) == 0
+    assert not partial.exists()
     assert first_batches == [0, 2]  # resumed after 1 epoch of 2 steps
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["untrained"] is None and summary["epochs"] == 2
@@ -151,3 +163,123 @@ def test_a_failed_export_is_reported_and_recorded(monkeypatch, capsys):
     assert not record["passed"] and record["artefacts"] == {"tflite_int8": "x.tflite"}
     out = capsys.readouterr().out
     assert "SOME CHECKS FAILED" in out and out.rstrip().endswith("tflite_int8: mean cosine similarity 0.5 < 0.98")
+
+
+def _tiny_reid_model(constant_features: bool = False):
+    """images (4,) → {"features", "logits"}; with ``constant_features`` every input gives the same features."""
+    import keras
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, name="hidden")(keras.ops.zeros_like(inputs) if constant_features else inputs)
+    model = keras.Model(inputs, {"features": hidden, "logits": keras.layers.Dense(3, name="logits")(hidden)})
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss={"features": "mse", "logits": "mse"})
+    return model
+
+
+def test_a_diverging_fit_stops_and_keeps_nothing_of_that_epoch(tmp_path):
+    """An exploding loss stops fit with a message that says so, and the epoch is neither checkpointed as last
+    nor as best; NaN features and collapsed features stop it at the epoch's end."""
+    import numpy as np
+
+    from rga_keras.training import DivergenceGuard, TrainingDiverged, make_callbacks
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 10
+    targets = {"features": np.zeros((64, 8), "float32"), "logits": np.ones((64, 3), "float32")}
+    model = _tiny_reid_model()
+    model.optimizer.learning_rate.assign(10.0)  # SGD on this quadratic loss at lr 10: |error| × ~100 per step
+    callbacks = [DivergenceGuard(x[:8])] + make_callbacks(str(tmp_path), backup=True, tensorboard=False,
+                                                          checkpoint_best_monitor="loss", best_mode="min")
+    with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 1: the loss is .* over 100× its first"):
+        model.fit(x, targets, batch_size=8, epochs=2, callbacks=callbacks, verbose=0)
+    assert not any((tmp_path / name).exists() for name in ("last.keras", "best.keras", "history.json"))
+
+    guard = DivergenceGuard(x[:8])
+    guard.set_model(_tiny_reid_model(constant_features=True))
+    with pytest.raises(TrainingDiverged, match="features collapsed: all 8 probe images give the same vector"):
+        guard.on_epoch_end(0)
+    kernel = model.get_layer("hidden").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))  # as an overflowed update leaves them
+    guard.set_model(model)
+    with pytest.raises(TrainingDiverged, match="the features hold NaN or infinite values"):
+        guard.on_epoch_end(0)
+    guard.set_model(_tiny_reid_model())
+    guard.on_epoch_end(0)  # a healthy model passes
+    with pytest.raises(TrainingDiverged, match="the loss is nan at step 3"):
+        guard.on_train_batch_end(2, {"loss": float("nan")})
+
+
+def test_a_non_finite_epoch_is_never_the_best_checkpoint(tmp_path):
+    from rga_keras.training import AtomicCheckpoint
+
+    best = AtomicCheckpoint(str(tmp_path / "best.keras"), monitor="val_mAP")
+    best.set_model(_tiny_reid_model())
+    best.on_train_begin()
+    best.on_epoch_end(0, {"loss": float("inf"), "val_mAP": 0.9})  # a diverged epoch that still scored
+    assert not (tmp_path / "best.keras").exists()
+    best.on_epoch_end(1, {"loss": 3.0, "val_mAP": 0.2})
+    assert json.loads((tmp_path / "best.keras.json").read_text())["epoch"] == 2
+
+
+def test_fresh_deletes_only_the_runs_own_files(tmp_path):
+    from rga_keras.run_folder import check_run_folder, clear_run_folder
+
+    config = experiment.demo_config(str(tmp_path))
+    for name in ("config.yaml", "last.keras", "summary.json", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "backup").mkdir()
+    with pytest.raises(FileExistsError, match="no config.yaml|finished run"):
+        check_run_folder(tmp_path, config, resumable=True)
+    assert check_run_folder(tmp_path, config, resumable=True, fresh=True) == "new"
+    clear_run_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the user's file stays
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    """Temporaries of a killed writer go at the next write in the same place; a live writer's stay."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from rga_keras.files import STALE_AFTER_S, write_text_atomic
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".history.{dead.pid}@{host}~abc.tmp.json"
+    live = tmp_path / f".history.{os.getppid()}@{host}~def.tmp.json"  # our parent: alive
+    elsewhere = tmp_path / ".history.123@another-host~ghi.tmp.json"  # cannot be checked: kept for a day
+    untagged_old = tmp_path / ".history.jkl.tmp.json"  # from before the tag, days old
+    other = tmp_path / ".notes.txt"
+    for path in (stale, live, elsewhere, untagged_old, other):
+        path.write_text("partial")
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(untagged_old, (old, old))
+    write_text_atomic(tmp_path / "history.json", "[]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (live, elsewhere, other, tmp_path / "history.json"))
+
+
+@pytest.mark.slow  # two tiny trainings: 140 s on the shared 2-core machine
+@pytest.mark.xfail(strict=True, reason="op determinism alone does not make two runs agree on CPU yet: measured "
+                   "3.4562041759490967 vs 3.4561946392059326 (docs/TRAINING.md, Reproducible runs)")
+def test_deterministic_runs_give_identical_losses(tmp_path, monkeypatch):
+    """training.deterministic: two runs of the same tiny config should give bit-identical epoch-1 losses."""
+    from tensorflow.python.framework import config as tf_config
+
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    no_scores = {name: {"rank1": 0.0, "rank5": 0.0, "rank10": 0.0, "mAP": 0.0, "mINP": 0.0}
+                 for name in ("after_bn", "before_bn")}
+    monkeypatch.setattr(experiment, "evaluate_model", lambda *a, **k: no_scores)  # only the losses matter here
+    losses = []
+    try:
+        for run in ("one", "two"):
+            config = experiment.load_config(None, [
+                "dataset.num_ids=8", "dataset.images_per_id=4", "sampler.num_ids_per_batch=2",
+                "sampler.images_per_id=2", "training.epochs=1", "training.steps_per_epoch=3",
+                "training.tensorboard=false", "export.enabled=false", "training.deterministic=true",
+                f"run_dir={tmp_path / run}"], base=experiment.demo_config())
+            losses.append(experiment.run(config, verbose=0)["history"]["loss"])
+    finally:
+        tf_config.disable_op_determinism()  # a process-wide switch: leave the other tests as they were
+    assert losses[0] == losses[1] and len(losses[0]) == 1, losses

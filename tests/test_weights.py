@@ -117,7 +117,7 @@ def test_imagenet_offline_error_names_the_file(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(keras.utils, "get_file", offline)
-    with pytest.raises(RuntimeError, match=weights.KERAS_NOTOP_FILE):
+    with pytest.raises(ConnectionError, match=weights.KERAS_NOTOP_FILE):
         rga_keras.build_rga_resnet50(5, None, input_shape=(64, 32, 3), backbone_weights="imagenet")
 
 

@@ -21,7 +21,10 @@ EPILOG = """examples:
   rga-train --config market1501_baseline --data-root ~/data/market -o training.epochs=120 -o eval.flip=true
   rga-train --list-configs
 
-Re-running the same command after an interruption resumes from RUN_DIR/backup.
+Re-running the same command after an interruption (Ctrl-C, SIGTERM, kill -9) resumes from RUN_DIR/backup.
+A finished run, or an unfinished one of another config, is refused: choose another --run-dir or add --fresh.
+Exit status: 0 done, 1 training diverged or the export failed its checks (export.enforce), 2 bad input,
+130/143 interrupted by SIGINT/SIGTERM, 70 unexpected error (docs/RELIABILITY.md).
 Several machines: set TF_CONFIG on each (see docs/TRAINING.md) and run the same command."""
 
 
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="shortcut for -o training.epochs=N")
     parser.add_argument("-o", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. -o sampler.num_ids_per_batch=8 (repeatable)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete this run's checkpoints, history and results in RUN_DIR first and start over")
     parser.add_argument("--list-configs", action="store_true", help="list the bundled recipes and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -60,6 +65,9 @@ def main(argv=None) -> int:
         return 0
     from rga_keras import experiment
     from rga_keras.cli import run_command
+    from rga_keras.training import TrainingDiverged
+
+    run: dict = {}  # the config, once loaded: what an interruption message refers to
 
     def work() -> int:
         demo = args.demo or not args.config
@@ -74,18 +82,22 @@ def main(argv=None) -> int:
             config = experiment.load_config(None, overrides, base=experiment.demo_config())
         else:
             config = experiment.load_config(_config_path(args.config), overrides)
-        try:
-            result = experiment.run(config, verbose=0 if args.quiet else 1)
-        except KeyboardInterrupt:
-            resume = (f"re-run the same command to resume after the last completed epoch ({config['run_dir']}/backup)"
-                      if config["training"]["backup"] else "training.backup is off, so a re-run starts over")
-            print(f"\nrga-train: interrupted; {resume}", file=sys.stderr)
-            return 130
+        run["config"] = config
+        result = experiment.run(config, verbose=0 if args.quiet else 1, fresh=args.fresh)
         experiment.print_summary(result)
         export = result.get("export")
         return 1 if export and not export["passed"] and config["export"]["enforce"] else 0
 
-    return run_command("rga-train", work)
+    def kept() -> str:
+        config = run.get("config")
+        if config is None:
+            return "nothing was written"
+        if not config["training"]["backup"]:
+            return "training.backup is off, so a re-run starts over"
+        return (f"re-run the same command to resume after the last completed epoch ({config['run_dir']}/backup; "
+                "the epoch in progress is redone)")
+
+    return run_command("rga-train", work, on_interrupt=kept, failures=(TrainingDiverged,))
 
 
 if __name__ == "__main__":

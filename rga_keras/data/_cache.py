@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from rga_keras.files import staging_dir
+from rga_keras.files import remove_stale_temps, staging_dir
 
 MARKER = ".complete.json"
 
@@ -44,6 +43,7 @@ def build_atomically(final: Path, build: Callable[[Path], None], params: dict, *
     if not replace_foreign:
         check_replaceable(final, params)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.parent, f".{final.name}.old-")  # a replaced folder a killed run had not deleted
     tmp = staging_dir(final.parent, prefix=f".{final.name}.tmp-")
     try:
         build(tmp)
@@ -53,7 +53,7 @@ def build_atomically(final: Path, build: Callable[[Path], None], params: dict, *
                 return final  # someone else finished the same work meanwhile
             if not replace_foreign:
                 check_replaceable(final, params)
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = staging_dir(final.parent, prefix=f".{final.name}.old-")
             os.replace(final, old / final.name)
             shutil.rmtree(old, ignore_errors=True)
         try:

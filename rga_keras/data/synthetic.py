@@ -48,13 +48,17 @@ def generate(out_dir: str | Path, *, num_ids: int = 100, images_per_id: int = 20
              image_size: tuple[int, int] = (128, 64), seed: int = 0, overwrite: bool = False) -> Path:
     """Render the dataset into ``out_dir`` (built in a temporary folder, then moved into place).
 
-    image_size is (height, width). An existing non-empty ``out_dir`` is an error unless ``overwrite``.
+    image_size is (height, width). An existing non-empty ``out_dir`` is an error unless ``overwrite``, which
+    replaces only a folder this generator made (its marker file), never a folder of other files.
     """
     params = _params(num_ids, images_per_id, num_cameras, image_size, seed)
     out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (overwrite=True replaces it)")
-    return build_atomically(out_dir, lambda tmp: _render_dataset(tmp, **params["args"]), params)
+        raise FileExistsError(f"{out_dir} exists and is not empty (overwrite=True replaces it if rga-synth made it)")
+    return build_atomically(out_dir, lambda tmp: _render_dataset(tmp, **params["args"]), params,
+                            replace_foreign=False)
 
 
 def ensure_synthetic(root: str | Path | None = None, **kwargs) -> Path:
@@ -96,21 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"),
                         help="image height and width in pixels (default 128 64, as Market-1501)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT if it is a dataset rga-synth made (never a folder of other files)")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
+    from rga_keras.cli import CommandError, run_command
+
+    def work() -> int:
+        start = time.perf_counter()
+        if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+            raise CommandError(f"{args.out} exists and is not empty; pass --force to replace it (only a dataset "
+                               "rga-synth made is replaced)")
         out = generate(args.out, num_ids=args.ids, images_per_id=args.images_per_id, num_cameras=args.cameras,
                        image_size=tuple(args.size), seed=args.seed, overwrite=args.force)
-    except ValueError as err:
-        parser.error(str(err))
-    except FileExistsError:
-        parser.error(f"{args.out} exists and is not empty; pass --force to replace it")
-    from rga_keras.data.readers import load_dataset
+        from rga_keras.data.readers import load_dataset
 
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
-    print(load_dataset("market1501", out).summary())
-    return 0
+        print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+        print(load_dataset("market1501", out).summary())
+        return 0
+
+    return run_command("rga-synth", work,
+                       on_interrupt=lambda: f"nothing was written to {args.out} (the partial copy was removed)")
 
 
 # --------------------------------------------------------------------------- dataset layout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -13,12 +12,14 @@ from typing import Any, Iterable, Sequence
 import keras
 import numpy as np
 
+from rga_keras.cli import raise_if_interrupted
 from rga_keras.export.model import ExportError, ParityError, check_choice, check_percentile, reid_model_info
 from rga_keras.export.parity import check_artefacts
 from rga_keras.export.report import (describe_settings, failed_checks, format_table, is_published, report_paths,
                                      write_reports)
 from rga_keras.export.serving import SERVING_DTYPES, write_saved_model
 from rga_keras.export.tflite import INT8_FLOAT_OPS, convert_tflite, tflite_ops, write_tflite_source
+from rga_keras.files import remove_stale_temps, staging_dir
 from rga_keras.models import FEATURES
 
 FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8")
@@ -117,7 +118,8 @@ def export_all(
     synthetic = default_synthetic_dataset() if needs_synthetic else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{model_name}-v{version}-", dir=out_dir))
+    remove_stale_temps(out_dir, ".export-")  # staging folders of killed exports, any name or version
+    staging = staging_dir(out_dir, prefix=f".export-{model_name}-v{version}-")
     try:
         calibration = None
         if "tflite_int8" in formats:
@@ -140,6 +142,7 @@ def export_all(
                             num_threads, log)
         report["passed"] = all(c.get("passed", True) for c in report["checks"].values())
         failures = failed_checks(report)
+        raise_if_interrupted()  # a Ctrl-C/SIGTERM swallowed on the way (e.g. inside a converter): publish nothing
         publish = report["passed"] or not enforce
         report["artefacts"] = {fmt: str(targets[fmt]) for fmt in built} if publish else {}
         report["published"] = publish

@@ -1,0 +1,233 @@
+"""Bad input, faults and signals for every program: one line on stderr (no traceback) and the documented exit
+status (rga_keras/cli.py, docs/RELIABILITY.md). Programs run in-process through their ``main(argv)``."""
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import keras
+import pytest
+import yaml
+
+from export.__main__ import main as rga_export
+from rga_keras import cli, experiment
+from rga_keras.data import synthetic
+from train import embed, evaluate, search, visualize
+from train.__main__ import main as rga_train
+
+TINY = ["--demo", "--quiet", "-o", "dataset.num_ids=8", "-o", "dataset.images_per_id=4",
+        "-o", "sampler.num_ids_per_batch=2", "-o", "sampler.images_per_id=2", "-o", "training.epochs=1",
+        "-o", "training.steps_per_epoch=1", "-o", "training.tensorboard=false", "-o", "export.enabled=false"]
+
+
+def one_line(capsys, prog: str, *expected: str) -> str:
+    """stderr is one line from ``prog`` holding every ``expected`` piece, and no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{prog}: "), err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    return err
+
+
+def _bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  epochs: [1, 2\n")
+    return path
+
+
+CASES = {  # program: [(argv builder, exit status, pieces of the message)]
+    "rga-train": (rga_train, [
+        (lambda t: TINY + ["-o", "training.epochs=abc"], 2, ["'training.epochs'", "an integer", "'abc'"]),
+        (lambda t: TINY + ["-o", "training.xla=maybe"], 2, ["'training.xla'", "true or false"]),
+        (lambda t: TINY + ["-o", "optimizer.base_lr=[1"], 2, ["not valid YAML"]),
+        (lambda t: ["--config", str(_bad_yaml(t))], 2, ["bad.yaml: not valid YAML (line 3"]),
+        (lambda t: ["--config", str(t)], 2, ["neither a file nor a bundled config"]),
+    ]),
+    "rga-eval": (evaluate.main, [
+        (lambda t: [str(t / "missing.keras"), "--dataset", "synthetic"], 2, ["missing.keras"]),
+    ]),
+    "rga-export": (rga_export, [
+        (lambda t: ["--model", str(t / "missing.keras"), "--out", str(t / "out")], 2, ["missing.keras"]),
+    ]),
+    "rga-synth": (synthetic.main, [
+        (lambda t: [str(t / "out"), "--ids", "1"], 2, ["num_ids must be in 2..9999"]),
+        (lambda t: [str(_file(t)), "--ids", "4"], 2, ["is a file, not a folder"]),
+        (lambda t: [str(_file(t)), "--ids", "4", "--force"], 2, ["is a file, not a folder"]),
+        (lambda t: [str(_foreign(t)), "--ids", "4", "--force"], 2, ["was not created by rga_keras", "not replacing"]),
+        (lambda t: [str(_foreign(t)), "--ids", "4"], 2, ["pass --force"]),
+    ]),
+    "rga-visualize": (visualize.main, [
+        (lambda t: [str(t / "missing.keras"), "--out", str(t / "pics"), "--dataset", "synthetic"], 2,
+         ["missing.keras"]),
+    ]),
+    "rga-embed": (embed.main, [
+        (lambda t: [str(t / "missing.keras"), str(_image(t)), "--out", str(t / "f.h5")], 2, ["missing.keras"]),
+        (lambda t: [str(t / "missing.keras"), str(t), "--out", str(t / "f.h5")], 2, ["no images found"]),
+    ]),
+    "rga-search": (search.main, [
+        (lambda t: [str(t), "--gallery", str(t / "missing.h5")], 2, ["missing.h5"]),
+    ]),
+}
+
+
+def _file(tmp_path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+def _image(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "person.jpg"
+    Image.new("RGB", (32, 64)).save(path)
+    return path
+
+
+def _foreign(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir(exist_ok=True)
+    (folder / "holiday.jpg").write_bytes(b"mine")
+    return folder
+
+
+@pytest.mark.parametrize("prog,index", [(p, i) for p, (_, cases) in CASES.items() for i in range(len(cases))])
+def test_bad_input_gets_one_line_and_its_status(prog, index, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    main, cases = CASES[prog]
+    argv, status, pieces = cases[index]
+    assert main(argv(tmp_path)) == status
+    one_line(capsys, prog, *pieces)
+    if prog == "rga-synth" and (tmp_path / "photos").exists():  # --force never deletes a folder it did not make
+        assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_signals_end_every_program_with_their_status(capsys):
+    """A real SIGTERM / SIGINT delivered to the process during the work: 143 / 130 and one line; the
+    previous handlers are back afterwards."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def work(signum):
+        def run():
+            os.kill(os.getpid(), signum)
+            raise AssertionError("the signal did not interrupt the work")
+        return run
+
+    assert cli.run_command("rga-eval", work(signal.SIGTERM), on_interrupt=lambda: "nothing was written") == 143
+    one_line(capsys, "rga-eval", "interrupted by SIGTERM; nothing was written")
+    assert cli.run_command("rga-search", work(signal.SIGINT)) == 130
+    one_line(capsys, "rga-search", "interrupted by SIGINT")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_an_unexpected_error_is_one_line_with_the_saved_traceback(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+
+    def bug():
+        raise ZeroDivisionError("division by zero\n  deep inside")
+
+    assert cli.run_command("rga-embed", bug) == cli.EXIT_UNEXPECTED == 70
+    err = one_line(capsys, "rga-embed", "unexpected error", "ZeroDivisionError: division by zero deep inside")
+    saved = Path(err.rsplit("traceback saved to ", 1)[1])
+    assert saved.parent == tmp_path and "Traceback" in saved.read_text()
+
+
+def test_a_full_disk_during_export_is_one_line(monkeypatch, capsys, tmp_path):
+    from rga_keras import export
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "rga_v1_int8.tflite"))
+
+    monkeypatch.setattr(export, "load_reid_model", lambda path: None)
+    monkeypatch.setattr(export, "export_all", full)
+    assert rga_export(["--model", "m.keras", "--out", str(tmp_path / "out")]) == 2
+    one_line(capsys, "rga-export", "no space left on the device writing", "rga_v1_int8.tflite")
+
+    def full_in_tensorflow(*args, **kwargs):  # TensorFlow and h5py carry only the C library's message
+        import tensorflow as tf
+
+        raise tf.errors.UnknownError(None, None, "out/saved_model/variables.data: No space left on device")
+
+    monkeypatch.setattr(export, "export_all", full_in_tensorflow)
+    assert rga_export(["--model", "m.keras", "--out", str(tmp_path / "out")]) == 2
+    one_line(capsys, "rga-export", "no space left on the device")
+
+
+def test_an_interrupted_export_publishes_nothing(monkeypatch, capsys, tmp_path):
+    """Ctrl-C swallowed inside the export (as a converter may do) still stops it before publishing."""
+    from rga_keras import export
+    from rga_keras.export import exporter
+
+    def swallowing_converter(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # swallowed, as C++ code may
+        return {}
+
+    monkeypatch.setattr(export, "load_reid_model", lambda path: object())
+    monkeypatch.setattr(exporter, "reid_model_info", lambda model: {"input_size": [64, 32]})
+    monkeypatch.setattr(exporter, "_build", swallowing_converter)
+    out = tmp_path / "out"
+    killed = out / f".export-rga-v7-{_dead_pid()}@{socket.gethostname()}~x1"  # a kill -9'd export's staging
+    (killed / "saved_model").mkdir(parents=True)
+    assert rga_export(["--model", "m.keras", "--out", str(out), "--formats", "tflite_float32",
+                       "--skip-parity-check"]) == 130
+    one_line(capsys, "rga-export", "interrupted by SIGINT", "nothing was published")
+    assert sorted(p.name for p in out.iterdir()) == []  # no report, no artefact, no staging folder, old or new
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_rga_synth_removes_what_a_killed_run_left(tmp_path, capsys):
+    out = tmp_path / "synth"
+    left = [tmp_path / f".synth.tmp-{_dead_pid()}@{socket.gethostname()}~ab", tmp_path / ".synth.old-1@elsewhere~c"]
+    for folder in left:
+        (folder / "query").mkdir(parents=True)
+    old = time.time() - 2 * 24 * 3600
+    os.utime(left[1], (old, old))
+    assert synthetic.main([str(out), "--ids", "2", "--images-per-id", "4", "--cameras", "2",
+                           "--size", "32", "16"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+def test_imagenet_weights_offline_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    assert rga_train(TINY + ["--run-dir", str(tmp_path / "run"), "-o", "model.backbone_weights=imagenet"]) == 2
+    one_line(capsys, "rga-train", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "-o model.backbone_weights=null")
+
+
+def test_a_finished_run_is_never_mixed_with_another(tmp_path, capsys):
+    """Re-running into a finished run, or resuming one with another config, is refused before the record
+    changes, naming the keys that differ and --fresh."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = experiment.load_config(None, ["training.epochs=3"], base=experiment.demo_config(str(run_dir)))
+    record = yaml.safe_dump(config, sort_keys=False)
+    (run_dir / "config.yaml").write_text(record)
+    (run_dir / "last.keras").write_bytes(b"checkpoint")
+    args = ["--demo", "--run-dir", str(run_dir)]
+    assert rga_train(args + ["--epochs", "5"]) == 2  # unfinished, another config
+    one_line(capsys, "rga-train", "unfinished run of another config", "training.epochs: 3 → 5", "--fresh")
+    (run_dir / "summary.json").write_text("{}")
+    assert rga_train(args + ["--epochs", "3"]) == 2  # finished, same config
+    one_line(capsys, "rga-train", "holds a finished run", "--fresh")
+    assert rga_train(args + ["-o", "model.attention=s"]) == 2  # finished, another config
+    one_line(capsys, "rga-train", "finished run", "model.attention: 'sc' → 's'")
+    assert (run_dir / "config.yaml").read_text() == record and (run_dir / "last.keras").read_bytes() == b"checkpoint"
