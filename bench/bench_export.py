@@ -1,19 +1,24 @@
-"""Export benchmark at full size (256×128): size and CPU latency of every format, fused vs explicit relation path.
+"""Export benchmark: size and CPU latency at batch 1 and 16 of every format, fused vs explicit relation path.
 
-    python bench/bench_export.py                              # RGA-SC, random weights (see below)
+    python bench/bench_export.py                              # RGA-SC 256×128, random weights (see below)
+    python bench/bench_export.py --input-size 64 32           # the same at the demo's input size
     python bench/bench_export.py --model runs/x/best.keras    # a trained model: its parity numbers count too
 
-Without --model the network is RGA-SC at 256×128 with random weights whose BatchNorm statistics are
-estimated on 64 synthetic training images. Size and latency do not depend on the weights; parity does,
+Without --model the network is RGA-SC at --input-size (default 256×128) with random weights whose BatchNorm
+statistics are estimated on 64 synthetic training images. Size and latency do not depend on the weights; parity does,
 and a random deep network is chaotic (float16 rounding of its weights alone changes its embeddings), so
 the parity columns of such a run say nothing about a trained model (docs/BENCHMARKS.md has trained-model
 parity).
 
-Each relation path is exported with rga_keras.export.export_all (parity on the synthetic query/gallery
-split, int8 calibration on 200 synthetic training images, latency at batch 1 interleaved across the Keras
-model and the artefacts). The exported int8 model is also timed with 1 LiteRT thread, next to the
-full-integer variant (relation products quantised too). Results are printed and written to
-OUT/bench_export.json. The CPU may be shared: latencies are noisy, compare within one run.
+Each relation path is exported in every format of rga_keras.export.FORMATS (or --fused-formats /
+--explicit-formats) with rga_keras.export.export_all (parity on the synthetic query/gallery split, int8
+calibration on 200 synthetic training images, latency at batch 1). Then every artefact of the fused path,
+loaded as rga-embed loads it (`rga_keras.retrieval.load_embedder`: LiteRT with its XNNPACK delegate, ONNX
+Runtime's CPU provider, the SavedModel's serving_default), is timed next to the Keras model (a tf.function) at
+batch 1 and at batch 16, interleaved (`measure_latencies`), all with --threads threads. --int8-extra also times
+the int8 model with 1 and 2 LiteRT threads next to the full-integer variant (relation products quantised too).
+Results are printed and written to OUT/bench_export.json. The CPU may be shared: latencies are noisy, compare
+within one run.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ def extra_int8_timings(model, report: dict, runs: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from rga_keras import embedding_model
     from rga_keras import export as ex
 
     size = report["model"]["input_size"]
@@ -57,7 +63,7 @@ def extra_int8_timings(model, report: dict, runs: int) -> dict:
                                     report["model"]["feature"])
     full = ex.convert_tflite(source, "int8", representative_images=ex.load_images(data.train, size, limit=200),
                              float_ops=())
-    embedder = ex.embedding_model(model, report["model"]["feature"])
+    embedder = embedding_model(model, report["model"]["feature"])
     keras_fn = tf.function(lambda x: embedder(x, training=False))
     full_embedder = ex.TFLiteEmbedder(full)
     images = ex.load_images(data.query, size)
@@ -77,36 +83,95 @@ def extra_int8_timings(model, report: dict, runs: int) -> dict:
                              "cosine_min": float(cos.min()), "size_bytes": len(full), **ex.tflite_ops(full)}}
 
 
+def batch_latencies(model, report: dict, batches: dict[int, int], num_threads: int) -> dict:
+    """Median/min/p90 ms of the Keras model and of every published artefact at each batch size ({batch: runs}),
+    interleaved across them; the images are synthetic query images."""
+    import tensorflow as tf
+
+    from rga_keras import embedding_model
+    from rga_keras import export as ex
+    from rga_keras.retrieval import load_embedder
+
+    embedder = embedding_model(model, report["model"]["feature"])
+    keras_fn = tf.function(lambda x: embedder(x, training=False))
+    runners = {"keras": lambda x: keras_fn(tf.constant(x)).numpy()}
+    threaded = {".tflite": ex.TFLiteEmbedder, ".onnx": ex.ONNXEmbedder}  # the others have no thread setting
+    for fmt, path in report["artefacts"].items():
+        if fmt != "report":
+            runner = threaded.get(Path(path).suffix)
+            runners[fmt] = runner(path, num_threads) if runner else load_embedder(path)
+    images = ex.load_images(ex.default_synthetic_dataset().query, report["model"]["input_size"], max(batches))
+    return {batch: ex.measure_latencies(runners, images[:batch], runs=runs) for batch, runs in batches.items()}
+
+
+def latency_table(latencies: dict, report: dict) -> str:
+    """Markdown: one row per artefact, median ms and speed-up against Keras at each batch size."""
+    batches = list(latencies)
+    head = "| artefact | size (MiB) | " + " | ".join(f"batch {b}: ms (× Keras)" for b in batches) + " |"
+    lines = [head, "|---|---|" + "---|" * len(batches)]
+    for name in latencies[batches[0]]:
+        size = "–" if name == "keras" else f"{report['checks'][name]['size_bytes'] / 2**20:.1f}"
+        cells = [f"{v[name]['median_ms']:.1f} ({v['keras']['median_ms'] / v[name]['median_ms']:.2f}×)"
+                 for v in latencies.values()]
+        lines.append(f"| {'Keras float32 (tf.function)' if name == 'keras' else name} | {size} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, help="trained .keras model (default: random-weight RGA-SC 256x128)")
+    parser.add_argument("--model", type=Path, help="trained .keras model (default: random-weight RGA-SC)")
+    parser.add_argument("--input-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+                        help="input size of the random-weight model (default 256 128)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/rga_bench_export"), help="output folder")
     parser.add_argument("--relations", default="fused,explicit", help="relation paths to export")
-    parser.add_argument("--fused-formats", help="formats for the fused path (default: all)")
+    parser.add_argument("--fused-formats", help="formats for the fused path (default: all of FORMATS)")
     parser.add_argument("--explicit-formats", default="saved_model,tflite_float32,tflite_int8",
                         help="formats for the explicit path")
-    parser.add_argument("--latency-runs", type=int, default=40)
+    parser.add_argument("--latency-runs", type=int, default=40, help="timed runs at batch 1 (batch 16: a quarter)")
+    parser.add_argument("--threads", type=int, help="LiteRT and ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--int8-extra", action="store_true",
+                        help="also time int8 with 1/2 threads and the full-integer variant")
     args = parser.parse_args()
 
-    from rga_keras import export as ex
+    import platform
 
-    model = ex.load_reid_model(args.model) if args.model else random_model((256, 128))
-    results = {}
+    from rga_keras import export as ex
+    from rga_keras.export.tflite import cpu_count
+
+    model = ex.load_reid_model(args.model) if args.model else random_model(tuple(args.input_size))
+    threads = args.threads or cpu_count()
+    results = {"machine": {"processor": _cpu_model() or platform.processor(), "cpus": cpu_count(),
+                           "threads": threads}}
     for relation in args.relations.split(","):
         chosen = args.fused_formats if relation == "fused" else args.explicit_formats
         formats = chosen.split(",") if chosen else list(ex.FORMATS)
         start = time.perf_counter()
         report = ex.export_all(ex.with_relation(model, relation), args.out / relation, formats=formats,
                                model_name=f"rga_{relation}", latency_runs=args.latency_runs, enforce=False,
-                               overwrite=True)
+                               num_threads=threads, overwrite=True)
         report["seconds"] = round(time.perf_counter() - start)
         results[relation] = report
         print(f"\n== relation path: {relation} ({report['seconds']} s)\n{ex.format_table(report)}\n")
-    if "fused" in results and "tflite_int8" in results["fused"]["artefacts"]:
+    if "fused" in results:
+        batches = {1: args.latency_runs, 16: max(5, args.latency_runs // 4)}
+        latencies = batch_latencies(model, results["fused"], batches, threads)
+        results["batch_latency_ms"] = latencies
+        print(f"CPU latency, median of interleaved runs ({results['machine']['processor']}, {threads} threads):")
+        print(latency_table(latencies, results["fused"]))
+    if args.int8_extra and "fused" in results and "tflite_int8" in results["fused"]["artefacts"]:
         results["int8_extra"] = extra_int8_timings(model, results["fused"], args.latency_runs)
         print(json.dumps(results["int8_extra"], indent=1))
     (args.out / "bench_export.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {args.out / 'bench_export.json'}")
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``rga-export`` / ``python -m export``: a trained RGA model → TF Serving SavedModel and TFLite, with parity report.
+"""``rga-export`` / ``python -m export``: a trained RGA model → TF Serving SavedModel, TFLite and ONNX, with parity
+report.
 
 The work is `rga_keras.export.export_all`; this is its command line (docs/EXPORT.md).
 """
@@ -17,10 +18,11 @@ EPILOG = """\
 examples:
   rga-export --model runs/demo/best.keras --out exported/
   rga-export --model best.keras --out exported/ --formats saved_model,tflite_int8 --data-root ~/data/market
+  rga-export --model best.keras --out exported/ --formats onnx      # for ONNX Runtime / TensorRT
   rga-export --untrained --attention sc --num-classes 751 --out /tmp/dry-run     # dry run, random weights
 
 Output: OUT/serving/NAME/VERSION/ (TF Serving: --model_base_path=OUT/serving/NAME),
-OUT/tflite/NAME_vVERSION_KIND.tflite, OUT/NAME_vVERSION_export_report.{json,md}.
+OUT/tflite/NAME_vVERSION_KIND.tflite, OUT/onnx/NAME_vVERSION.onnx, OUT/NAME_vVERSION_export_report.{json,md}.
 Parity and retrieval are checked on the query/gallery split of --data-root (default: the built-in
 synthetic dataset); a missed threshold publishes nothing and exits with status 1 unless --allow-failures.
 Bad input (a model that does not load, an existing version without --overwrite, a full disk) exits with
@@ -59,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="rga-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Export an RGA re-id model (images → L2-normalised embedding) as a TF Serving SavedModel "
-                    "and TFLite models (float32, float16, dynamic-range, int8), each checked against the Keras "
-                    "model: cosine similarity, Rank-1/mAP, size and CPU latency.")
+        description="Export an RGA re-id model (images → L2-normalised embedding) as a TF Serving SavedModel, "
+                    "TFLite models (float32, float16, dynamic-range, int8) and ONNX (opset 17, for ONNX Runtime "
+                    "and TensorRT), each checked against the Keras model: cosine similarity, Rank-1/mAP, size "
+                    "and CPU latency.")
     source = parser.add_argument_group("model (one of)")
     which = source.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", type=Path, help="trained model file (.keras), e.g. runs/demo/best.keras")
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     checks.add_argument("--allow-failures", action="store_true",
                         help="publish even if a parity threshold is missed (the report still says so)")
     checks.add_argument("--latency-runs", type=int, default=30, help="timed runs at batch 1 (default 30)")
-    checks.add_argument("--threads", type=int, help="TFLite CPU threads (default: all available cores)")
+    checks.add_argument("--threads", type=int,
+                        help="TFLite and ONNX Runtime CPU threads (default: all available cores)")
     checks.add_argument("--quiet", action="store_true", help="print only the final table")
     return parser
 

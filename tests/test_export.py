@@ -447,7 +447,7 @@ def test_wrong_suffix_and_bad_options(model, tmp_path):
     (tmp_path / "model.h5").write_text("x")
     with pytest.raises(ex.ExportError, match="ending in .keras"):
         ex.load_reid_model(tmp_path / "model.h5")
-    for kwargs, message in [({"formats": ["onnx"]}, "format must be one of"), ({"feature": "logits"}, "feature"),
+    for kwargs, message in [({"formats": ["coreml"]}, "format must be one of"), ({"feature": "logits"}, "feature"),
                             ({"version": 0}, "positive integer"), ({"model_name": "a/b"}, "model_name"),
                             ({"serving_dtype": "float16"}, "serving_dtype")]:
         with pytest.raises(ValueError, match=message):
@@ -555,7 +555,7 @@ def test_cli_exports_and_reports_errors(model, data_root, tmp_path, capsys):
     assert main(["--model", str(tmp_path / "junk.keras"), "--out", str(out)]) == 2
     assert "could not load" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
-        main(["--model", "m.keras", "--out", str(out), "--formats", "onnx"])
+        main(["--model", "m.keras", "--out", str(out), "--formats", "coreml"])
     assert done.value.code == 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as done:  # would be silently ignored: the model file fixes them

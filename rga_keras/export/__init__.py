@@ -8,6 +8,8 @@ Every artefact computes the same function: raw RGB images (0–255, the model no
   JPEG/PNG strings → {"embedding"}, decoded and resized in the graph exactly as the evaluation pipeline
   does), a warm-up file ``assets.extra/tf_serving_warmup_requests`` and ``assets/rga_metadata.json``
   (which feature, input size and dtype).
+* ``onnx``: ``<out>/onnx/<name>_v<version>.onnx``, opset 17, dynamic batch axis, converted with tf2onnx from
+  the same float32 SavedModel as the TFLite models; runs in ONNX Runtime and TensorRT.
 * ``tflite_float32`` / ``tflite_float16`` (float16 weights) / ``tflite_dynamic`` (int8 weights,
   activations quantised on the fly) / ``tflite_int8`` (int8 weights and activations, calibrated on
   representative person images): ``<out>/tflite/<name>_v<version>_<kind>.tflite``, builtin ops only.
@@ -21,11 +23,13 @@ Artefacts are built in a staging folder inside ``<out>`` and moved into place on
 checked, so TF Serving never sees a half-written version.
 
 Modules: `model` (what can be exported), `serving` (SavedModel), `tflite` (conversion, LiteRT runner),
+`onnx` (conversion, ONNX Runtime runner),
 `parity` (checks and thresholds), `report` (table, JSON, Markdown), `exporter` (`export_all`).
 """
 from rga_keras.export.exporter import FORMATS, default_synthetic_dataset, export_all, load_images
 from rga_keras.export.model import (ExportError, ParityError, cosine_rows, estimate_batchnorm_statistics,
                                     load_reid_model, reid_model_info, with_relation)
+from rga_keras.export.onnx import ONNX_OPSET, ONNXEmbedder, convert_onnx, onnx_ops
 from rga_keras.export.parity import THRESHOLDS, measure_latencies
 from rga_keras.export.report import failed_checks, format_table, report_markdown
 from rga_keras.export.serving import METADATA_FILE, SERVING_DTYPES, WARMUP_FILE, write_saved_model
@@ -39,4 +43,5 @@ __all__ = [
     "write_saved_model", "write_tflite_source", "convert_tflite", "percentile_ranges", "tflite_ops",
     "TFLiteEmbedder", "measure_latencies", "cosine_rows", "load_images", "default_synthetic_dataset",
     "format_table", "report_markdown", "failed_checks",
+    "ONNX_OPSET", "ONNXEmbedder", "convert_onnx", "onnx_ops",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 
 from rga_keras.cli import raise_if_interrupted
 from rga_keras.export.model import ExportError, ParityError, check_choice, check_percentile, reid_model_info
+from rga_keras.export.onnx import convert_onnx, onnx_ops
 from rga_keras.export.parity import check_artefacts
 from rga_keras.export.report import (describe_settings, failed_checks, format_table, is_published, report_paths,
                                      write_reports)
@@ -22,7 +23,7 @@ from rga_keras.export.tflite import INT8_FLOAT_OPS, convert_tflite, tflite_ops, 
 from rga_keras.files import remove_stale_temps, staging_dir
 from rga_keras.models import FEATURES
 
-FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8")
+FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "onnx")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -74,7 +75,8 @@ def export_all(
     """Export ``model`` in ``formats``, check each artefact against it, and publish them under ``out_dir``.
 
     Layout: ``out_dir/serving/<model_name>/<version>/`` (point TF Serving's model_base_path at
-    ``out_dir/serving/<model_name>``), ``out_dir/tflite/<model_name>_v<version>_<kind>.tflite`` and the report
+    ``out_dir/serving/<model_name>``), ``out_dir/tflite/<model_name>_v<version>_<kind>.tflite``,
+    ``out_dir/onnx/<model_name>_v<version>.onnx`` and the report
     ``out_dir/<model_name>_v<version>_export_report.{json,md}``.
 
     calibration_samples: images for int8 calibration, as (path, person_id, camera_id) samples or paths
@@ -165,6 +167,7 @@ def export_all(
 
 def _targets(out_dir: Path, formats: list[str], name: str, version: int) -> dict[str, Path]:
     return {fmt: (out_dir / "serving" / name / str(version) if fmt == "saved_model"
+                  else out_dir / "onnx" / f"{name}_v{version}.onnx" if fmt == "onnx"
                   else out_dir / "tflite" / f"{name}_v{version}_{fmt[len('tflite_'):]}.tflite") for fmt in formats}
 
 
@@ -180,7 +183,7 @@ def _build(model, formats, staging, *, feature, model_name, version, serving_dty
         built["saved_model"] = (path, {"seconds_to_build": round(time.perf_counter() - start, 1)})
         log(f"saved_model: written in {built['saved_model'][1]['seconds_to_build']} s")
     kinds = [fmt[len("tflite_"):] for fmt in formats if fmt.startswith("tflite_")]
-    if kinds:
+    if kinds or "onnx" in formats:  # the float32 SavedModel both are converted from
         source = write_tflite_source(model, staging / "tflite_source", feature)
         for kind in kinds:
             start = time.perf_counter()
@@ -196,6 +199,12 @@ def _build(model, formats, staging, *, feature, model_name, version, serving_dty
             extra = {"seconds_to_build": round(time.perf_counter() - start, 1), **chosen, **ops}
             built[f"tflite_{kind}"] = (path, extra)
             log(f"tflite_{kind}: converted in {extra['seconds_to_build']} s")
+        if "onnx" in formats:
+            start = time.perf_counter()
+            path = staging / "model.onnx"
+            path.write_bytes(convert_onnx(source, feature))
+            built["onnx"] = (path, {"seconds_to_build": round(time.perf_counter() - start, 1), **onnx_ops(path)})
+            log(f"onnx: converted in {built['onnx'][1]['seconds_to_build']} s")
         shutil.rmtree(source, ignore_errors=True)
     return {fmt: built[fmt] for fmt in formats}
 

@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from rga_keras.export.model import cosine_rows
+from rga_keras.export.onnx import ONNXEmbedder
 from rga_keras.export.tflite import TFLiteEmbedder
 from rga_keras.models import embedding_model
 
@@ -25,6 +26,7 @@ THRESHOLDS = {
     "tflite_float16": {"cosine_min": 0.999},
     "tflite_dynamic": {"cosine_mean": 0.98, "max_map_diff": 1.0},
     "tflite_int8": {"cosine_mean": 0.98, "max_map_diff": 1.0},
+    "onnx": {"cosine_min": 0.9999},
 }
 
 
@@ -68,6 +70,8 @@ def _runner(fmt: str, path: Path, num_threads: int | None) -> tuple[Callable[[np
         if signature.structured_input_signature[1]["images"].dtype == tf.uint8:
             return lambda images: signature(images=tf.constant(_as_uint8(images)))["embedding"].numpy(), True
         return lambda images: signature(images=tf.constant(images, tf.float32))["embedding"].numpy(), False
+    if fmt == "onnx":
+        return ONNXEmbedder(path, num_threads), False
     return TFLiteEmbedder(path, num_threads), False
 
 

@@ -34,7 +34,8 @@ def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": cpu_count()},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "ai-edge-litert": version("ai-edge-litert")},
+                     "ai-edge-litert": version("ai-edge-litert"),
+                     "tf2onnx": version("tf2onnx"), "onnxruntime": version("onnxruntime")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -131,7 +132,8 @@ def report_markdown(report: dict) -> str:
     if "eval_images" in s:
         lines += ["", f"Parity and retrieval on {s['eval_images']['query']} query / {s['eval_images']['gallery']} "
                       f"gallery images; latency: median of {s['latency']['runs']} runs at batch 1 on the CPU, "
-                      f"interleaved across artefacts (TFLite with {s['latency']['tflite_threads']} threads)."]
+                      f"interleaved across artefacts (TFLite and ONNX Runtime with "
+                      f"{s['latency']['tflite_threads']} threads)."]
     if s["calibration_images"]:
         lines += ["", f"int8 calibration on {s['calibration_images']} images; ops kept in float32: "
                       f"{', '.join(s['int8_float_ops']) or 'none'}; activation ranges: "

@@ -4,7 +4,8 @@ resized to the model's input size → L2-normalised float32 embeddings (n, d).
 Formats: a ``.keras`` re-id model (`rga_keras.export.load_reid_model`, embedding by
 `rga_keras.embedding_model`), a SavedModel version folder as rga-export writes it (its ``serving_default``
 signature; feature and input size from ``assets/rga_metadata.json``), a ``.tflite`` file
-(`rga_keras.export.TFLiteEmbedder`) and an ``.onnx`` file (onnxruntime, if installed; input (n, H, W, 3)).
+(`rga_keras.export.TFLiteEmbedder`) and an ``.onnx`` file (`rga_keras.export.ONNXEmbedder`, ONNX Runtime;
+input (n, H, W, 3); the feature from its metadata where rga-export wrote it).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ MODEL_FORMATS = ("keras", "saved_model", "tflite", "onnx")
 class Embedder:
     """A loaded model: ``embedder(images)`` gives L2-normalised float32 embeddings (n, d).
 
-    ``feature`` is "after_bn"/"before_bn", or None where the file does not say (TFLite, ONNX).
+    ``feature`` is "after_bn"/"before_bn", or None where the file does not say (TFLite, an ONNX file not
+    written by rga-export).
     """
 
     path: Path
@@ -161,22 +163,17 @@ def _load_tflite(path: Path, feature: str | None) -> Embedder:
 
 
 def _load_onnx(path: Path, feature: str | None) -> Embedder:
+    from rga_keras.export import ONNXEmbedder
+
     try:
-        import onnxruntime
+        embed = ONNXEmbedder(path)
     except ImportError:
         raise ImportError(f"reading {path} needs onnxruntime, which is not installed (pip install onnxruntime)") \
             from None
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's own error types (InvalidProtobuf, ...)
         raise ValueError(f"could not load {path} as an ONNX model: {err}") from None
-    source = session.get_inputs()[0]
-    shape = source.shape
-    if len(shape) != 4 or shape[3] != 3 or not all(isinstance(d, int) for d in shape[1:3]):
-        raise ValueError(f"{path} takes input {source.name} of shape {shape}, not images (n, H, W, 3) of a fixed "
-                         "size")
-
-    def run(images: np.ndarray) -> np.ndarray:
-        return session.run(None, {source.name: images})[0]
-
-    return Embedder(path, "onnx", (shape[1], shape[2]), feature, run)
+    shape = embed.input_shape
+    if len(shape) != 3 or shape[2] != 3 or not all(isinstance(d, int) for d in shape[:2]):
+        raise ValueError(f"{path} takes input of shape (n, {', '.join(map(str, shape))}), not images (n, H, W, 3) "
+                         "of a fixed size")
+    return Embedder(path, "onnx", (shape[0], shape[1]), embed.feature or feature, embed)
