@@ -434,6 +434,24 @@ def test_int16x8_has_int16_activations_and_int8_weights(exported):
     assert report["checks"]["tflite_int16x8"]["size_bytes"] < report["checks"]["tflite_float16"]["size_bytes"]
 
 
+def test_int16x8_refuses_an_addition_that_was_zero_on_every_calibration_image(tmp_path):
+    """Two convolutions with opposite kernels: their sum is exactly 0 on every image, so its int16 ADD gets a
+    zero-width range that LiteRT would abort on; the export names the op instead."""
+    kernel = tf.constant(np.random.default_rng(0).normal(size=(1, 1, 3, 4)), tf.float32)
+
+    class Cancelling(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 2, 2, 3], tf.float32, name="images")])
+        def serve(self, images):
+            total = tf.nn.conv2d(images, kernel, 1, "VALID") + tf.nn.conv2d(images, -kernel, 1, "VALID")
+            return {"embedding": tf.reduce_mean(total, axis=(1, 2))}
+
+    module = Cancelling()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
+    images = np.random.default_rng(1).uniform(0, 255, (4, 2, 2, 3)).astype(np.float32)
+    with pytest.raises(ex.ExportError, match=r"int16x8 model cannot run: ADD \S+ has output scale .* 0 on every"):
+        ex.convert_tflite(tmp_path, "int16x8", representative_images=images)
+
+
 def test_selective_int8_keeps_the_measured_nodes_in_float(exported):
     out, report = exported
     from ai_edge_litert.interpreter import Interpreter
