@@ -56,15 +56,16 @@ def _percentile(text: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rga_keras.export import FORMATS, INT8_FLOAT_OPS, INT8_RANGE_PERCENTILES, SERVING_DTYPES
+    from rga_keras.export import (DEFAULT_FORMATS, FORMATS, INT8_FLOAT_OPS, INT8_MAX_STEP_ERROR,
+                                  INT8_RANGE_PERCENTILES, SERVING_DTYPES)
     from rga_keras.layers import MODES
 
     parser = argparse.ArgumentParser(
         prog="rga-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Export an RGA re-id model (images → L2-normalised embedding) as a TF Serving SavedModel, "
-                    "TFLite models (float32, float16, dynamic-range, int8) and ONNX (opset 17, for ONNX Runtime "
-                    "and TensorRT), each checked against the Keras model: cosine similarity, Rank-1/mAP, size "
-                    "and CPU latency.")
+                    "TFLite models (float32, float16, dynamic-range, int8, full-integer int8, int16x8) and ONNX "
+                    "(opset 17, for ONNX Runtime and TensorRT), each checked against the Keras model: cosine "
+                    "similarity, Rank-1/mAP, size and CPU latency.")
     source = parser.add_argument_group("model (one of)")
     which = source.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", type=Path, help="trained model file (.keras), e.g. runs/demo/best.keras")
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, help="output folder")
-    out.add_argument("--formats", type=_formats, default=list(FORMATS),
-                     help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    out.add_argument("--formats", type=_formats, default=list(DEFAULT_FORMATS),
+                     help=f"comma-separated subset of {','.join(FORMATS)}, or 'all' "
+                          f"(default {','.join(DEFAULT_FORMATS)})")
     out.add_argument("--model-name", default="rga", help="model name: TF Serving folder and file prefix (default rga)")
     out.add_argument("--version", type=int, default=1, help="TF Serving version folder, a positive integer (default 1)")
     out.add_argument("--feature", choices=("after_bn", "before_bn"), default="after_bn",
@@ -94,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--int8-io", action="store_true",
                      help="int8 TFLite model takes uint8 pixels and returns int8 embeddings (default: float32)")
     out.add_argument("--int8-float-ops", default=",".join(INT8_FLOAT_OPS), metavar="OPS",
-                     help="comma-separated TFLite ops kept in float32 in the int8 model; '' for none "
-                          f"(default {','.join(INT8_FLOAT_OPS)}: the relation products and the additions)")
+                     help="comma-separated TFLite ops kept in float32 in the (selective) int8 model; '' for none "
+                          f"(default {','.join(INT8_FLOAT_OPS)}: the relation products)")
+    out.add_argument("--int8-float-nodes", default="auto", metavar="NODES",
+                     help="nodes (op output tensor names) kept in float32 in the int8 model, comma-separated; "
+                          f"default auto: those whose own error exceeds {INT8_MAX_STEP_ERROR} int8 steps on the "
+                          "calibration images (TFLite's QuantizationDebugger)")
     out.add_argument("--int8-range-percentile", type=_percentile, default="auto", metavar="P",
                      help="int8 activation ranges: percentile P of each tensor's per-image extremes over the "
                           "calibration images (100 = TFLite's plain min/max); default auto: the best of "
@@ -162,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.relation:
             model = ex.with_relation(model, args.relation)
         float_ops = [op.strip() for op in args.int8_float_ops.split(",") if op.strip()]
+        float_nodes = args.int8_float_nodes if args.int8_float_nodes == "auto" else [
+            node.strip() for node in args.int8_float_nodes.split(",") if node.strip()]
         try:
             report = ex.export_all(
                 model, args.out, formats=args.formats, feature=args.feature, model_name=args.model_name,
                 version=args.version, calibration_samples=calibration, num_calibration=args.num_calibration,
                 eval_split=(data.query, data.gallery) if data else None, serving_dtype=args.serving_dtype,
                 serving_allow_unit_range=args.serving_allow_unit_range, int8_io=args.int8_io, int8_float_ops=float_ops,
+                int8_float_nodes=float_nodes,
                 int8_range_percentile=args.int8_range_percentile, check=not args.skip_parity_check,
                 enforce=not args.allow_failures, latency_runs=args.latency_runs, num_threads=args.threads,
                 overwrite=args.overwrite, verbose=not args.quiet)

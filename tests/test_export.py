@@ -27,6 +27,9 @@ from rga_keras.training import compile_reid, to_reid_targets
 
 SIZE = (64, 32)
 EMBEDDING_DIM = 4 * 32  # the tiny backbone's last stage: 4 × its width
+# Every training image calibrates the quantised models: with 24 of them, one query image's activations left
+# the calibrated ranges of the tiny model and its int16x8 embedding fell to cosine 0.95 (0.995 with all 144).
+CALIBRATION = 144
 
 
 def tiny_reid_model(num_classes: int, name: str = "tiny_rga") -> RGAReID:
@@ -116,8 +119,9 @@ def model(data):
 @pytest.fixture(scope="module")
 def exported(model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    report = ex.export_all(model, out, calibration_samples=data.train, num_calibration=24,
-                           eval_split=(data.query, data.gallery), latency_runs=3, verbose=False)
+    report = ex.export_all(model, out, formats=ex.FORMATS, calibration_samples=data.train,
+                           num_calibration=CALIBRATION, eval_split=(data.query, data.gallery), latency_runs=3,
+                           verbose=False)
     return out, report
 
 
@@ -138,7 +142,7 @@ def test_layout_report_and_metadata(exported):
     version = saved_model_dir(out)
     for part in ("saved_model.pb", "variables", "assets.extra/tf_serving_warmup_requests", "assets/rga_metadata.json"):
         assert (version / part).exists(), part
-    for kind in ("float32", "float16", "dynamic", "int8"):
+    for kind in ex.TFLITE_KINDS:
         assert (out / "tflite" / f"rga_v1_{kind}.tflite").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging folder left behind"
     # An ordinary folder (umask), not mkdtemp's 0700: TF Serving may run as another user.
@@ -171,7 +175,7 @@ def test_parity_and_retrieval_numbers_match_an_independent_computation(exported,
     assert report["reference"]["rank1"] == pytest.approx(rank1) and report["reference"]["mAP"] == pytest.approx(mean_ap)
     signature = loaded.signatures["serving_default"]
     embeddings = {"saved_model": signature(images=tf.constant(images))["embedding"].numpy()}
-    for kind in ("float32", "float16", "dynamic", "int8"):
+    for kind in ex.TFLITE_KINDS:
         embeddings[f"tflite_{kind}"] = litert_embeddings(out / "tflite" / f"rga_v1_{kind}.tflite", images)
     for fmt, emb in embeddings.items():
         check = report["checks"][fmt]
@@ -180,11 +184,13 @@ def test_parity_and_retrieval_numbers_match_an_independent_computation(exported,
         assert check["cosine_min"] == pytest.approx(cos.min(), abs=2e-6), fmt
         rank1, mean_ap = brute_force_retrieval(emb[:nq], emb[nq:], data.query, data.gallery)
         assert (check["rank1"], check["mAP"]) == (pytest.approx(rank1), pytest.approx(mean_ap)), fmt
-        # the issue's thresholds, restated here
-        floor = {"saved_model": 0.9999, "tflite_float32": 0.9999, "tflite_float16": 0.999}.get(fmt)
-        assert cos.min() >= floor if floor else cos.mean() >= 0.98, fmt
-        assert floor or abs(100 * (mean_ap - report["reference"]["mAP"])) <= 1.0, fmt
-        assert ("max_map_diff" in check["thresholds"]) == (floor is None), fmt
+        # the issues' thresholds, restated here: every artefact on its worst image, quantised ones on the mean
+        # and mAP too
+        floor = {"saved_model": 0.9999, "tflite_float32": 0.9999, "tflite_float16": 0.999}.get(fmt, 0.95)
+        assert cos.min() >= floor, fmt
+        quantised = fmt not in ("saved_model", "tflite_float32", "tflite_float16")
+        assert not quantised or (cos.mean() >= 0.98 and abs(100 * (mean_ap - report["reference"]["mAP"])) <= 1.0), fmt
+        assert check["thresholds"]["cosine_min"] == floor and ("max_map_diff" in check["thresholds"]) == quantised
         assert check["passed"] and not check["failures"], fmt
 
 
@@ -192,13 +198,14 @@ def test_tflite_models_use_builtin_ops_only_and_int8_is_integer(exported):
     out, report = exported
     from ai_edge_litert.interpreter import Interpreter
 
-    for kind in ("float32", "float16", "dynamic", "int8"):
+    for kind in ex.TFLITE_KINDS:
         path = out / "tflite" / f"rga_v1_{kind}.tflite"
         Interpreter(model_path=str(path)).allocate_tensors()  # plain LiteRT: no Flex delegate, no custom ops
         ops = report["checks"][f"tflite_{kind}"]
         assert ops["builtin_only"] and not any(op.startswith("Flex") for op in ops["ops"])
     int8 = report["checks"]["tflite_int8"]
-    assert set(int8["float_ops"]) == {"BATCH_MATMUL", "ADD"}  # relation products and additions (the default)
+    # the relation products (the default op list) and the nodes the debugger measured as too noisy
+    assert set(int8["float_ops"]) == {"BATCH_MATMUL"} | {node["op"] for node in int8["float_nodes"]}
     assert report["settings"]["int8_range_percentile"] == "auto"  # the default: best of INT8_RANGE_PERCENTILES
     assert set(int8["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
     assert int8["calibration_cosine"][int8["range_percentile"]] == max(int8["calibration_cosine"].values())
@@ -402,16 +409,149 @@ def test_int8_io_and_full_integer_option(model, data, tmp_path):
     assert details.get_input_details()[0]["quantization"] == (1.0, 0)  # raw uint8 pixels, as they are
     for got in (embedder(images), litert_embeddings(selective, images)):
         assert np.mean(np.sum(unit(got) * reference, axis=1)) >= 0.98
-    full = ex.convert_tflite(source, "int8", representative_images=calibration, float_ops=())
-    ops = ex.tflite_ops(full)
-    assert ops["float_ops"] == {} and ops["ops"]["BATCH_MATMUL"] == 8  # everything in int8
-    assert np.mean(np.sum(unit(ex.TFLiteEmbedder(full)(images)) * reference, axis=1)) >= 0.98
     with pytest.raises(ValueError, match="representative_images"):
         ex.convert_tflite(source, "int8")
-    with pytest.raises(ValueError, match="int8_io applies to the int8 model only"):
-        ex.convert_tflite(source, "float16", int8_io=True)
+    for kind in ("float16", "int8_full"):
+        with pytest.raises(ValueError, match="int8_io applies to the int8 model only"):
+            ex.convert_tflite(source, kind, int8_io=True)
     with pytest.raises(ValueError, match=r"range_percentile must be 'auto' or a percentile in \(0, 100\], got 150"):
         ex.convert_tflite(source, "int8", representative_images=calibration, range_percentile=150)
+
+
+def test_full_integer_int8_has_no_float_op(exported, model, data):
+    out, report = exported
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = out / "tflite" / "rga_v1_int8_full.tflite"
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    dtypes = {np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
+    assert dtypes <= {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.int64)}, dtypes
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8  # raw pixels, scale 1, zero point 0
+    assert interpreter.get_input_details()[0]["quantization"] == (1.0, 0)
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    check = report["checks"]["tflite_int8_full"]
+    assert check["float_ops"] == {} and check["ops"]["BATCH_MATMUL"] == 8 and "float_nodes" not in check
+    assert set(check["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
+
+
+def test_int16x8_has_int16_activations_and_int8_weights(exported):
+    out, report = exported
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(out / "tflite" / "rga_v1_int16x8.tflite"))
+    tensors = interpreter.get_tensor_details()
+    convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    assert len(convolutions) == 1 + 4 * 3 + 4
+    for op in convolutions:
+        activation, weights = (tensors[i]["dtype"] for i in op["inputs"][:2])
+        assert (activation, weights, tensors[op["outputs"][0]]["dtype"]) == (np.int16, np.int8, np.int16)
+    # L2_NORMALIZATION has no int16 kernel: the one op left in float32 (the converter's float fallback)
+    assert report["checks"]["tflite_int16x8"]["float_ops"] == {"L2_NORMALIZATION": 1}
+    assert report["checks"]["tflite_int16x8"]["size_bytes"] < report["checks"]["tflite_float16"]["size_bytes"]
+
+
+def test_int16x8_refuses_an_addition_that_was_zero_on_every_calibration_image(tmp_path):
+    """Two convolutions with opposite kernels: their sum is exactly 0 on every image, so its int16 ADD gets a
+    zero-width range that LiteRT would abort on; the export names the op instead."""
+    kernel = tf.constant(np.random.default_rng(0).normal(size=(1, 1, 3, 4)), tf.float32)
+
+    class Cancelling(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 2, 2, 3], tf.float32, name="images")])
+        def serve(self, images):
+            total = tf.nn.conv2d(images, kernel, 1, "VALID") + tf.nn.conv2d(images, -kernel, 1, "VALID")
+            return {"embedding": tf.reduce_mean(total, axis=(1, 2))}
+
+    module = Cancelling()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serving_default": module.serve})
+    images = np.random.default_rng(1).uniform(0, 255, (4, 2, 2, 3)).astype(np.float32)
+    with pytest.raises(ex.ExportError, match=r"int16x8 model cannot run: ADD \S+ has output scale .* 0 on every"):
+        ex.convert_tflite(tmp_path, "int16x8", representative_images=images)
+
+
+def test_selective_int8_keeps_the_measured_nodes_in_float(exported):
+    out, report = exported
+    from ai_edge_litert.interpreter import Interpreter
+
+    nodes = report["checks"]["tflite_int8"]["float_nodes"]
+    errors = [node["step_error"] for node in nodes]
+    assert all(e > ex.INT8_MAX_STEP_ERROR for e in errors) and errors == sorted(errors, reverse=True)
+    tensors = {t["name"]: t for t in Interpreter(model_path=str(out / "tflite" / "rga_v1_int8.tflite"))
+               .get_tensor_details()}
+    for node in nodes:
+        assert tensors[node["tensor"]]["dtype"] == np.float32, node
+    markdown = (out / "rga_v1_export_report.md").read_text()
+    assert f"RMSE above {ex.INT8_MAX_STEP_ERROR} int8 steps): {len(nodes) or 'none'}" in markdown
+    assert all(f"- `{node['tensor']}` ({node['op']}, {node['step_error']:.2f} steps)" in markdown for node in nodes)
+
+
+def test_float16_keeps_vectors_in_float32(exported):
+    """keep_vectors_float32: the vector-shaped constants (input normalisation, biases, folded BatchNorm) hold
+    float32 values that float16 cannot represent, every other weight is float16."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    out, report = exported
+    model = flatbuffer_utils.read_model_from_bytearray((out / "tflite" / "rga_v1_float16.tflite").read_bytes())
+    vectors, matrices = [], []
+    for tensor in model.subgraphs[0].tensors:
+        data = model.buffers[tensor.buffer].data
+        if data is not None and tensor.type in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16):
+            vector = sum(int(n) > 1 for n in tensor.shape) <= 1  # e.g. (2048,), (1, 1, 1, 3)
+            (vectors if vector else matrices).append((tensor.type, bytes(bytearray(data))))
+    assert {t for t, _ in vectors} == {schema.TensorType.FLOAT32} and {t for t, _ in matrices} == {
+        schema.TensorType.FLOAT16}
+    values = np.concatenate([np.frombuffer(data, np.float32) for _, data in vectors])
+    assert np.mean(values.astype(np.float16).astype(np.float32) != values) > 0.5  # not float16-rounded
+    # one DEQUANTIZE per float16 weight, none for the vectors
+    assert report["checks"]["tflite_float16"]["ops"]["DEQUANTIZE"] == len(matrices)
+
+
+def test_worst_image_mean_and_map_gates_fail_a_broken_artefact(exported, model, data, monkeypatch):
+    """Quantised artefacts whose embeddings are broken on purpose fail exactly the gates they should; the
+    numbers are recomputed here with NumPy. Three names of quantised formats, one broken artefact each (the
+    exported dynamic-range model, its embeddings changed after it runs)."""
+    from rga_keras.export import parity
+
+    out, _ = exported
+    target = images_of(data.gallery)[3]
+    gallery = {image.tobytes() for image in images_of(data.gallery)}
+    make_runner = parity._runner
+
+    def break_(fmt, batch, good):
+        """tflite_dynamic: one gallery image's embedding reversed; tflite_int8: every embedding turned by
+        arccos 0.97; tflite_int16x8: the gallery's embeddings reversed, so every query ranks it backwards."""
+        if fmt == "tflite_dynamic":
+            return np.where(np.all(batch == target, axis=(1, 2, 3))[:, None], -good, good)
+        if fmt == "tflite_int8":  # a direction orthogonal to each embedding, fixed by the embedding itself
+            other = np.roll(good, 1, axis=1)
+            other = unit(other - np.sum(other * good, axis=1, keepdims=True) * good)
+            return 0.97 * good + np.sqrt(1 - 0.97**2) * other
+        in_gallery = np.array([image.tobytes() in gallery for image in batch])  # every ranking reversed
+        return np.where(in_gallery[:, None], -good, good)
+
+    def runner(fmt, path, threads):
+        run = make_runner(fmt, path, threads)[0]
+        return (lambda batch: break_(fmt, batch, unit(run(batch)))), False
+
+    monkeypatch.setattr(parity, "_runner", runner)
+    dynamic = out / "tflite" / "rga_v1_dynamic.tflite"
+    formats = ("tflite_dynamic", "tflite_int8", "tflite_int16x8")
+    report = {"model": ex.reid_model_info(model), "settings": {}, "checks": {fmt: {} for fmt in formats}}
+    parity.check_artefacts(model, "after_bn", {fmt: (dynamic, {}) for fmt in formats}, report, data.query,
+                           data.gallery, 64, 1, None, lambda line: None)
+    expected = {"tflite_dynamic": {"minimum"}, "tflite_int8": {"mean"}, "tflite_int16x8": {"minimum", "mean", "mAP"}}
+    all_images = np.concatenate([images_of(data.query), images_of(data.gallery)])
+    reference = keras_embeddings(model, all_images)
+    for fmt in formats:
+        check = report["checks"][fmt]
+        failed = {f.split()[0] if not f.startswith("mAP") else "mAP" for f in check["failures"]}
+        assert failed == expected[fmt] and not check["passed"], (fmt, check["failures"])
+        assert check["thresholds"] == {"cosine_mean": 0.98, "cosine_min": 0.95, "max_map_diff": 1.0}
+        if fmt != "tflite_int16x8":  # the report's cosines, recomputed from the artefact and the Keras model
+            cos = np.sum(break_(fmt, all_images, unit(litert_embeddings(dynamic, all_images))) * reference, axis=1)
+            assert check["cosine_min"] == pytest.approx(cos.min(), abs=1e-4), fmt
+            assert check["cosine_mean"] == pytest.approx(cos.mean(), abs=1e-3), fmt
 
 
 def test_relation_paths_give_the_same_embeddings(model, data):
@@ -570,11 +710,10 @@ def test_real_network_all_formats(data, tmp_path):
     parity means nothing (docs/EXPORT.md), so only the float artefacts' thresholds are asserted here."""
     model = build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
     ex.estimate_batchnorm_statistics(model, images_of(data.train))
-    report = ex.export_all(model, tmp_path, calibration_samples=data.train, num_calibration=24,
+    report = ex.export_all(model, tmp_path, formats=ex.FORMATS, calibration_samples=data.train, num_calibration=24,
                            eval_split=(data.query, data.gallery), latency_runs=3, enforce=False, verbose=False)
     assert report["checks"]["saved_model"]["passed"] and report["checks"]["tflite_float32"]["passed"]
-    assert all(report["checks"][f"tflite_{k}"]["builtin_only"] for k in ("float32", "float16", "dynamic", "int8"))
-    assert set(report["checks"]["tflite_int8"]["float_ops"]) == {"BATCH_MATMUL", "ADD"}
+    assert all(report["checks"][f"tflite_{k}"]["builtin_only"] for k in ex.TFLITE_KINDS)
     assert report["checks"]["tflite_int8"]["float_ops"]["BATCH_MATMUL"] == 16
     images = images_of(data.query)
     reference = keras_embeddings(model, images)

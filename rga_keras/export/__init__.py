@@ -12,9 +12,10 @@ Every artefact computes the same function: raw RGB images (0–255, the model no
   the same float32 SavedModel as the TFLite models; runs in ONNX Runtime and TensorRT.
 * ``tflite_float32`` / ``tflite_float16`` (float16 weights) / ``tflite_dynamic`` (int8 weights,
   activations quantised on the fly) / ``tflite_int8`` (int8 weights and activations, calibrated on
-  representative person images): ``<out>/tflite/<name>_v<version>_<kind>.tflite``, builtin ops only.
-  The int8 model keeps the relation products in float32 and sets its activation ranges from percentiles
-  (`rga_keras.export.tflite`).
+  representative person images; selective) / ``tflite_int8_full`` (no float op) / ``tflite_int16x8``
+  (int16 activations, int8 weights): ``<out>/tflite/<name>_v<version>_<kind>.tflite``, builtin ops only.
+  The selective int8 model keeps the relation products and the nodes with large measured error in float32
+  and sets its activation ranges from percentiles (`rga_keras.export.tflite`).
 
 Each artefact is run on query/gallery person images next to the Keras model: per-image cosine similarity
 of the embeddings, Rank-1/mAP of the retrieval, size on disk and CPU latency at batch 1. Thresholds
@@ -26,21 +27,24 @@ Modules: `model` (what can be exported), `serving` (SavedModel), `tflite` (conve
 `onnx` (conversion, ONNX Runtime runner),
 `parity` (checks and thresholds), `report` (table, JSON, Markdown), `exporter` (`export_all`).
 """
-from rga_keras.export.exporter import FORMATS, default_synthetic_dataset, export_all, load_images
+from rga_keras.export.exporter import DEFAULT_FORMATS, FORMATS, default_synthetic_dataset, export_all, load_images
 from rga_keras.export.model import (ExportError, ParityError, cosine_rows, estimate_batchnorm_statistics,
                                     load_reid_model, reid_model_info, with_relation)
 from rga_keras.export.onnx import ONNX_OPSET, ONNXEmbedder, convert_onnx, onnx_ops
 from rga_keras.export.parity import THRESHOLDS, measure_latencies
 from rga_keras.export.report import failed_checks, format_table, report_markdown
 from rga_keras.export.serving import METADATA_FILE, SERVING_DTYPES, WARMUP_FILE, write_saved_model
-from rga_keras.export.tflite import (INT8_FLOAT_OPS, INT8_RANGE_PERCENTILES, TFLITE_KINDS, TFLiteEmbedder,
-                                     convert_tflite, percentile_ranges, tflite_ops, write_tflite_source)
+from rga_keras.export.tflite import (INT8_FLOAT_OPS, INT8_MAX_STEP_ERROR, INT8_RANGE_PERCENTILES, TFLITE_KINDS,
+                                     TFLiteEmbedder, convert_tflite, keep_vectors_float32, percentile_ranges,
+                                     tflite_ops, write_tflite_source)
 
 __all__ = [
-    "FORMATS", "THRESHOLDS", "TFLITE_KINDS", "INT8_FLOAT_OPS", "INT8_RANGE_PERCENTILES", "SERVING_DTYPES",
+    "FORMATS", "DEFAULT_FORMATS", "THRESHOLDS", "TFLITE_KINDS", "INT8_FLOAT_OPS", "INT8_MAX_STEP_ERROR",
+    "INT8_RANGE_PERCENTILES", "SERVING_DTYPES",
     "METADATA_FILE", "WARMUP_FILE", "ExportError", "ParityError",
     "export_all", "load_reid_model", "reid_model_info", "with_relation", "estimate_batchnorm_statistics",
-    "write_saved_model", "write_tflite_source", "convert_tflite", "percentile_ranges", "tflite_ops",
+    "write_saved_model", "write_tflite_source", "convert_tflite", "keep_vectors_float32", "percentile_ranges",
+    "tflite_ops",
     "TFLiteEmbedder", "measure_latencies", "cosine_rows", "load_images", "default_synthetic_dataset",
     "format_table", "report_markdown", "failed_checks",
     "ONNX_OPSET", "ONNXEmbedder", "convert_onnx", "onnx_ops",

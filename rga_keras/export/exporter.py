@@ -23,7 +23,12 @@ from rga_keras.export.tflite import INT8_FLOAT_OPS, convert_tflite, tflite_ops, 
 from rga_keras.files import remove_stale_temps, staging_dir
 from rga_keras.models import FEATURES
 
-FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "onnx")
+FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "tflite_int8_full",
+           "tflite_int16x8", "onnx")
+# What an export makes unless told otherwise: the formats that pass their checks on the README demo model
+# (docs/EXPORT.md); the quantised models are made on request.
+DEFAULT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "onnx")
+_CALIBRATED = ("tflite_int8", "tflite_int8_full", "tflite_int16x8")  # formats that need calibration images
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -52,7 +57,7 @@ def export_all(
     model: keras.Model,
     out_dir: str | os.PathLike,
     *,
-    formats: Iterable[str] = FORMATS,
+    formats: Iterable[str] = DEFAULT_FORMATS,
     feature: str = "after_bn",
     model_name: str = "rga",
     version: int = 1,
@@ -64,6 +69,7 @@ def export_all(
     serving_allow_unit_range: bool = False,
     int8_io: bool = False,
     int8_float_ops: Sequence[str] = INT8_FLOAT_OPS,
+    int8_float_nodes: Sequence[str] | str = "auto",
     int8_range_percentile: float | str = "auto",
     check: bool = True,
     enforce: bool = True,
@@ -79,11 +85,13 @@ def export_all(
     ``out_dir/onnx/<model_name>_v<version>.onnx`` and the report
     ``out_dir/<model_name>_v<version>_export_report.{json,md}``.
 
-    calibration_samples: images for int8 calibration, as (path, person_id, camera_id) samples or paths
+    formats: a subset of `FORMATS` (default `DEFAULT_FORMATS`).
+    calibration_samples: images for int8 / int16x8 calibration, as (path, person_id, camera_id) samples or paths
         (``num_calibration`` of them, evenly spread); default: the synthetic dataset's training split.
     eval_split: (query, gallery) samples for the parity and retrieval checks; default: the synthetic
         dataset's query/gallery.
-    int8_float_ops, int8_range_percentile: see `convert_tflite` (``float_ops``, ``range_percentile``).
+    int8_float_ops, int8_float_nodes, int8_range_percentile: see `convert_tflite` (``float_ops``,
+        ``float_nodes``, ``range_percentile``).
     check: measure parity, retrieval and latency (False: only write the artefacts).
     enforce: a missed threshold raises `ParityError` and publishes nothing (False: report and publish anyway).
     overwrite: replace an existing version / files of the same name.
@@ -116,7 +124,8 @@ def export_all(
     if existing and not overwrite:
         raise FileExistsError(f"already exported: {', '.join(existing)} (use another version, or overwrite)")
     log = print if verbose else _quiet
-    needs_synthetic = ("tflite_int8" in formats and calibration_samples is None) or (check and eval_split is None)
+    calibrated = any(fmt in _CALIBRATED for fmt in formats)
+    needs_synthetic = (calibrated and calibration_samples is None) or (check and eval_split is None)
     synthetic = default_synthetic_dataset() if needs_synthetic else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,18 +133,18 @@ def export_all(
     staging = staging_dir(out_dir, prefix=f".export-{model_name}-v{version}-")
     try:
         calibration = None
-        if "tflite_int8" in formats:
+        if calibrated:
             samples = synthetic.train if calibration_samples is None else calibration_samples
             calibration = load_images(samples, size, num_calibration)
-            log(f"int8 calibration: {len(calibration)} images")
+            log(f"calibration: {len(calibration)} images")
         built = _build(model, formats, staging, feature=feature, model_name=model_name, version=version,
                        serving_dtype=serving_dtype, allow_unit_range=serving_allow_unit_range,
-                       calibration=calibration, int8_io=int8_io,
-                       int8_float_ops=int8_float_ops, int8_range_percentile=int8_range_percentile, log=log)
+                       calibration=calibration, int8_io=int8_io, int8_float_ops=int8_float_ops,
+                       int8_float_nodes=int8_float_nodes, int8_range_percentile=int8_range_percentile, log=log)
         report = {
             "model": {"name": model_name, "version": version, "feature": feature, **info},
-            "settings": describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_percentile,
-                                          serving_dtype, num_threads, latency_runs),
+            "settings": describe_settings(formats, calibration, int8_io, int8_float_ops, int8_float_nodes,
+                                          int8_range_percentile, serving_dtype, num_threads, latency_runs),
             "checks": {fmt: {"size_bytes": _size(path), **extra} for fmt, (path, extra) in built.items()},
         }
         if check:
@@ -172,7 +181,7 @@ def _targets(out_dir: Path, formats: list[str], name: str, version: int) -> dict
 
 
 def _build(model, formats, staging, *, feature, model_name, version, serving_dtype, allow_unit_range, calibration,
-           int8_io, int8_float_ops, int8_range_percentile, log) -> dict[str, tuple[Path, dict]]:
+           int8_io, int8_float_ops, int8_float_nodes, int8_range_percentile, log) -> dict[str, tuple[Path, dict]]:
     """Write every artefact into ``staging``; returns {format: (path, extra report entries)}."""
     built = {}
     if "saved_model" in formats:
@@ -190,7 +199,8 @@ def _build(model, formats, staging, *, feature, model_name, version, serving_dty
             chosen = {}
             flatbuffer = convert_tflite(source, kind, representative_images=calibration,
                                         int8_io=int8_io and kind == "int8", float_ops=int8_float_ops,
-                                        range_percentile=int8_range_percentile, info=chosen, log=log)
+                                        float_nodes=int8_float_nodes, range_percentile=int8_range_percentile,
+                                        info=chosen, log=log)
             path = staging / f"{kind}.tflite"
             path.write_bytes(flatbuffer)
             ops = tflite_ops(path)

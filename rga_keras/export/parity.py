@@ -14,18 +14,23 @@ from rga_keras.export.onnx import ONNXEmbedder
 from rga_keras.export.tflite import TFLiteEmbedder
 from rga_keras.models import embedding_model
 
-# Parity thresholds per artefact: per-image cosine similarity to the Keras embedding (the minimum over the
-# images for float artefacts, the mean for quantised ones) and, for quantised ones, the largest allowed
-# |mAP - Keras mAP| in points. A float artefact whose every embedding is within its cosine bar can change a
-# ranking only where two gallery distances nearly tie; on a small split of a barely trained model (distances
-# within 1e-3 of each other) float32 rounding alone then moved mAP by more than a point, so for float
-# artefacts mAP is reported, not judged.
+# Parity thresholds per artefact: per-image cosine similarity to the Keras embedding and, for quantised
+# artefacts, the largest allowed |mAP - Keras mAP| in points. Every artefact is judged on its worst image
+# ("cosine_min"): a mean can hide images whose embedding is useless. Quantised artefacts are also judged on
+# the mean (their typical error) and on mAP. Their worst-image bar, 0.95, keeps each embedding within 18° of
+# the Keras one (docs/EXPORT.md, "Parity report", says why this value). A float artefact whose every
+# embedding is within its cosine bar can change a ranking only where two gallery distances nearly tie; on a
+# small split of a barely trained model (distances within 1e-3 of each other) float32 rounding alone then
+# moved mAP by more than a point, so for float artefacts mAP is reported, not judged.
+_QUANTISED = {"cosine_mean": 0.98, "cosine_min": 0.95, "max_map_diff": 1.0}
 THRESHOLDS = {
     "saved_model": {"cosine_min": 0.9999},
     "tflite_float32": {"cosine_min": 0.9999},
     "tflite_float16": {"cosine_min": 0.999},
-    "tflite_dynamic": {"cosine_mean": 0.98, "max_map_diff": 1.0},
-    "tflite_int8": {"cosine_mean": 0.98, "max_map_diff": 1.0},
+    "tflite_dynamic": dict(_QUANTISED),
+    "tflite_int8": dict(_QUANTISED),
+    "tflite_int8_full": dict(_QUANTISED),
+    "tflite_int16x8": dict(_QUANTISED),
     "onnx": {"cosine_min": 0.9999},
 }
 
@@ -130,7 +135,8 @@ def _retrieval(qf, gf, labels) -> dict:
 def _failures(entry: dict, thresholds: dict) -> list[str]:
     failures = []
     if "cosine_min" in thresholds and entry["cosine_min"] < thresholds["cosine_min"]:
-        failures.append(f"minimum cosine similarity {entry['cosine_min']:.6f} < {thresholds['cosine_min']}")
+        failures.append(f"minimum cosine similarity {entry['cosine_min']:.6f} < {thresholds['cosine_min']} "
+                        "(its worst image)")
     if "cosine_mean" in thresholds and entry["cosine_mean"] < thresholds["cosine_mean"]:
         failures.append(f"mean cosine similarity {entry['cosine_mean']:.6f} < {thresholds['cosine_mean']}")
     if "max_map_diff" in thresholds and abs(entry["map_diff_points"]) > thresholds["max_map_diff"]:

@@ -10,12 +10,12 @@ import keras
 import tensorflow as tf
 
 from rga_keras.export.parity import THRESHOLDS
-from rga_keras.export.tflite import cpu_count
+from rga_keras.export.tflite import INT8_MAX_STEP_ERROR, cpu_count
 from rga_keras.files import write_text_atomic
 
 
-def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_percentile, serving_dtype,
-                      num_threads, latency_runs) -> dict:
+def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_float_nodes, int8_range_percentile,
+                      serving_dtype, num_threads, latency_runs) -> dict:
     """The export's settings, machine and package versions, for the report."""
     import importlib.metadata as metadata
 
@@ -28,7 +28,9 @@ def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_range_
     return {
         "formats": formats, "serving_dtype": serving_dtype,
         "calibration_images": None if calibration is None else len(calibration),
-        "int8_io": int8_io, "int8_float_ops": list(int8_float_ops), "int8_range_percentile": int8_range_percentile,
+        "int8_io": int8_io, "int8_float_ops": list(int8_float_ops),
+        "int8_float_nodes": int8_float_nodes if isinstance(int8_float_nodes, str) else list(int8_float_nodes),
+        "int8_range_percentile": int8_range_percentile,
         "latency": {"batch": 1, "runs": latency_runs, "tflite_threads": num_threads or cpu_count(),
                     "statistic": "median", "interleaved": True},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -104,13 +106,35 @@ def format_table(report: dict) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def _range_text(report: dict) -> str:
-    int8 = report["checks"].get("tflite_int8", {})
-    if "range_percentile" not in int8:
-        return str(report["settings"]["int8_range_percentile"])
-    tried = ", ".join(f"{p:g}: {c:.4f}" for p, c in int8["calibration_cosine"].items())
-    return (f"percentile {int8['range_percentile']:g} of the per-image extremes"
+def _range_text(check: dict, setting: float | str) -> str:
+    if "range_percentile" not in check:
+        return str(setting)
+    tried = ", ".join(f"{p:g}: {c:.4f}" for p, c in check["calibration_cosine"].items())
+    return (f"percentile {check['range_percentile']:g} of the per-image extremes"
             + (f" (chosen by mean cosine on the calibration images: {tried})" if tried else ""))
+
+
+def _calibration_lines(report: dict) -> list[str]:
+    """What each calibrated artefact was calibrated on, its activation ranges and what it keeps in float32."""
+    s, lines = report["settings"], []
+    for fmt, check in report["checks"].items():
+        if fmt == "tflite_int16x8":
+            lines += ["", f"{fmt}: calibrated on {s['calibration_images']} images (TFLite's min/max ranges, int16 "
+                          f"activations); ops computing float32: {', '.join(check['float_ops']) or 'none'}."]
+        if fmt not in ("tflite_int8", "tflite_int8_full"):
+            continue
+        lines += ["", f"{fmt}: calibrated on {s['calibration_images']} images; activation ranges: "
+                      f"{_range_text(check, s['int8_range_percentile'])}; ops computing float32: "
+                      f"{', '.join(check['float_ops']) or 'none'}; integer input/output: "
+                      f"{fmt == 'tflite_int8_full' or s['int8_io']}."]
+        if fmt == "tflite_int8":
+            nodes = check.get("float_nodes", [])
+            lines += [f"Ops kept in float32 by type: {', '.join(s['int8_float_ops']) or 'none'}. Nodes kept in "
+                      f"float32 by their own error (QuantizationDebugger on the calibration images, RMSE above "
+                      f"{INT8_MAX_STEP_ERROR} int8 steps): {len(nodes) or 'none'}"]
+            lines += [f"- `{n['tensor']}` ({n['op']}, {n['step_error']:.2f} steps)" if n["step_error"] is not None
+                      else f"- `{n['tensor']}` (given)" for n in nodes]
+    return lines
 
 
 def failed_checks(report: dict) -> list[str]:
@@ -134,10 +158,7 @@ def report_markdown(report: dict) -> str:
                       f"gallery images; latency: median of {s['latency']['runs']} runs at batch 1 on the CPU, "
                       f"interleaved across artefacts (TFLite and ONNX Runtime with "
                       f"{s['latency']['tflite_threads']} threads)."]
-    if s["calibration_images"]:
-        lines += ["", f"int8 calibration on {s['calibration_images']} images; ops kept in float32: "
-                      f"{', '.join(s['int8_float_ops']) or 'none'}; activation ranges: "
-                      f"{_range_text(report)}; int8 input/output: {s['int8_io']}."]
+    lines += _calibration_lines(report)
     lines += ["", "| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     lines += ["", "Thresholds: " + "; ".join(

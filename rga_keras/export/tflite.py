@@ -1,16 +1,22 @@
-"""TFLite models (float32, float16, dynamic-range, int8), builtin ops only, and running them with LiteRT.
+"""TFLite models (float32, float16, dynamic-range, selective int8, full-integer int8, int16×8), builtin ops
+only, and running them with LiteRT.
 
-The int8 model keeps two op types in float32 by default. The relation products (BATCH_MATMUL of two
-activations, the θ·(Φᵀ W) terms of the fused relation path): LiteRT's XNNPACK delegate has no int8 kernel
-for them, so a full-integer model runs them in slow reference kernels (docs/BENCHMARKS.md). The additions
-(ADD: residual sums, relation sums, biases), where a small term added to a large one is lost to one int8
-step: in float they cost 5 % of the int8 model's time at 256×128 and lift its embeddings' cosine to the
-float model from 0.979 to 0.984 on the longest-trained demo model (docs/EXPORT.md). Its activation ranges are
-percentiles of each tensor's per-image extremes over the calibration images rather than TFLite's plain
-min/max, which a few outlying images stretch (`percentile_ranges`).
+The selective int8 model keeps the relation products (BATCH_MATMUL of two activations, the θ·(Φᵀ W) terms of
+the fused relation path) in float32: LiteRT's XNNPACK delegate has no int8 kernel for them, so a full-integer
+model runs them in slow reference kernels (docs/BENCHMARKS.md). Which other nodes stay in float32 is
+measured, not fixed: TFLite's `QuantizationDebugger` runs the calibration images through a model where
+every int8 op is checked against its float op, and a node whose own error exceeds `INT8_MAX_STEP_ERROR`
+int8 steps (RMSE / scale) is kept in float32. Its activation ranges are percentiles of each tensor's
+per-image extremes over the calibration images rather than TFLite's plain min/max, which a few outlying
+images stretch (`percentile_ranges`). The full-integer model ("int8_full") has no float op at all (uint8
+pixels in, int8 embedding out) for int8-only accelerators; "int16x8" keeps activations in int16 (weights
+int8), the accurate small option.
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import os
 import warnings
 from collections import Counter
@@ -25,8 +31,12 @@ from rga_keras.export.model import (ExportError, check_choice, check_percentile,
                                     reid_model_info)
 from rga_keras.models import FEATURES, embedding_model
 
-TFLITE_KINDS = ("float32", "float16", "dynamic", "int8")
-INT8_FLOAT_OPS = ("BATCH_MATMUL", "ADD")  # ops the int8 model keeps in float32 by default (see above)
+TFLITE_KINDS = ("float32", "float16", "dynamic", "int8", "int8_full", "int16x8")
+INT8_FLOAT_OPS = ("BATCH_MATMUL",)  # ops the selective int8 model keeps in float32 by default (see above)
+# A node of the selective int8 model whose own quantisation error (RMSE of its int8 output against its float
+# op on the same dequantised inputs, over the calibration images) exceeds this many int8 steps stays float32.
+# Rounding alone gives 1/√12 ≈ 0.29 steps; 0.7 is the threshold of TFLite's own debugger guide.
+INT8_MAX_STEP_ERROR = 0.7
 # Activation ranges of the int8 model: a percentile over the calibration images of each tensor's per-image
 # maximum (and 100 - it of the per-image minimum); 100 = TFLite's own min/max over all images. "auto" (the
 # default) tries these and keeps the one whose embeddings best match the float model's (docs/EXPORT.md).
@@ -56,81 +66,210 @@ def convert_tflite(
     representative_images: np.ndarray | None = None,
     int8_io: bool = False,
     float_ops: Sequence[str] = INT8_FLOAT_OPS,
+    float_nodes: Sequence[str] | str = "auto",
     range_percentile: float | str = "auto",
     info: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> bytes:
     """Convert the SavedModel of `write_tflite_source` to a TFLite flatbuffer, builtin ops only.
 
-    kind: "float32"; "float16" (float16 weights); "dynamic" (dynamic-range: int8 weights); "int8" (int8
-    weights and activations, calibrated on ``representative_images`` (n, H, W, 3) raw pixels). For int8,
-    ``float_ops`` are TFLite op names kept in float32 (selective quantisation; empty: full integer),
-    ``range_percentile`` sets the activation ranges (`percentile_ranges`; 100: TFLite's min/max; "auto":
-    each of `INT8_RANGE_PERCENTILES`, keeping the model whose embeddings of ``representative_images`` have
-    the highest mean cosine to the float model's; ``info`` (a dict) gets "range_percentile" and
-    "calibration_cosine" {percentile: mean cosine}), and ``int8_io`` makes the model take uint8 pixels and
-    return int8 embeddings (scale and zero point in the model) instead of float32. ``log`` receives a line
-    per int8 step (calibration, each candidate's cosine), which can take minutes at 256×128.
+    kind: "float32"; "float16" (float16 weights, vector-shaped constants float32: `keep_vectors_float32`);
+    "dynamic" (dynamic-range: int8 weights); "int8" (int8 weights and activations, calibrated on
+    ``representative_images`` (n, H, W, 3) raw pixels, selective); "int8_full" (the same with no float op:
+    uint8 pixels in, int8 embedding out); "int16x8" (int16 activations, int8 weights, calibrated likewise).
+    For "int8", ``float_ops`` are TFLite op names kept in float32 and ``float_nodes`` op output tensor names
+    kept in float32 ("auto": those whose debugger error exceeds `INT8_MAX_STEP_ERROR` steps, `_noisy_nodes`);
+    ``range_percentile`` sets the activation ranges of both int8 kinds (`percentile_ranges`; 100: TFLite's
+    min/max; "auto": each of `INT8_RANGE_PERCENTILES`, keeping the model whose embeddings of
+    ``representative_images`` have the highest mean cosine to the float model's). ``info`` (a dict) gets
+    "range_percentile", "calibration_cosine" {percentile: mean cosine} and, for "int8", "float_nodes"
+    [{"tensor", "op", "step_error"}]. ``int8_io`` makes the "int8" model take uint8 pixels and return int8
+    embeddings (scale and zero point in the model) instead of float32. ``log`` receives a line per
+    calibration step, which can take minutes at 256×128.
     """
     check_choice("kind", kind, TFLITE_KINDS)
     check_percentile("range_percentile", range_percentile)
     if kind != "int8" and int8_io:
-        raise ValueError("int8_io applies to the int8 model only")
+        raise ValueError("int8_io applies to the int8 model only (int8_full always has integer input and output)")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(source_dir), signature_keys=["serving_default"])
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no SELECT_TF_OPS fallback
+    if kind == "float16":
+        float32 = converter.convert()
+        converter.optimizations, converter.target_spec.supported_types = [tf.lite.Optimize.DEFAULT], [tf.float16]
+        return keep_vectors_float32(converter.convert(), float32)
     if kind != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if kind == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    if kind != "int8":
+    if kind in ("float32", "dynamic"):
         return converter.convert()
 
     images = np.asarray(representative_images, np.float32) if representative_images is not None else None
     if images is None or images.ndim != 4 or len(images) == 0:
-        raise ValueError("the int8 model needs representative_images, a non-empty (n, H, W, 3) array of raw pixels, "
-                         f"got {None if images is None else images.shape}")
+        raise ValueError(f"the {kind} model needs representative_images, a non-empty (n, H, W, 3) array of raw "
+                         f"pixels, got {None if images is None else images.shape}")
 
     def representative():
         for image in images:
             yield [image[None]]
 
     converter.representative_dataset = representative
+    log = log or (lambda line: None)
+    if kind == "int16x8":
+        # Ops without an int16 kernel (L2_NORMALIZATION) stay float32; TFLite's min/max ranges (int16 steps
+        # are 256× finer than int8's, so outlying images cost little).
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        log("int16x8: calibrating")
+        return _check_int16_additions(converter.convert())
+    full = kind == "int8_full"
+    float_ops = () if full else tuple(float_ops)
     # Selective quantisation and calibrated ranges: TFLite's quantisation debugger calibrates once
     # (`calibrated_model`, float32 with each activation's min/max) and quantises with a denylist.
-    with warnings.catch_warnings():  # the debugger runs TF's own (deprecated) tf.lite.Interpreter
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+    with _quiet_tf_interpreter():
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=representative,
             debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops) or None))
-    log = log or (lambda line: None)
     percentiles = INT8_RANGE_PERCENTILES if range_percentile == "auto" else (float(range_percentile),)
     if len(percentiles) > 1:
         tried = ", ".join(f"{p:g}" for p in percentiles)
-        log(f"int8: calibrated; choosing activation ranges among percentiles {tried}")
-    calibrated, scores = _raw_pixel_input(debugger.calibrated_model), {}
+        log(f"{kind}: calibrated; choosing activation ranges among percentiles {tried}")
+    calibrated, scores, ranged = _raw_pixel_input(debugger.calibrated_model), {}, {}
     debugger.calibrated_model = calibrated
     extremes = _activation_extremes(calibrated, images) if percentiles != (100.0,) else None
     for percentile in percentiles:
-        if extremes is not None:
-            debugger.calibrated_model = _set_ranges(calibrated, extremes, percentile)
-        candidate = debugger.get_nondebug_quantized_model()
+        ranged[percentile] = calibrated if extremes is None else _set_ranges(calibrated, extremes, percentile)
         if len(percentiles) == 1:
-            flatbuffer, best = candidate, percentile
+            best = percentile
             break
+        debugger.calibrated_model = ranged[percentile]
         # Choose by the embeddings' cosine to the float model on the calibration images themselves.
-        embed = TFLiteEmbedder(candidate)
+        embed = TFLiteEmbedder(debugger.get_nondebug_quantized_model())
         got = np.concatenate([embed(images[i : i + 32]) for i in range(0, len(images), 32)])
         scores[percentile] = float(cosine_rows(got, extremes[3]).mean())
-        log(f"int8: ranges at percentile {percentile:g}: mean cosine {scores[percentile]:.4f} to the float "
+        log(f"{kind}: ranges at percentile {percentile:g}: mean cosine {scores[percentile]:.4f} to the float "
             f"model on the calibration images")
         if scores[percentile] >= max(scores.values()):
-            flatbuffer, best = candidate, percentile
+            best = percentile
+    debugger.calibrated_model = ranged[best]
+    chosen = {"range_percentile": best, "calibration_cosine": scores}
+    if not full:
+        noisy = _noisy_nodes(debugger, float_ops) if float_nodes == "auto" else [
+            {"tensor": name, "op": None, "step_error": None} for name in float_nodes]
+        chosen["float_nodes"] = noisy
+        log(f"int8: {len(noisy)} node(s) kept in float32 by their debugger error: "
+            + (", ".join(f"{n['tensor']} ({n['op']})" for n in noisy) or "none"))
+        with _quiet_tf_interpreter():
+            debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_ops=list(float_ops) or None, denylisted_nodes=[n["tensor"] for n in noisy] or None)
+    flatbuffer = debugger.get_nondebug_quantized_model()
     if info is not None:
-        info.update(range_percentile=best, calibration_cosine=scores)
-    if int8_io:
+        info.update(chosen)
+    if int8_io or full:
         from tensorflow.lite.python.util import modify_model_io_type  # what the converter itself uses
 
         flatbuffer = modify_model_io_type(flatbuffer, tf.uint8, tf.int8)
+    return flatbuffer
+
+
+@contextlib.contextmanager
+def _quiet_tf_interpreter():
+    """The debugger runs TF's own (deprecated) tf.lite.Interpreter, which warns each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        yield
+
+
+def _noisy_nodes(debugger, float_ops: Sequence[str]) -> list[dict]:
+    """The nodes whose own int8 error on the debugger's (calibration) images exceeds `INT8_MAX_STEP_ERROR` steps.
+
+    The debug model checks every int8 op against its float op run on the same dequantised inputs
+    (NumericVerify), so the error is the op's own, not what it inherits; divided by the output's int8 step it
+    compares ops of any scale. Returns [{"tensor", "op", "step_error"}], largest error first.
+    """
+    with _quiet_tf_interpreter():
+        debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops) or None)
+        debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    dump.seek(0)
+    rows = [{"tensor": row["tensor_name"], "op": row["op_name"],
+             "step_error": float(np.sqrt(float(row["mean_squared_error"])) / float(row["scale"]))}
+            for row in csv.DictReader(dump) if float(row["scale"]) > 0]
+    return sorted((r for r in rows if r["step_error"] > INT8_MAX_STEP_ERROR), key=lambda r: -r["step_error"])
+
+
+def keep_vectors_float32(float16: bytes, float32: bytes) -> bytes:
+    """The float16-weight TFLite model ``float16`` with its vector-shaped constants (at most one dimension
+    above 1: the input normalisation's mean and 1/std, biases, folded BatchNorm scales and offsets) in float32
+    again, their values taken from ``float32``, the float32 conversion of the same model.
+
+    The float16 converter stores every float constant in float16, with a DEQUANTIZE op before its use. These
+    constants are where the float16 model's worst images go wrong (docs/EXPORT.md, "float16"): float16
+    rounds the pixel mean 123.675 to 123.6875, shifting every normalised pixel, and the bias and BatchNorm
+    offsets of the relation sums are added to terms they nearly cancel, so their 2⁻¹¹ relative rounding
+    becomes a large relative error of the sum. They are a few thousand numbers (0.1 MiB). Each is found in
+    ``float32`` by its shape and float16-rounded values (no names involved) and stored as float32, and its
+    DEQUANTIZE op goes away.
+    """
+    from tensorflow.lite.python import schema_py_generated as tflite_schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    def vectors(model, dtype):
+        numpy_dtype = np.float32 if dtype == tflite_schema.TensorType.FLOAT32 else np.float16
+        for graph in model.subgraphs:
+            for tensor in graph.tensors:
+                data = model.buffers[tensor.buffer].data
+                if tensor.type == dtype and data is not None and sum(int(n) > 1 for n in tensor.shape) <= 1:
+                    yield tensor, np.frombuffer(bytes(bytearray(data)), numpy_dtype)
+
+    originals = {values.astype(np.float16).tobytes(): values
+                 for _, values in vectors(flatbuffer_utils.read_model_from_bytearray(float32),
+                                          tflite_schema.TensorType.FLOAT32)}
+    model = flatbuffer_utils.read_model_from_bytearray(float16)
+    dequantize = {i for i, code in enumerate(model.operatorCodes)
+                  if max(code.builtinCode, code.deprecatedBuiltinCode) == tflite_schema.BuiltinOperator.DEQUANTIZE}
+    restored = {id(tensor): originals.get(values.tobytes())
+                for tensor, values in vectors(model, tflite_schema.TensorType.FLOAT16)}
+    for graph in model.subgraphs:
+        kept = []
+        for op in graph.operators:
+            source = graph.tensors[op.inputs[0]]
+            values = restored.get(id(source)) if op.opcodeIndex in dequantize else None
+            if values is None:
+                kept.append(op)
+                continue
+            model.buffers[source.buffer].data = np.frombuffer(values.tobytes(), np.uint8)
+            graph.tensors[op.outputs[0]].buffer, source.buffer = source.buffer, 0  # the float32 tensor holds it
+        graph.operators = kept
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _check_int16_additions(flatbuffer: bytes) -> bytes:
+    """Refuse an int16×8 model that LiteRT would abort on: its int16 ADD/SUB kernel needs the output's scale
+    above 2·max(input scales) / 2¹⁵, which an output that was 0 on every calibration image (range [0, 0])
+    misses; LiteRT then kills the process while allocating (QuantizeMultiplierSmallerThanOneExp)."""
+    from tensorflow.lite.python import schema_py_generated as tflite_schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    graph = model.subgraphs[0]
+    names = {value: name for name, value in vars(tflite_schema.BuiltinOperator).items() if not name.startswith("_")}
+
+    def scale(i):
+        q = graph.tensors[i].quantization
+        return float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) else None
+
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+        output = op.outputs[0]
+        if name not in ("ADD", "SUB") or graph.tensors[output].type != tflite_schema.TensorType.INT16:
+            continue
+        inputs = [scale(i) for i in op.inputs]
+        if None not in inputs and scale(output) * 2**15 <= 2 * max(inputs):
+            raise ExportError(f"the int16x8 model cannot run: {name} {graph.tensors[output].name.decode()} has "
+                              f"output scale {scale(output):.3g} against input scales "
+                              f"{', '.join(f'{v:.3g}' for v in inputs)} (its output was 0 on every calibration "
+                              "image); calibrate with other images or export another format")
     return flatbuffer
 
 
