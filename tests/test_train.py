@@ -52,38 +52,6 @@ def test_command_line_errors_are_clear(capsys, tmp_path):
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
-    """A tiny demo on the synthetic dataset: trains, evaluates before/after, writes every artefact."""
-    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
-    run_dir = tmp_path / "run"
-    code = main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16",
-                 "-o", "dataset.images_per_id=8", "-o", "model.input_size=[64, 32]", "-o", "training.epochs=2",
-                 "-o", "training.steps_per_epoch=2", "-o", "training.eval_every=1", "-o", "sampler.num_ids_per_batch=4",
-                 "-o", "training.tensorboard=false", "-o", "export.formats=[tflite_float32]"])
-    assert code == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs"] == 2 and len(summary["history"]["loss"]) == 2
-    assert summary["eval_feature"] == "after_bn"
-    for key in ("untrained", "final"):  # both retrieval features, eval.feature first
-        assert list(summary[key]) == ["after_bn", "before_bn"]
-        for m in summary[key].values():
-            assert 0.0 <= m["mAP"] <= 1.0 and m["rank1"] <= m["rank10"]
-    history = json.loads((run_dir / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2]
-    assert history[-1]["val_mAP"] == pytest.approx(summary["final"]["after_bn"]["mAP"], abs=1e-4)  # monitored
-    assert history[-1]["val_mAP_before_bn"] == pytest.approx(summary["final"]["before_bn"]["mAP"], abs=1e-4)
-    for name in ("last.keras", "best.keras", "history.json", "training_curves.png", "config.yaml"):
-        assert (run_dir / name).is_file(), name
-    assert not (run_dir / "backup").exists()  # removed once fit completed
-    assert set(summary["artefacts"]) == {"last", "best", "curves", "export"}  # no TensorBoard logs were asked for
-    out = capsys.readouterr().out
-    assert "trained model" in out and "tflite_float32" in out
-    assert "after_bn   Rank-1" in out and "before_bn  Rank-1" in out and "(eval.feature: selects best.keras" in out
-    export = summary["export"]  # the demo exports the trained model and checks it against Keras
-    assert export["passed"] and (run_dir / "export" / "tflite" / "rga_v1_float32.tflite").is_file()
-    assert set(export["artefacts"]) == {"tflite_float32", "report"}
-
-
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     """SIGTERM (a scheduler's stop) during epoch 2 → exit 143 with how to resume, the backup of epoch 1 kept;
     the same command then continues after epoch 1, its training stream starting at the batch the
@@ -129,17 +97,41 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     assert [row["epoch"] for row in json.loads((run_dir / "history.json").read_text())] == [1, 2]
 
 
-def test_the_demo_learns(tmp_path, monkeypatch):
-    """The README's demo as it runs (RGA-SC from scratch, 300 steps on CPU), minus export and TensorBoard:
-    retrieval on the unseen query/gallery identities must end far above the untrained network's."""
+def test_the_demo_runs_end_to_end_and_learns(tmp_path, monkeypatch, capsys):
+    """The README's demo as it runs (RGA-SC from scratch, 300 steps on CPU; TensorBoard off, one evaluation at
+    the end, TFLite float32 as the only export): it writes every artefact, evaluates before and after, exports
+    with its parity checks passing, and retrieval on the unseen identities ends far above the untrained
+    network's."""
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
-    assert main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "export.enabled=false",
-                 "-o", "training.tensorboard=false", "-o", "training.eval_every=12"]) == 0
+    epochs = experiment.demo_config()["training"]["epochs"]
+    assert main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "export.formats=[tflite_float32]",
+                 "-o", "training.tensorboard=false", "-o", f"training.eval_every={epochs}"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == epochs and len(summary["history"]["loss"]) == epochs
+    assert summary["eval_feature"] == "after_bn"
+    for key in ("untrained", "final"):  # both retrieval features, eval.feature first
+        assert list(summary[key]) == ["after_bn", "before_bn"]
+        for m in summary[key].values():
+            assert 0.0 <= m["mAP"] <= 1.0 and m["rank1"] <= m["rank10"]
     untrained, trained = summary["untrained"]["after_bn"], summary["final"]["after_bn"]
     assert trained["mAP"] >= 2 * untrained["mAP"] and trained["mAP"] - untrained["mAP"] >= 0.05, (untrained, trained)
     assert trained["rank1"] >= 2 * untrained["rank1"], (untrained, trained)
+
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+    assert history[-1]["val_mAP"] == pytest.approx(trained["mAP"], abs=1e-4)  # the monitored value
+    assert history[-1]["val_mAP_before_bn"] == pytest.approx(summary["final"]["before_bn"]["mAP"], abs=1e-4)
+    for name in ("last.keras", "best.keras", "history.json", "training_curves.png", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "backup").exists()  # removed once fit completed
+    assert set(summary["artefacts"]) == {"last", "best", "curves", "export"}  # no TensorBoard logs were asked for
+    out = capsys.readouterr().out
+    assert "trained model" in out and "tflite_float32" in out
+    assert "after_bn   Rank-1" in out and "before_bn  Rank-1" in out and "(eval.feature: selects best.keras" in out
+    export = summary["export"]  # the demo exports the trained model and checks it against Keras
+    assert export["passed"] and (run_dir / "export" / "tflite" / "rga_v1_float32.tflite").is_file()
+    assert set(export["artefacts"]) == {"tflite_float32", "report"}
 
 
 def test_a_failed_export_is_reported_and_recorded(monkeypatch, capsys):
