@@ -212,15 +212,19 @@ class RelationAttention(keras.layers.Layer):
     def _relation_features(self, theta, phi, kernel, relation):
         """W_rᵀ [R[i,:], R[:,i]] for every node i (eq. 3-4 before BN), with W_r = kernel.
 
-        The explicit path projects R (given); the fused path never forms it: Θ (Φᵀ W_row) + Φ (Θᵀ W_col).
+        The explicit path projects R (given); the fused path never forms it: Θ (Φᵀ W_row) + Φ (Θᵀ W_col),
+        computed as one product [Θ | Φ] [Φᵀ W_row; Θᵀ W_col] (Θ (Θᵀ (W_row + W_col)) when θ = φ), so the
+        nodes × r result is written once, not twice and then summed.
         """
         kernel = ops.cast(kernel, theta.dtype)
         if self.options.relation == "explicit":
             return self._project(ops.concatenate([relation, _transpose(relation)], axis=-1), kernel)
         w_row, w_col = kernel[: self.num_nodes], kernel[self.num_nodes :]
+        if theta is phi:  # symmetric embedding, or raw features
+            return ops.matmul(theta, self._project(_transpose(theta), w_row + w_col))
         phi_row = self._project(_transpose(phi), w_row)  # (B, e, r) = Φᵀ W_row
         theta_col = self._project(_transpose(theta), w_col)  # (B, e, r) = Θᵀ W_col
-        return ops.matmul(theta, phi_row) + ops.matmul(phi, theta_col)
+        return ops.matmul(ops.concatenate([theta, phi], axis=-1), ops.concatenate([phi_row, theta_col], axis=1))
 
     def call(self, inputs, training: bool | None = None, return_relation: bool = False):
         self.check_input_shape(inputs.shape)
