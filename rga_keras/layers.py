@@ -209,12 +209,14 @@ class RelationAttention(keras.layers.Layer):
         out = product(kernel * scale)
         return out + ops.cast(bn.beta - bn.moving_mean * scale, out.dtype)
 
-    def _relation_features(self, theta, phi, kernel, relation):
+    def _relation_features(self, theta, phi, kernel, relation, training):
         """W_rᵀ [R[i,:], R[:,i]] for every node i (eq. 3-4 before BN), with W_r = kernel.
 
-        The explicit path projects R (given); the fused path never forms it: Θ (Φᵀ W_row) + Φ (Θᵀ W_col),
-        computed as one product [Θ | Φ] [Φᵀ W_row; Θᵀ W_col] (Θ (Θᵀ (W_row + W_col)) when θ = φ), so the
-        nodes × r result is written once, not twice and then summed.
+        The explicit path projects R (given); the fused path never forms it: Θ (Φᵀ W_row) + Φ (Θᵀ W_col)
+        (Θ (Θᵀ (W_row + W_col)) when θ = φ). In training the two terms are one product,
+        [Θ | Φ] [Φᵀ W_row; Θᵀ W_col], so the nodes × r result is written once (a GPU step's memory traffic,
+        docs/DESIGN.md §1); at inference they stay two products, so a quantised export keeps θ and φ at
+        their own scales instead of one shared by their concatenation.
         """
         kernel = ops.cast(kernel, theta.dtype)
         if self.options.relation == "explicit":
@@ -224,7 +226,9 @@ class RelationAttention(keras.layers.Layer):
             return ops.matmul(theta, self._project(_transpose(theta), w_row + w_col))
         phi_row = self._project(_transpose(phi), w_row)  # (B, e, r) = Φᵀ W_row
         theta_col = self._project(_transpose(theta), w_col)  # (B, e, r) = Θᵀ W_col
-        return ops.matmul(ops.concatenate([theta, phi], axis=-1), ops.concatenate([phi_row, theta_col], axis=1))
+        if training:
+            return ops.matmul(ops.concatenate([theta, phi], axis=-1), ops.concatenate([phi_row, theta_col], axis=1))
+        return ops.matmul(theta, phi_row) + ops.matmul(phi, theta_col)
 
     def call(self, inputs, training: bool | None = None, return_relation: bool = False):
         self.check_input_shape(inputs.shape)
@@ -258,7 +262,7 @@ class RelationAttention(keras.layers.Layer):
             if self.options.relation == "explicit" or return_relation:
                 relation = ops.matmul(theta, _transpose(phi))  # R[i, j] = θ_i · φ_j
             rel = self._linear_bn(self.relation_bn, training, self.relation_kernel,
-                                  lambda kernel: self._relation_features(theta, phi, kernel, relation))
+                                  lambda kernel: self._relation_features(theta, phi, kernel, relation, training))
             rel = ops.relu(ops.cast(rel, dtype))
 
         def head_projection(kernel):  # W_1 y = W_1[0] ori + W_1[1:] rel: summed, not concatenated (no copy of rel)
