@@ -26,8 +26,8 @@ from rga_keras.models import FEATURES
 FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "tflite_int8_full",
            "tflite_int16x8", "onnx")
 # What an export makes unless told otherwise: the formats that pass their checks on the README demo model
-# (docs/EXPORT.md); the quantised models are made on request.
-DEFAULT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "onnx")
+# (docs/EXPORT.md); the other quantised models are made on request.
+DEFAULT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "onnx")
 _CALIBRATED = ("tflite_dynamic", "tflite_int8", "tflite_int8_full", "tflite_int16x8")  # formats calibrated on images
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
