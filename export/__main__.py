@@ -110,12 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("images for calibration and checks")
     data.add_argument("--data-root", type=Path,
-                      help="dataset folder: train split for int8 calibration, query/gallery for the checks "
+                      help="dataset folder: train split for calibration (int8, int16x8, the dynamic-range "
+                           "model's float32 ops), query/gallery for the checks "
                            "(default: the built-in synthetic dataset, generated on first use)")
     data.add_argument("--dataset", default="market1501",
                       help="layout of --data-root for rga_keras.data.load_dataset (default market1501)")
     data.add_argument("--calibration-dir", type=Path,
-                      help="folder of images (.jpg/.png, searched recursively) for int8 calibration instead")
+                      help="folder of images (.jpg/.png, searched recursively) for calibration instead")
     data.add_argument("--num-calibration", type=int, default=200, help="calibration images (default 200)")
 
     checks = parser.add_argument_group("checks")

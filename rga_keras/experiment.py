@@ -54,7 +54,7 @@ def default_config() -> dict:
         },
         "eval": {"feature": "after_bn", "metric": "cosine", "flip": False, "rerank": False, "batch_size": 128},
         # After training: export the final model (rga_keras.export) into run_dir/export, checked on query/gallery.
-        "export": {"enabled": False, "formats": ["saved_model", "tflite_float32", "tflite_float16"],
+        "export": {"enabled": False, "formats": ["saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic"],
                    "num_calibration": 200, "enforce": False},
         "run_dir": "runs/market1501_rga_sc",
     }

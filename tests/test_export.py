@@ -8,6 +8,7 @@ directly, cosine similarity with NumPy and Rank-1/mAP with a per-query loop.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from rga_keras import RGAReID, RGAResNetBackbone, build_rga_resnet50
 from rga_keras import export as ex
+from rga_keras.export import exporter, hybrid
 from rga_keras.data import load_dataset, make_eval_dataset, make_train_dataset
 from rga_keras.data.synthetic import ensure_synthetic
 from rga_keras.files import current_umask
@@ -30,6 +32,8 @@ EMBEDDING_DIM = 4 * 32  # the tiny backbone's last stage: 4 × its width
 # Every training image calibrates the quantised models: with 24 of them, one query image's activations left
 # the calibrated ranges of the tiny model and its int16x8 embedding fell to cosine 0.95 (0.995 with all 144).
 CALIBRATION = 144
+# The tiny model's dynamic-range model is 117 KiB: 2.5 % of it holds no op's float32 weights, 10 % a few.
+TINY_FLOAT_WEIGHT_BUDGET = 0.1
 
 
 def tiny_reid_model(num_classes: int, name: str = "tiny_rga") -> RGAReID:
@@ -119,9 +123,11 @@ def model(data):
 @pytest.fixture(scope="module")
 def exported(model, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    report = ex.export_all(model, out, formats=ex.FORMATS, calibration_samples=data.train,
-                           num_calibration=CALIBRATION, eval_split=(data.query, data.gallery), latency_runs=3,
-                           verbose=False)
+    with pytest.MonkeyPatch.context() as patch:  # room for a few float32 weights in the tiny dynamic-range model
+        patch.setattr(hybrid, "FLOAT_WEIGHT_BUDGET", TINY_FLOAT_WEIGHT_BUDGET)
+        report = ex.export_all(model, out, formats=ex.FORMATS, calibration_samples=data.train,
+                               num_calibration=CALIBRATION, eval_split=(data.query, data.gallery), latency_runs=3,
+                               verbose=False)
     return out, report
 
 
@@ -505,6 +511,141 @@ def test_float16_keeps_vectors_in_float32(exported):
     assert np.mean(values.astype(np.float16).astype(np.float32) != values) > 0.5  # not float16-rounded
     # one DEQUANTIZE per float16 weight, none for the vectors
     assert report["checks"]["tflite_float16"]["ops"]["DEQUANTIZE"] == len(matrices)
+
+
+def run_litert(flatbuffer, images, keep=False):
+    """Embeddings of a float-input TFLite model in memory (one image at a time); with ``keep``, also the
+    interpreter of the last image, every tensor kept."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=bytes(flatbuffer), experimental_preserve_all_tensors=keep)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    result = []
+    for image in images:
+        interpreter.set_tensor(inp, image[None].astype(np.float32))
+        interpreter.invoke()
+        result.append(interpreter.get_tensor(out)[0].astype(np.float64))
+    return (np.array(result), interpreter) if keep else np.array(result)
+
+
+def dynamic_and_float32(exported):
+    """The exported dynamic-range model (some ops with float32 weights already) and the float32 model."""
+    return tuple((exported[0] / "tflite" / f"rga_v1_{kind}.tflite").read_bytes() for kind in ("dynamic", "float32"))
+
+
+def test_best_subset_is_the_exhaustive_optimum():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 9))
+        gains, costs = rng.normal(0.3, 1.0, n), rng.integers(1, 40, n)
+        budget = int(rng.integers(0, 120))
+        if trial % 2:  # a budget above _KNAPSACK_UNITS counts costs in units (exact for multiples of the unit)
+            budget = hybrid._KNAPSACK_UNITS * 7 + budget
+            costs = costs * 7 * 5
+        best = max(sum(gains[list(s)]) for r in range(n + 1) for s in itertools.combinations(range(n), r)
+                   if sum(costs[list(s)]) <= budget)
+        chosen = hybrid.best_subset(gains, costs, budget)
+        assert sum(costs[chosen]) <= budget and all(gains[chosen] > 0)
+        assert sum(gains[chosen]) == pytest.approx(best, abs=1e-9)
+
+
+def test_restored_ops_compute_what_the_float32_ops_do(exported, data):
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    dynamic, float32 = dynamic_and_float32(exported)
+    ops = hybrid.int8_weight_ops(dynamic)
+    assert {o["op"] for o in ops} == {"CONV_2D", "FULLY_CONNECTED"} and all(o["weights"] >= 1024 for o in ops)
+    images = images_of(data.query[:4])
+    everything = hybrid.restore_float_weights(dynamic, float32, [o["index"] for o in ops])
+    assert hybrid.int8_weight_ops(everything) == []
+    np.testing.assert_allclose(run_litert(everything, images), run_litert(float32, images), atol=1e-5)
+
+    # One fully-connected op back in float32: on its own input in the edited model it gives x Wᵀ + b with the
+    # float32 model's weights (NumPy), where the int8 op did not; every other op keeps its int8 weights.
+    fc = next(o for o in ops if o["op"] == "FULLY_CONNECTED")
+    edited = hybrid.restore_float_weights(dynamic, float32, [fc["index"]])
+    assert [o["index"] for o in hybrid.int8_weight_ops(edited)] == [o["index"] for o in ops if o is not fc]
+    reference = flatbuffer_utils.read_model_from_bytearray(float32)
+    graph = reference.subgraphs[0]
+    op = graph.operators[fc["index"]]
+    weights, bias = (np.frombuffer(bytes(bytearray(reference.buffers[graph.tensors[i].buffer].data)), np.float32)
+                     if i >= 0 else None for i in op.inputs[1:3])
+    weights = weights.reshape(graph.tensors[op.inputs[1]].shape)
+    activation = op.builtinOptions.fusedActivationFunction
+    assert activation in (0, 1)  # none or RELU
+    errors = []
+    for flatbuffer in (edited, dynamic):
+        _, interpreter = run_litert(flatbuffer, images[-1:], keep=True)
+        x, y = (interpreter.get_tensor(i) for i in (op.inputs[0], op.outputs[0]))
+        expected = x.reshape(-1, weights.shape[1]).astype(np.float64) @ weights.T + (0 if bias is None else bias)
+        expected = np.maximum(expected, 0) if activation == 1 else expected
+        errors.append(np.abs(y.reshape(expected.shape) - expected).max() / np.abs(expected).max())
+    assert errors[0] < 1e-5 < errors[1]
+
+
+def test_dynamic_choice_is_the_exhaustive_optimum_within_the_budget(exported, data):
+    dynamic, float32 = dynamic_and_float32(exported)
+    images = images_of(data.train[::3])
+    ops = hybrid.int8_weight_ops(dynamic)
+    budget = 0.4 * 3 * sum(o["weights"] for o in ops) / len(dynamic)  # room for part of them only
+    edited, info = hybrid.choose_float_weights(dynamic, float32, images, run_litert, budget=budget, worst=8)
+
+    # The same rule, recomputed: the 8 images furthest from the float32 model, each op alone restored, its
+    # gain in mean 1 - cosine there, the best sum of gains over every subset that fits.
+    reference = unit(run_litert(float32, images))
+    error = 1 - np.sum(unit(run_litert(dynamic, images)) * reference, axis=1)
+    hardest = np.argsort(-error)[:8]
+    extra = int(len(dynamic) * budget)
+    candidates = [o for o in ops if 3 * o["weights"] <= extra]
+    gains = {}
+    for o in candidates:
+        alone = unit(run_litert(hybrid.restore_float_weights(dynamic, float32, [o["index"]]), images[hardest]))
+        gains[o["index"]] = error[hardest].mean() - (1 - np.sum(alone * reference[hardest], axis=1)).mean()
+    assert 3 <= len(candidates) <= 16 and sum(3 * o["weights"] for o in candidates) > extra
+    best = max(sum(gains[o["index"]] for o in s) for r in range(len(candidates) + 1)
+               for s in itertools.combinations(candidates, r) if sum(3 * o["weights"] for o in s) <= extra)
+    chosen = info["float_weight_ops"]
+    assert chosen and sum(gains[o["index"]] for o in chosen) == pytest.approx(best, abs=1e-7)
+    for o in chosen:
+        assert o["gain"] == pytest.approx(gains[o["index"]], abs=1e-7)
+    assert len(edited) <= info["size_budget_bytes"] == len(dynamic) + extra
+    assert edited == hybrid.restore_float_weights(dynamic, float32, [o["index"] for o in chosen])
+    assert info["calibration_error"]["before"] == pytest.approx(error[hardest].mean(), abs=1e-7)
+    assert info["calibration_error"]["after"] < info["calibration_error"]["before"]
+
+
+def test_dynamic_model_lists_its_float32_ops_within_its_budget(exported):
+    out, report = exported
+    check = report["checks"]["tflite_dynamic"]
+    listed = check["float_weight_ops"]
+    assert listed and {"index", "op", "tensor", "weights", "gain"} <= set(listed[0])
+    written = json.loads((out / "rga_v1_export_report.json").read_text())["checks"]["tflite_dynamic"]
+    assert written["float_weight_ops"] == listed and written["calibration_worst_images"] == hybrid.WORST_IMAGES
+    dynamic, _ = dynamic_and_float32(exported)
+    left = {o["tensor"] for o in hybrid.int8_weight_ops(dynamic)}
+    assert left and not left & {o["tensor"] for o in listed}  # the listed ops hold float32 weights, no other
+    assert len(dynamic) == check["size_bytes"] <= check["size_budget_bytes"]
+    assert sum(3 * o["weights"] for o in listed) <= check["size_budget_bytes"] * TINY_FLOAT_WEIGHT_BUDGET
+    markdown = (out / "rga_v1_export_report.md").read_text()
+    assert all(f"`{o['tensor']}`" in markdown for o in listed)
+
+
+def test_dynamic_model_is_calibrated_on_training_images(model, data, tmp_path, monkeypatch):
+    class Seen(Exception):
+        pass
+
+    def spy(source, kind, **kwargs):
+        raise Seen(kind, kwargs["representative_images"])
+
+    monkeypatch.setattr(exporter, "convert_tflite", spy)
+    with pytest.raises(Seen) as seen:
+        ex.export_all(model, tmp_path, formats=["tflite_dynamic"], calibration_samples=data.train,
+                      num_calibration=30, check=False, verbose=False)
+    kind, images = seen.value.args
+    assert kind == "dynamic"
+    np.testing.assert_array_equal(images, exporter.load_images(data.train, SIZE, 30))
+    assert not list(tmp_path.glob("*/*.tflite"))  # nothing published
 
 
 def test_worst_image_mean_and_map_gates_fail_a_broken_artefact(exported, model, data, monkeypatch):

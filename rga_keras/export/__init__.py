@@ -11,7 +11,8 @@ Every artefact computes the same function: raw RGB images (0–255, the model no
 * ``onnx``: ``<out>/onnx/<name>_v<version>.onnx``, opset 17, dynamic batch axis, converted with tf2onnx from
   the same float32 SavedModel as the TFLite models; runs in ONNX Runtime and TensorRT.
 * ``tflite_float32`` / ``tflite_float16`` (float16 weights) / ``tflite_dynamic`` (int8 weights,
-  activations quantised on the fly) / ``tflite_int8`` (int8 weights and activations, calibrated on
+  activations quantised on the fly; the ops that help most on the calibration images keep float32 weights,
+  `rga_keras.export.hybrid`) / ``tflite_int8`` (int8 weights and activations, calibrated on
   representative person images; selective) / ``tflite_int8_full`` (no float op) / ``tflite_int16x8``
   (int16 activations, int8 weights): ``<out>/tflite/<name>_v<version>_<kind>.tflite``, builtin ops only.
   The selective int8 model keeps the relation products and the nodes with large measured error in float32
@@ -24,7 +25,7 @@ Artefacts are built in a staging folder inside ``<out>`` and moved into place on
 checked, so TF Serving never sees a half-written version.
 
 Modules: `model` (what can be exported), `serving` (SavedModel), `tflite` (conversion, LiteRT runner),
-`onnx` (conversion, ONNX Runtime runner),
+`hybrid` (the dynamic-range model's float32 ops), `onnx` (conversion, ONNX Runtime runner),
 `parity` (checks and thresholds), `report` (table, JSON, Markdown), `exporter` (`export_all`).
 """
 from rga_keras.export.exporter import DEFAULT_FORMATS, FORMATS, default_synthetic_dataset, export_all, load_images

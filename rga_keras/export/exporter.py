@@ -26,9 +26,9 @@ from rga_keras.models import FEATURES
 FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "tflite_int8_full",
            "tflite_int16x8", "onnx")
 # What an export makes unless told otherwise: the formats that pass their checks on the README demo model
-# (docs/EXPORT.md); the quantised models are made on request.
-DEFAULT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "onnx")
-_CALIBRATED = ("tflite_int8", "tflite_int8_full", "tflite_int16x8")  # formats that need calibration images
+# (docs/EXPORT.md); the other quantised models are made on request.
+DEFAULT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "onnx")
+_CALIBRATED = ("tflite_dynamic", "tflite_int8", "tflite_int8_full", "tflite_int16x8")  # formats calibrated on images
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -194,13 +194,15 @@ def _build(model, formats, staging, *, feature, model_name, version, serving_dty
     kinds = [fmt[len("tflite_"):] for fmt in formats if fmt.startswith("tflite_")]
     if kinds or "onnx" in formats:  # the float32 SavedModel both are converted from
         source = write_tflite_source(model, staging / "tflite_source", feature)
-        for kind in kinds:
+        float32 = None  # the float32 conversion, reused by the dynamic-range model's float32 weights
+        for kind in sorted(kinds, key=lambda k: k != "float32"):
             start = time.perf_counter()
             chosen = {}
             flatbuffer = convert_tflite(source, kind, representative_images=calibration,
                                         int8_io=int8_io and kind == "int8", float_ops=int8_float_ops,
                                         float_nodes=int8_float_nodes, range_percentile=int8_range_percentile,
-                                        info=chosen, log=log)
+                                        info=chosen, log=log, float32=float32)
+            float32 = flatbuffer if kind == "float32" else float32
             path = staging / f"{kind}.tflite"
             path.write_bytes(flatbuffer)
             ops = tflite_ops(path)

@@ -121,6 +121,14 @@ def _calibration_lines(report: dict) -> list[str]:
         if fmt == "tflite_int16x8":
             lines += ["", f"{fmt}: calibrated on {s['calibration_images']} images (TFLite's min/max ranges, int16 "
                           f"activations); ops computing float32: {', '.join(check['float_ops']) or 'none'}."]
+        if fmt == "tflite_dynamic" and "float_weight_ops" in check:
+            ops, error = check["float_weight_ops"], check["calibration_error"]
+            lines += ["", f"{fmt}: int8 weights; ops given their float32 weights back, chosen by their gain on the "
+                          f"{check['calibration_worst_images']} of {s['calibration_images']} calibration images "
+                          f"furthest from the float32 model (mean 1 - cosine {error['before']:.5f} -> "
+                          f"{error['after']:.5f}; size budget {check['size_budget_bytes']} bytes): "
+                          f"{len(ops) or 'none'}"]
+            lines += [f"- `{o['tensor']}` ({o['op']}, {o['weights']} weights, gain {o['gain']:.2e})" for o in ops]
         if fmt not in ("tflite_int8", "tflite_int8_full"):
             continue
         lines += ["", f"{fmt}: calibrated on {s['calibration_images']} images; activation ranges: "

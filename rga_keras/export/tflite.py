@@ -10,7 +10,8 @@ int8 steps (RMSE / scale) is kept in float32. Its activation ranges are percenti
 per-image extremes over the calibration images rather than TFLite's plain min/max, which a few outlying
 images stretch (`percentile_ranges`). The full-integer model ("int8_full") has no float op at all (uint8
 pixels in, int8 embedding out) for int8-only accelerators; "int16x8" keeps activations in int16 (weights
-int8), the accurate small option.
+int8). The dynamic-range model ("dynamic", int8 weights, float activations) gives the ops that help most on
+the calibration images their float32 weights back (`rga_keras.export.hybrid`): the accurate small option.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from rga_keras.export.hybrid import choose_float_weights
 from rga_keras.export.model import (ExportError, check_choice, check_percentile, cosine_rows, embed_function,
                                     reid_model_info)
 from rga_keras.models import FEATURES, embedding_model
@@ -70,11 +72,14 @@ def convert_tflite(
     range_percentile: float | str = "auto",
     info: dict | None = None,
     log: Callable[[str], None] | None = None,
+    float32: bytes | None = None,
 ) -> bytes:
     """Convert the SavedModel of `write_tflite_source` to a TFLite flatbuffer, builtin ops only.
 
     kind: "float32"; "float16" (float16 weights, vector-shaped constants float32: `keep_vectors_float32`);
-    "dynamic" (dynamic-range: int8 weights); "int8" (int8 weights and activations, calibrated on
+    "dynamic" (dynamic-range: int8 weights; given ``representative_images``, the ops whose float32 weights
+    help most on them get those back within a size budget, `hybrid.choose_float_weights`, and ``info`` gets
+    its "float_weight_ops"); "int8" (int8 weights and activations, calibrated on
     ``representative_images`` (n, H, W, 3) raw pixels, selective); "int8_full" (the same with no float op:
     uint8 pixels in, int8 embedding out); "int16x8" (int16 activations, int8 weights, calibrated likewise).
     For "int8", ``float_ops`` are TFLite op names kept in float32 and ``float_nodes`` op output tensor names
@@ -85,7 +90,8 @@ def convert_tflite(
     "range_percentile", "calibration_cosine" {percentile: mean cosine} and, for "int8", "float_nodes"
     [{"tensor", "op", "step_error"}]. ``int8_io`` makes the "int8" model take uint8 pixels and return int8
     embeddings (scale and zero point in the model) instead of float32. ``log`` receives a line per
-    calibration step, which can take minutes at 256×128.
+    calibration step, which can take minutes at 256×128. ``float32``: the "float32" conversion of the same
+    source if already made (the "dynamic" model's float32 weights come from it; converted here otherwise).
     """
     check_choice("kind", kind, TFLITE_KINDS)
     check_percentile("range_percentile", range_percentile)
@@ -99,13 +105,22 @@ def convert_tflite(
         return keep_vectors_float32(converter.convert(), float32)
     if kind != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if kind in ("float32", "dynamic"):
+    if kind == "float32" or (kind == "dynamic" and representative_images is None):
         return converter.convert()
 
     images = np.asarray(representative_images, np.float32) if representative_images is not None else None
     if images is None or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"the {kind} model needs representative_images, a non-empty (n, H, W, 3) array of raw "
                          f"pixels, got {None if images is None else images.shape}")
+    if kind == "dynamic":  # some ops given their float32 weights back, chosen on the calibration images
+        quantised = converter.convert()
+        if float32 is None:
+            converter.optimizations = []
+            float32 = converter.convert()
+        flatbuffer, chosen = choose_float_weights(quantised, float32, images, _embed_all, log=log)
+        if info is not None:
+            info.update(chosen)
+        return flatbuffer
 
     def representative():
         for image in images:
@@ -142,8 +157,7 @@ def convert_tflite(
             break
         debugger.calibrated_model = ranged[percentile]
         # Choose by the embeddings' cosine to the float model on the calibration images themselves.
-        embed = TFLiteEmbedder(debugger.get_nondebug_quantized_model())
-        got = np.concatenate([embed(images[i : i + 32]) for i in range(0, len(images), 32)])
+        got = _embed_all(debugger.get_nondebug_quantized_model(), images)
         scores[percentile] = float(cosine_rows(got, extremes[3]).mean())
         log(f"{kind}: ranges at percentile {percentile:g}: mean cosine {scores[percentile]:.4f} to the float "
             f"model on the calibration images")
@@ -168,6 +182,12 @@ def convert_tflite(
 
         flatbuffer = modify_model_io_type(flatbuffer, tf.uint8, tf.int8)
     return flatbuffer
+
+
+def _embed_all(flatbuffer: bytes, images: np.ndarray) -> np.ndarray:
+    """Embeddings of ``images`` by a TFLite model, 32 at a time."""
+    embed = TFLiteEmbedder(flatbuffer)
+    return np.concatenate([embed(images[i : i + 32]) for i in range(0, len(images), 32)])
 
 
 @contextlib.contextmanager
