@@ -8,6 +8,16 @@ The model core (layers, models, losses, optimizers, weights) uses ``keras.ops`` 
 backend; the data pipeline, distributed training and export (`rga_keras.data`, `rga_keras.training`,
 `rga_keras.export`) are TensorFlow's and are imported only when used.
 """
+from rga_keras.native_logs import quiet_native_stderr
+
+with quiet_native_stderr():  # TensorFlow's C++ start-up lines, when TF_CPP_MIN_LOG_LEVEL asks (native_logs.py)
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow
+
+        tensorflow.config.list_physical_devices()  # where it probes for CUDA and logs its absence
+
 # losses and optimizers register their classes, so `keras.models.load_model` reads our checkpoints.
 from rga_keras import losses, optimizers  # noqa: F401
 from rga_keras.layers import RGA, RelationAttention, RGAOptions
