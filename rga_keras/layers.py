@@ -97,6 +97,13 @@ def _transpose(x):
     return ops.swapaxes(x, -1, -2)
 
 
+def _product(a, b):
+    """a (B, n, e) times b (B, e, r). For e = 1 (RGA-C on maps of at most s2 positions, e.g. stages 3-4 of a
+    64×32 input) it is an outer product, written as a broadcast multiply: an int8 TFLite model then runs it
+    in XNNPACK's int8 multiply instead of LiteRT's int8 batch matmul, 19× slower there (docs/BENCHMARKS.md)."""
+    return ops.multiply(a, b) if a.shape[-1] == 1 else ops.matmul(a, b)
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -216,19 +223,20 @@ class RelationAttention(keras.layers.Layer):
         (Θ (Θᵀ (W_row + W_col)) when θ = φ). In training the two terms are one product,
         [Θ | Φ] [Φᵀ W_row; Θᵀ W_col], so the nodes × r result is written once (a GPU step's memory traffic,
         docs/DESIGN.md §1); at inference they stay two products, so a quantised export keeps θ and φ at
-        their own scales instead of one shared by their concatenation.
+        their own scales instead of one shared by their concatenation, and an outer product (e = 1) is a
+        broadcast multiply (`_product`).
         """
         kernel = ops.cast(kernel, theta.dtype)
         if self.options.relation == "explicit":
             return self._project(ops.concatenate([relation, _transpose(relation)], axis=-1), kernel)
         w_row, w_col = kernel[: self.num_nodes], kernel[self.num_nodes :]
         if theta is phi:  # symmetric embedding, or raw features
-            return ops.matmul(theta, self._project(_transpose(theta), w_row + w_col))
+            return _product(theta, self._project(_transpose(theta), w_row + w_col))
         phi_row = self._project(_transpose(phi), w_row)  # (B, e, r) = Φᵀ W_row
         theta_col = self._project(_transpose(theta), w_col)  # (B, e, r) = Θᵀ W_col
         if training:
             return ops.matmul(ops.concatenate([theta, phi], axis=-1), ops.concatenate([phi_row, theta_col], axis=1))
-        return ops.matmul(theta, phi_row) + ops.matmul(phi, theta_col)
+        return _product(theta, phi_row) + _product(phi, theta_col)
 
     def call(self, inputs, training: bool | None = None, return_relation: bool = False):
         self.check_input_shape(inputs.shape)

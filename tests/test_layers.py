@@ -61,8 +61,20 @@ def _rel_err(a, b):
 @pytest.mark.parametrize("flags", ABLATIONS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "full")
 @pytest.mark.parametrize("relation", ["fused", "explicit"])
 def test_rga_matches_numpy_reference(mode, flags, relation):
+    _check_against_reference((2, 8, 4, 48), mode, relation, flags)
+
+
+@pytest.mark.parametrize("relation", ["fused", "explicit"])
+def test_one_dimensional_embeddings_match_numpy_reference(relation):
+    """RGA-C on a map of s2 = 8 positions (stages 3-4 of a 64×32 input) embeds each channel in e = 1
+    dimension: the fused path's relation products are outer products there (a broadcast multiply)."""
+    layer = _check_against_reference((2, 4, 2, 48), "sc", relation, {})
+    assert layer.branches[1].axis == "channel" and layer.branches[1].embed_dim == 1
+
+
+def _check_against_reference(shape, mode, relation, flags):
     rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (2, 8, 4, 48)).astype(np.float32)
+    x = rng.normal(0, 1, shape).astype(np.float32)
     layer = RGA(mode, relation=relation, **flags)
     layer(x)
     _randomise_batchnorms(layer, rng)
@@ -71,6 +83,7 @@ def test_rga_matches_numpy_reference(mode, flags, relation):
     expected = ref.rga_module(x.astype(np.float64), branches, mode, **flags)
     assert _rel_err(got, expected) < 1e-5
     assert _rel_err(got, x) > 1e-2  # the attention does something
+    return layer
 
 
 def _fused_and_explicit(axis, embedding, x, dtype):
