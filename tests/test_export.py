@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import re
+import time
 
 import keras
 import numpy as np
@@ -446,6 +447,46 @@ def test_full_integer_int8_has_no_float_op(exported, model, data):
     assert set(check["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
 
 
+@pytest.mark.slow  # 20-45 s: two conversions of a second model, the int8 one calibrated
+@pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")  # every tensor is the point
+def test_outer_product_relations_run_as_int8_multiplies(tmp_path):
+    """RGA-C at stages 3-4 of a 64×32 input embeds each channel in one dimension (e = 8 positions / s2 = 1), so
+    its relation products are outer products, written as broadcast multiplies (`rga_keras.layers._product`):
+    the full-integer model runs them in XNNPACK's int8 MUL instead of LiteRT's int8 BATCH_MATMUL (docs/
+    BENCHMARKS.md). The float32 model matches Keras; each int8 MUL matches NumPy's outer product of its inputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    keras.utils.set_random_seed(0)
+    backbone = RGAResNetBackbone("sc", (*SIZE, 3), rga_stages=(3, 4), stage_blocks=(1, 1, 1, 1),
+                                 stage_widths=(4, 8, 16, 32))
+    model = RGAReID(backbone, 8)
+    images = np.random.default_rng(0).uniform(0, 255, (16, *SIZE, 3)).astype(np.float32)
+    ex.estimate_batchnorm_statistics(model, images)
+    source = ex.write_tflite_source(model, tmp_path / "source")
+    float32 = ex.TFLiteEmbedder(ex.convert_tflite(source, "float32"))
+    assert np.min(np.sum(unit(float32(images)) * keras_embeddings(model, images), axis=1)) >= 0.9999
+    full = ex.convert_tflite(source, "int8_full", representative_images=images, range_percentile=100)
+    assert ex.tflite_ops(full)["ops"]["BATCH_MATMUL"] == 4  # the spatial branches' (e = C / s2 > 1) only
+
+    interpreter = Interpreter(model_content=full, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images[:1].astype(np.uint8))
+    interpreter.invoke()
+    tensors = interpreter.get_tensor_details()
+
+    def real(i):
+        scale, zero = tensors[i]["quantization"]
+        return scale * (interpreter.get_tensor(i).astype(np.float64) - zero)
+
+    outer = [op for op in interpreter._get_ops_details() if op["op_name"] == "MUL"
+             and [tuple(tensors[i]["shape"][1:]) for i in op["inputs"]] in ([(128, 1), (1, 16)], [(64, 1), (1, 8)])]
+    assert len(outer) == 4  # 2 modules × 2 relation products (channels × 1)(1 × channels / s1)
+    for op in outer:
+        got, step = real(op["outputs"][0]), tensors[op["outputs"][0]]["quantization"][0]
+        expected = np.clip(real(op["inputs"][0]) * real(op["inputs"][1]), got.min(), got.max())  # saturation
+        assert np.max(np.abs(got - expected)) <= step
+
+
 def test_int16x8_has_int16_activations_and_int8_weights(exported):
     out, report = exported
     from ai_edge_litert.interpreter import Interpreter
@@ -816,6 +857,18 @@ def test_cosine_rows_and_latency_helpers():
                                  np.zeros(1), runs=4, rounds=2, warmup=1)
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2  # warm-up, then interleaved rounds
     assert stats["a"]["runs"] == 4 and stats["a"]["min_ms"] <= stats["a"]["median_ms"] <= stats["a"]["p90_ms"]
+
+
+def test_latency_helper_tells_cpu_time_from_waiting():
+    """A call that computes for 3 ms of CPU time and one that sleeps 3 ms: same wall clock, not the same cost."""
+    def compute(_):
+        start = time.process_time()
+        while time.process_time() - start < 3e-3:
+            pass
+
+    stats = ex.measure_latencies({"compute": compute, "sleep": lambda _: time.sleep(3e-3)}, np.zeros(1), runs=4)
+    assert stats["compute"]["cpu_median_ms"] >= 3.0
+    assert stats["sleep"]["median_ms"] >= 3.0 and stats["sleep"]["cpu_median_ms"] < stats["sleep"]["median_ms"] - 2.0
 
 
 # --------------------------------------------------------------------------- the program

@@ -37,26 +37,29 @@ THRESHOLDS = {
 
 def measure_latencies(runners: dict[str, Callable[[np.ndarray], Any]], image: np.ndarray, *, runs: int = 30,
                       rounds: int = 5, warmup: int = 2) -> dict[str, dict]:
-    """Wall-clock milliseconds of each ``runner(image)`` (one batch), measured interleaved.
+    """Wall-clock and CPU milliseconds of each ``runner(image)`` (one batch), measured interleaved.
 
     After ``warmup`` untimed calls each, ``rounds`` rounds time every runner in turn (``runs`` calls each in
-    all), so that load from other processes on a shared machine falls on all runners alike.
-    Returns {name: {"median_ms", "min_ms", "p90_ms", "runs"}}.
+    all), so that load from other processes on a shared machine falls on all runners alike. The CPU time is
+    the process's (all its threads) per call: on a loaded machine it says what a call costs where the wall
+    clock says mostly how long it waited for a core.
+    Returns {name: {"median_ms", "min_ms", "p90_ms", "cpu_median_ms", "runs"}}.
     """
     for run in runners.values():
         for _ in range(warmup):
             run(image)
     rounds = max(1, min(rounds, runs))
     per_round = -(-max(1, runs) // rounds)
-    times = {name: [] for name in runners}
+    times, cpu = {name: [] for name in runners}, {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             for _ in range(per_round):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run(image)
                 times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)),
-                   "p90_ms": float(np.percentile(t, 90)), "runs": len(t)} for name, t in times.items()}
+                cpu[name].append(1e3 * (time.process_time() - start_cpu))
+    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)), "p90_ms": float(np.percentile(t, 90)),
+                   "cpu_median_ms": float(np.median(cpu[name])), "runs": len(t)} for name, t in times.items()}
 
 
 def _embed_dataset(run: Callable[[np.ndarray], np.ndarray], dataset: tf.data.Dataset) -> np.ndarray:
