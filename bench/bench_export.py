@@ -15,8 +15,9 @@ Each relation path is exported in every format of rga_keras.export.FORMATS (or -
 calibration on 200 synthetic training images, latency at batch 1). Then every artefact of the fused path,
 loaded as rga-embed loads it (`rga_keras.retrieval.load_embedder`: LiteRT with its XNNPACK delegate, ONNX
 Runtime's CPU provider, the SavedModel's serving_default), is timed next to the Keras model (a tf.function) at
-batch 1 and at batch 16, interleaved (`measure_latencies`), all with --threads threads. --int8-extra also times
-the int8 model with 1 and 2 LiteRT threads next to the full-integer variant (relation products quantised too).
+batch 1 and at batch 16, interleaved (`measure_latencies`: wall clock and the process's CPU time per call),
+all with --threads threads. --int8-extra also times the exported int8 models (tflite_int8, tflite_int8_full)
+with 1 and 2 LiteRT threads.
 Results are printed and written to OUT/bench_export.json. The CPU may be shared: latencies are noisy, compare
 within one run.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,53 +48,39 @@ def random_model(size: tuple[int, int]):
     return model
 
 
-def extra_int8_timings(model, report: dict, runs: int) -> dict:
-    """The exported int8 model with 1 and 2 threads and the full-integer variant (relation products in int8
-    too), interleaved with Keras; the full-integer model's parity on the synthetic query images."""
-    import numpy as np
+def keras_runner(model, report: dict):
+    """The Keras embedding model as the export timed it: a tf.function of float32 pixel batches."""
     import tensorflow as tf
 
     from rga_keras import embedding_model
-    from rga_keras import export as ex
 
-    size = report["model"]["input_size"]
-    data = ex.default_synthetic_dataset()
-    source = ex.write_tflite_source(model, Path(report["artefacts"]["tflite_int8"]).parent / "_bench_source",
-                                    report["model"]["feature"])
-    full = ex.convert_tflite(source, "int8", representative_images=ex.load_images(data.train, size, limit=200),
-                             float_ops=())
     embedder = embedding_model(model, report["model"]["feature"])
     keras_fn = tf.function(lambda x: embedder(x, training=False))
-    full_embedder = ex.TFLiteEmbedder(full)
-    images = ex.load_images(data.query, size)
-    pairs = [(keras_fn(tf.constant(images[i:i + 32])).numpy(), full_embedder(images[i:i + 32]))
-             for i in range(0, len(images), 32)]
-    cos = ex.cosine_rows(np.concatenate([p[1] for p in pairs]), np.concatenate([p[0] for p in pairs]))
-    runners = {
-        "keras": lambda x: keras_fn(tf.constant(x)).numpy(),
-        "tflite_int8 (1 thread)": ex.TFLiteEmbedder(report["artefacts"]["tflite_int8"], num_threads=1),
-        "tflite_int8 (2 threads)": ex.TFLiteEmbedder(report["artefacts"]["tflite_int8"], num_threads=2),
-        "tflite_int8 full-integer (2 threads)": full_embedder,
-    }
-    latency = ex.measure_latencies(runners, images[:1], runs=runs)
-    shutil.rmtree(source, ignore_errors=True)
-    return {"latency_ms": latency,
-            "full_integer": {"query_images": len(images), "cosine_mean": float(cos.mean()),
-                             "cosine_min": float(cos.min()), "size_bytes": len(full), **ex.tflite_ops(full)}}
+    return lambda x: keras_fn(tf.constant(x)).numpy()
+
+
+def extra_int8_timings(model, report: dict, runs: int) -> dict:
+    """The exported int8 models (selective and full-integer, those exported) with 1 and 2 LiteRT threads,
+    interleaved with Keras, at batch 1 (the thread count matters on a machine other processes share)."""
+    from rga_keras import export as ex
+
+    runners = {"keras": keras_runner(model, report)}
+    for fmt in ("tflite_int8", "tflite_int8_full"):
+        for threads in (1, 2):
+            if fmt in report["artefacts"]:
+                runners[f"{fmt} ({threads} thread{'s' * (threads > 1)})"] = ex.TFLiteEmbedder(
+                    report["artefacts"][fmt], num_threads=threads)
+    images = ex.load_images(ex.default_synthetic_dataset().query, report["model"]["input_size"], 1)
+    return {"latency_ms": ex.measure_latencies(runners, images, runs=runs)}
 
 
 def batch_latencies(model, report: dict, batches: dict[int, int], num_threads: int) -> dict:
     """Median/min/p90 ms of the Keras model and of every published artefact at each batch size ({batch: runs}),
     interleaved across them; the images are synthetic query images."""
-    import tensorflow as tf
-
-    from rga_keras import embedding_model
     from rga_keras import export as ex
     from rga_keras.retrieval import load_embedder
 
-    embedder = embedding_model(model, report["model"]["feature"])
-    keras_fn = tf.function(lambda x: embedder(x, training=False))
-    runners = {"keras": lambda x: keras_fn(tf.constant(x)).numpy()}
+    runners = {"keras": keras_runner(model, report)}
     threaded = {".tflite": ex.TFLiteEmbedder, ".onnx": ex.ONNXEmbedder}  # the others have no thread setting
     for fmt, path in report["artefacts"].items():
         if fmt != "report":
@@ -105,14 +91,15 @@ def batch_latencies(model, report: dict, batches: dict[int, int], num_threads: i
 
 
 def latency_table(latencies: dict, report: dict) -> str:
-    """Markdown: one row per artefact, median ms and speed-up against Keras at each batch size."""
+    """Markdown: one row per artefact, median wall-clock and CPU ms and speed-ups against Keras at each batch size."""
     batches = list(latencies)
-    head = "| artefact | size (MiB) | " + " | ".join(f"batch {b}: ms (× Keras)" for b in batches) + " |"
-    lines = [head, "|---|---|" + "---|" * len(batches)]
+    head = ("| artefact | size (MiB) | "
+            + " | ".join(f"batch {b}: ms (× Keras) | CPU ms (× Keras)" for b in batches) + " |")
+    lines = [head, "|---|---|" + "---|---|" * len(batches)]
     for name in latencies[batches[0]]:
         size = "–" if name == "keras" else f"{report['checks'][name]['size_bytes'] / 2**20:.1f}"
-        cells = [f"{v[name]['median_ms']:.1f} ({v['keras']['median_ms'] / v[name]['median_ms']:.2f}×)"
-                 for v in latencies.values()]
+        cells = [f"{v[name][key]:.1f} ({v['keras'][key] / v[name][key]:.2f}×)"
+                 for v in latencies.values() for key in ("median_ms", "cpu_median_ms")]
         lines.append(f"| {'Keras float32 (tf.function)' if name == 'keras' else name} | {size} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -131,7 +118,7 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=40, help="timed runs at batch 1 (batch 16: a quarter)")
     parser.add_argument("--threads", type=int, help="LiteRT and ONNX Runtime threads (default: all cores)")
     parser.add_argument("--int8-extra", action="store_true",
-                        help="also time int8 with 1/2 threads and the full-integer variant")
+                        help="also time the int8 models with 1 and 2 LiteRT threads")
     args = parser.parse_args()
 
     import platform
@@ -155,11 +142,14 @@ def main() -> None:
         print(f"\n== relation path: {relation} ({report['seconds']} s)\n{ex.format_table(report)}\n")
     if "fused" in results:
         batches = {1: args.latency_runs, 16: max(5, args.latency_runs // 4)}
+        load_before = os.getloadavg()
         latencies = batch_latencies(model, results["fused"], batches, threads)
-        results["batch_latency_ms"] = latencies
-        print(f"CPU latency, median of interleaved runs ({results['machine']['processor']}, {threads} threads):")
+        results["batch_latency_ms"], results["load_average"] = latencies, [load_before, os.getloadavg()]
+        print(f"CPU latency, median of interleaved runs ({results['machine']['processor']}, {threads} threads; "
+              f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; CPU ms: the process's "
+              "CPU time per call):")
         print(latency_table(latencies, results["fused"]))
-    if args.int8_extra and "fused" in results and "tflite_int8" in results["fused"]["artefacts"]:
+    if args.int8_extra and "fused" in results:
         results["int8_extra"] = extra_int8_timings(model, results["fused"], args.latency_runs)
         print(json.dumps(results["int8_extra"], indent=1))
     (args.out / "bench_export.json").write_text(json.dumps(results, indent=1, default=str))

@@ -98,8 +98,8 @@ def _transpose(x):
 
 
 def _product(a, b):
-    """a (B, n, e) times b (B, e, r). For e = 1 (RGA-C on maps of at most s2 positions, e.g. stages 3-4 of a
-    64×32 input) it is an outer product, written as a broadcast multiply: an int8 TFLite model then runs it
+    """a (B, n, e) times b (B, e, r). For e = 1 (RGA-C on maps of fewer than 2·s1 positions, e.g. stages 3-4
+    of a 64×32 input) it is an outer product, written as a broadcast multiply: an int8 TFLite model then runs it
     in XNNPACK's int8 multiply instead of LiteRT's int8 batch matmul, 19× slower there (docs/BENCHMARKS.md)."""
     return ops.multiply(a, b) if a.shape[-1] == 1 else ops.matmul(a, b)
 

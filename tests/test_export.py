@@ -450,7 +450,7 @@ def test_full_integer_int8_has_no_float_op(exported, model, data):
 @pytest.mark.slow  # 20-45 s: two conversions of a second model, the int8 one calibrated
 @pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")  # every tensor is the point
 def test_outer_product_relations_run_as_int8_multiplies(tmp_path):
-    """RGA-C at stages 3-4 of a 64×32 input embeds each channel in one dimension (e = 8 positions / s2 = 1), so
+    """RGA-C at stages 3-4 of a 64×32 input embeds each channel in one dimension (e = 8 positions / s1 = 1), so
     its relation products are outer products, written as broadcast multiplies (`rga_keras.layers._product`):
     the full-integer model runs them in XNNPACK's int8 MUL instead of LiteRT's int8 BATCH_MATMUL (docs/
     BENCHMARKS.md). The float32 model matches Keras; each int8 MUL matches NumPy's outer product of its inputs."""
@@ -466,7 +466,7 @@ def test_outer_product_relations_run_as_int8_multiplies(tmp_path):
     float32 = ex.TFLiteEmbedder(ex.convert_tflite(source, "float32"))
     assert np.min(np.sum(unit(float32(images)) * keras_embeddings(model, images), axis=1)) >= 0.9999
     full = ex.convert_tflite(source, "int8_full", representative_images=images, range_percentile=100)
-    assert ex.tflite_ops(full)["ops"]["BATCH_MATMUL"] == 4  # the spatial branches' (e = C / s2 > 1) only
+    assert ex.tflite_ops(full)["ops"]["BATCH_MATMUL"] == 4  # the spatial branches' (e = C / s1 > 1) only
 
     interpreter = Interpreter(model_content=full, experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()

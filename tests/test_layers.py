@@ -66,7 +66,7 @@ def test_rga_matches_numpy_reference(mode, flags, relation):
 
 @pytest.mark.parametrize("relation", ["fused", "explicit"])
 def test_one_dimensional_embeddings_match_numpy_reference(relation):
-    """RGA-C on a map of s2 = 8 positions (stages 3-4 of a 64×32 input) embeds each channel in e = 1
+    """RGA-C on a map of s1 = 8 positions (stages 3-4 of a 64×32 input) embeds each channel in e = 1
     dimension: the fused path's relation products are outer products there (a broadcast multiply)."""
     layer = _check_against_reference((2, 4, 2, 48), "sc", relation, {})
     assert layer.branches[1].axis == "channel" and layer.branches[1].embed_dim == 1
