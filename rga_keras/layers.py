@@ -268,7 +268,7 @@ class RelationAttention(keras.layers.Layer):
                 theta = ops.cast(theta, "float32")
                 phi = theta if symmetric else ops.cast(phi, "float32")
             if self.options.relation == "explicit" or return_relation:
-                relation = ops.matmul(theta, _transpose(phi))  # R[i, j] = θ_i · φ_j
+                relation = _product(theta, _transpose(phi))  # R[i, j] = θ_i · φ_j
             rel = self._linear_bn(self.relation_bn, training, self.relation_kernel,
                                   lambda kernel: self._relation_features(theta, phi, kernel, relation, training))
             rel = ops.relu(ops.cast(rel, dtype))
