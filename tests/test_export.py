@@ -447,7 +447,7 @@ def test_full_integer_int8_has_no_float_op(exported, model, data):
     assert set(check["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
 
 
-@pytest.mark.slow  # 20-45 s: two conversions of a second model, the int8 one calibrated
+@pytest.mark.slow  # 15-45 s: two conversions of a second model, the int8 one calibrated
 @pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")  # every tensor is the point
 def test_outer_product_relations_run_as_int8_multiplies(tmp_path):
     """RGA-C at stages 3-4 of a 64×32 input embeds each channel in one dimension (e = 8 positions / s1 = 1), so
