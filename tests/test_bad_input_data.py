@@ -156,11 +156,13 @@ def test_serve_image_bytes_rejects_corrupt_jpegs_naming_the_item():
     skipped = corrupt_jpeg_bytes()  # the decoder loses step and completes the image early
     malformed = bytearray(jpeg_bytes(2))
     malformed[len(malformed) // 2: len(malformed) // 2 + 2] = b"\xff\x12"  # a marker no scan may hold
-    for index, (data, why) in enumerate([(skipped, "its decoder completed the image before the end of the data"),
-                                         (bytes(malformed), "its entropy-coded data is malformed")], start=1):
-        with pytest.raises(ValueError, match="Corrupt JPEG data|Unsupported marker"):
-            simplejpeg.decode_jpeg(data)
+    for index, (data, why) in enumerate([(skipped, "a corrupt JPEG \\(its decoder completed the image before the end"),
+                                         (bytes(malformed), "a corrupt JPEG \\(its entropy-coded data is malformed"),
+                                         (b"", "not a complete JPEG or PNG")], start=1):  # the scan must not fail first
+        if data:  # the reference agrees that the JPEGs are corrupt
+            with pytest.raises(ValueError, match="Corrupt JPEG data|Unsupported marker"):
+                simplejpeg.decode_jpeg(data)
         batch = clean[:index] + [data] + clean[index:]
         with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=rf"serve_image_bytes: item\] \[{index}\] \[of the batch is a corrupt JPEG \({why}"):
+                           match=rf"serve_image_bytes: item\] \[{index}\] \[of the batch is {why}"):
             serve(tf.constant(batch))

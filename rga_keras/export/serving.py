@@ -57,7 +57,8 @@ def _jpeg_scan(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Ten
     one interleaved scan)."""
     chars = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
     size = tf.size(chars)
-    at = lambda i: tf.gather(chars, tf.minimum(i, size - 1))  # noqa: E731  (reads past the end give the last byte)
+    padded = tf.pad(chars, [[0, 4]])
+    at = lambda i: tf.gather(padded, tf.clip_by_value(i, 0, size + 3))  # noqa: E731  (past the end: zeros)
 
     def in_headers(i):
         return (i + 3 < size) & tf.equal(at(i), 0xFF) & tf.not_equal(at(i + 1), 0xDA)
@@ -69,7 +70,7 @@ def _jpeg_scan(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Ten
     found_sos = (sos + 3 < size) & tf.equal(at(sos), 0xFF) & tf.equal(at(sos + 1), 0xDA)
     start = tf.minimum(sos + 2 + at(sos + 2) * 256 + at(sos + 3), size)
     scan = chars[start:]
-    ff_at = tf.boolean_mask(tf.range(tf.size(scan) - 1), tf.equal(scan[:-1], 0xFF))
+    ff_at = tf.boolean_mask(tf.range(tf.maximum(tf.size(scan) - 1, 0)), tf.equal(scan[:-1], 0xFF))
     after_ff = tf.gather(scan, ff_at + 1)
     eoi_at = tf.boolean_mask(ff_at, tf.equal(after_ff, 0xD9))
     eoi = start + tf.reduce_min(tf.concat([eoi_at, [tf.size(scan)]], 0))
@@ -145,9 +146,9 @@ def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: st
             check = tf.debugging.Assert(_complete_jpeg_or_png(data), [
                 "serve_image_bytes: item", index, "of the batch is not a complete JPEG or PNG image "
                 "(wrong format, or truncated)"])
-            is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-            start, eoi, well_formed, single_scan = _jpeg_scan(data)
-            with tf.control_dependencies([check]):  # before decoding: its own errors cannot name the item
+            with tf.control_dependencies([check]):  # before scanning and decoding: their errors name no item
+                is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+                start, eoi, well_formed, single_scan = _jpeg_scan(data)
                 check = tf.debugging.Assert(~is_jpeg | well_formed, [
                     "serve_image_bytes: item", index, "of the batch is a corrupt JPEG (its entropy-coded data is "
                     "malformed: bytes overwritten or lost)"])
