@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.arguments import OneLineParser, starting
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   INT8_RANGE_PERCENTILES, SERVING_DTYPES)
     from rga_keras.layers import MODES
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="rga-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Export an RGA re-id model (images → L2-normalised embedding) as a TF Serving SavedModel, "
                     "TFLite models (float32, float16, dynamic-range, int8, full-integer int8, int16x8) and ONNX "
@@ -151,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(untrained_only)} describe the --untrained model; a --model file has its own "
                      "(an RGA model is tied to the input size it was built for)")
 
-    from rga_keras import export as ex
-    from rga_keras.cli import run_command
+    with starting("rga-export"):
+        from rga_keras import export as ex
+        from rga_keras.cli import run_command
 
     def work() -> int:
+        from rga_keras.files import check_folder
+
+        check_folder(args.out, "--out")
         data = None
         if args.data_root is not None:
             from rga_keras.data import load_dataset

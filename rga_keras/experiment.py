@@ -160,9 +160,20 @@ def _deep_update(base: dict, update: dict) -> dict:
     return out
 
 
+# Numbers that must be > 0, or >= 0 (null allowed where the default is null: steps_per_epoch = a whole pass).
+_POSITIVE_KEYS = ("optimizer.base_lr", "training.steps_per_epoch", "training.diverge_factor", "eval.batch_size")
+_NON_NEGATIVE_KEYS = ("optimizer.warmup_start_lr", "optimizer.warmup_epochs", "optimizer.weight_decay",
+                      "loss.margin", "loss.epsilon", "loss.triplet_weight", "loss.ce_weight")
+
+
 def check_config(config: dict, num_replicas: int = 1) -> None:
     """Reject configs that contradict themselves, saying what was expected and what was found."""
     sampler, training = config["sampler"], config["training"]
+    for key in (*_POSITIVE_KEYS, *_NON_NEGATIVE_KEYS):
+        section, name = key.split(".")
+        value, positive = config[section][name], key in _POSITIVE_KEYS
+        if value is not None and not (value > 0 if positive else value >= 0):  # "not": NaN fails too
+            raise ValueError(f"{key} must be {'> 0' if positive else '>= 0'}, found {value!r}")
     p, k = sampler["num_ids_per_batch"], sampler["images_per_id"]
     if not (isinstance(p, int) and isinstance(k, int) and p >= 2 and k >= 2):
         raise ValueError(f"sampler: need num_ids_per_batch >= 2 and images_per_id >= 2 for the batch-hard triplet "
@@ -343,7 +354,7 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False) -> dict:
     (TF_CONFIG) every worker trains, but only the chief evaluates and writes files into its ``run_dir``; the
     others keep only their own backup there and return ``{"chief": False, ...}`` without results.
     """
-    from rga_keras.data import corrupt_images, steps_per_epoch
+    from rga_keras.data import check_enough_identities, corrupt_images, steps_per_epoch
     from rga_keras.files import write_text_atomic
     from rga_keras.run_folder import check_run_folder, clear_run_folder
     from rga_keras.training import (DivergenceGuard, completed_epochs, explain_oom, get_strategy, is_chief,
@@ -351,16 +362,17 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False) -> dict:
     from rga_keras.visualize import plot_training_curves
 
     training, sampler = config["training"], config["sampler"]
+    set_determinism(int(training["seed"]), bool(training["deterministic"]))  # before TensorFlow's first op
     strategy = get_strategy(training["strategy"], training["devices"], training["join_timeout_s"])
     replicas, workers = strategy.num_replicas_in_sync, num_workers(strategy)
     check_config(config, replicas)
-    set_determinism(int(training["seed"]), bool(training["deterministic"]))
     set_precision(training["precision"])
     run_dir, chief = Path(config["run_dir"]), is_chief()
     resumed = completed_epochs(str(run_dir)) if training["backup"] else 0  # epochs a backup says are done
     # Before anything is written: a finished run, or another config's, is refused with what differs.
     folder = check_run_folder(run_dir, config, resumable=resumed > 0, fresh=fresh) if chief else "resume"
     data = load_data(config)  # before anything is written: a wrong dataset path leaves no run folder behind
+    check_enough_identities(data.train, sampler["num_ids_per_batch"])  # an empty train split, before the model
     print(data.summary(), flush=True)
     print(distribution_line(config, replicas, workers), flush=True)
     if folder != "resume":  # --fresh, or the same run stopped before its first backup: start over cleanly
@@ -416,13 +428,25 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False) -> dict:
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and the backend; with ``deterministic`` also make TensorFlow's ops deterministic, so
-    two runs of the same config give the same losses (at a cost in speed, docs/TRAINING.md). Op determinism is
-    a process-wide switch TensorFlow offers no way to undo."""
+    """Seed Python, NumPy and the backend; with ``deterministic`` also make TensorFlow's ops deterministic and
+    run one op at a time, so two runs of the same config give the same losses (docs/TRAINING.md gives the cost).
+
+    Op determinism alone is not enough on CPU: with ops running concurrently (inter-op parallelism), eight
+    repeats of one training step from the same state gave three different sets of weights (last-bit differences
+    that grow over the steps); with one inter-op thread every repeat, and every process, gives the same.
+    TensorFlow fixes that thread count when it runs its first op, and offers no way to undo op determinism:
+    both are process-wide, so ``deterministic`` must be chosen before TensorFlow runs anything (as rga-train does).
+    """
     keras.utils.set_random_seed(seed)
     if deterministic:
         import tensorflow as tf
 
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            raise ValueError("training.deterministic runs TensorFlow's ops one at a time, which can only be chosen "
+                             "before TensorFlow runs its first operation: start the run in a fresh process "
+                             "(as rga-train does)") from None
         tf.config.experimental.enable_op_determinism()
 
 

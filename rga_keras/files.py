@@ -84,13 +84,43 @@ def staging_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return path
 
 
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so nothing can be made below it), else None."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_folder(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a Path for an output folder; refused (FileExistsError, naming ``option``) when it, or the
+    nearest existing folder above it, is a file: said before any work, where the OS would only say "Not a
+    directory" or "File exists" about some file inside, after it."""
+    path = Path(path)
+    blocker = path if path.exists() and not path.is_dir() else _file_above(path)
+    if blocker is not None:
+        what = "is a file" if blocker == path else f"would be made inside {blocker}, which is a file"
+        raise FileExistsError(f"{option} {path} {what}, not a folder: choose another {option}")
+    return path
+
+
+def check_file(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a Path for an output file; refused (FileExistsError, naming ``option``) when it is a folder
+    or lies below a file, so a program says so before its work, not when it writes the result."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{option} {path} is a folder; expected the path of a file to write")
+    check_folder(path.parent, f"{option}'s folder")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
     The temporary name keeps ``path``'s extension (``.keras``, ``.weights.h5``, ...), which some writers
     check, and the file gets the permissions of an ordinary new file (mkstemp makes it private).
     """
-    path = Path(path)
+    path = check_file(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name
     ext = ".weights.h5" if name.endswith(".weights.h5") else path.suffix

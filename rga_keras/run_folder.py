@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from rga_keras.files import check_folder
+
 # Every file or folder a run writes into run_dir (backup-worker<i>/ of other workers matched separately).
 RUN_FILES = ("config.yaml", "summary.json", "history.json", "history.csv", "training_curves.png", "last.keras",
              "best.keras", "best.keras.json", "backup", "tensorboard", "export")
@@ -43,7 +45,7 @@ def check_run_folder(run_dir: Path, config: dict, resumable: bool, fresh: bool =
     unfinished run, with a backup to resume from) or "restart" (the same unfinished run, nothing to resume:
     its files are to be replaced). Raises FileExistsError / ValueError, saying what differs and what to do.
     Reads only: ``fresh`` files are deleted by `clear_run_folder` once the run is sure to start."""
-    run_dir = Path(run_dir)
+    run_dir = check_folder(run_dir, "--run-dir")
     present = run_files(run_dir)
     if fresh or not present or present == [run_dir / "config.yaml"]:  # a record of nothing (stopped at once)
         return "new"

@@ -502,5 +502,5 @@ def completed_epochs(run_dir: str) -> int:
     try:
         with open(os.path.join(_backup_dir(run_dir), "training_metadata.json"), encoding="utf-8") as f:
             return int(json.load(f)["epoch"])
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no backup; a run_dir that is a file is refused later
         return 0

@@ -46,12 +46,25 @@ CASES = {  # program: [(argv builder, exit status, pieces of the message)]
         (lambda t: TINY + ["-o", "optimizer.base_lr=[1"], 2, ["not valid YAML"]),
         (lambda t: ["--config", str(_bad_yaml(t))], 2, ["bad.yaml: not valid YAML (line 3"]),
         (lambda t: ["--config", str(t)], 2, ["neither a file nor a bundled config"]),
+        (lambda t: TINY + ["-o", "optimizer.base_lr=-1"], 2, ["optimizer.base_lr must be > 0, found -1"]),
+        (lambda t: TINY + ["-o", "loss.margin=.nan"], 2, ["loss.margin must be >= 0, found nan"]),
+        (lambda t: TINY + ["-o", "training.steps_per_epoch=0"], 2, ["training.steps_per_epoch must be > 0, found 0"]),
+        (lambda t: TINY + ["--run-dir", str(_file(t))], 2, ["--run-dir", "a_file is a file, not a folder"]),
+        (lambda t: ["--data-root", str(t), "--quiet"], 2, ["the demo config trains on the built-in synthetic"]),
+        (lambda t: TINY + ["--data-root", str(_no_train_images(t)), "-o", "dataset.name=folder"], 2,
+         ["the train split holds 0 identities in 0 images (no training images", "sampler.num_ids_per_batch=2"]),
     ]),
     "rga-eval": (evaluate.main, [
         (lambda t: [str(t / "missing.keras"), "--dataset", "synthetic"], 2, ["missing.keras"]),
+        (lambda t: [str(t / "m.keras"), "--dataset", "synthetic", "--json", str(t)], 2,
+         ["--json", "is a folder; expected the path of a file"]),
+        (lambda t: [str(t / "m.keras"), "--dataset", "synthetic", "--batch-size", "0"], 2,
+         ["--batch-size must be positive (see rga-eval --help)"]),
     ]),
     "rga-export": (rga_export, [
         (lambda t: ["--model", str(t / "missing.keras"), "--out", str(t / "out")], 2, ["missing.keras"]),
+        (lambda t: ["--model", str(t / "m.keras"), "--out", str(_file(t))], 2, ["--out", "is a file, not a folder"]),
+        (lambda t: ["--model", "m.keras", "--out", str(t), "--formats", "bogus"], 2, ["unknown format(s) ['bogus']"]),
     ]),
     "rga-synth": (synthetic.main, [
         (lambda t: [str(t / "out"), "--ids", "1"], 2, ["num_ids must be in 2..9999"]),
@@ -59,6 +72,8 @@ CASES = {  # program: [(argv builder, exit status, pieces of the message)]
         (lambda t: [str(_file(t)), "--ids", "4", "--force"], 2, ["is a file, not a folder"]),
         (lambda t: [str(_foreign(t)), "--ids", "4", "--force"], 2, ["was not created by rga_keras", "not replacing"]),
         (lambda t: [str(_foreign(t)), "--ids", "4"], 2, ["pass --force"]),
+        (lambda t: [str(_file(t) / "data"), "--ids", "4"], 2, ["would be made inside", "which is a file, not a"]),
+        (lambda t: [str(t / "out"), "--ids", "four"], 2, ["--ids: invalid int value: 'four'"]),
     ]),
     "rga-visualize": (visualize.main, [
         (lambda t: [str(t / "missing.keras"), "--out", str(t / "pics"), "--dataset", "synthetic"], 2,
@@ -67,9 +82,12 @@ CASES = {  # program: [(argv builder, exit status, pieces of the message)]
     "rga-embed": (embed.main, [
         (lambda t: [str(t / "missing.keras"), str(_image(t)), "--out", str(t / "f.h5")], 2, ["missing.keras"]),
         (lambda t: [str(t / "missing.keras"), str(t), "--out", str(t / "f.h5")], 2, ["no images found"]),
+        (lambda t: [str(t / "m.keras"), str(t), "--out", str(t)], 2, ["--out", "is a folder; expected the path"]),
     ]),
     "rga-search": (search.main, [
         (lambda t: [str(t), "--gallery", str(t / "missing.h5")], 2, ["missing.h5"]),
+        (lambda t: [str(t), "--gallery", str(t / "g.h5"), "--json", str(t)], 2, ["--json", "is a folder"]),
+        (lambda t: [str(t), "--gallery", "g.h5", "--top-k", "0"], 2, ["--top-k must be positive"]),
     ]),
 }
 
@@ -88,6 +106,16 @@ def _image(tmp_path) -> Path:
     return path
 
 
+def _no_train_images(tmp_path) -> Path:
+    from tests.bad_images import write_images
+
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    write_images(root / "query", ["0001_c1_a.jpg"])
+    write_images(root / "gallery", ["0001_c2_b.jpg"])
+    return root
+
+
 def _foreign(tmp_path) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir(exist_ok=True)
@@ -101,10 +129,15 @@ def test_bad_input_gets_one_line_and_its_status(prog, index, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     main, cases = CASES[prog]
     argv, status, pieces = cases[index]
-    assert main(argv(tmp_path)) == status
+    try:
+        assert main(argv(tmp_path)) == status
+    except SystemExit as stop:  # argparse's errors
+        assert stop.code == status
     one_line(capsys, prog, *pieces)
     if prog == "rga-synth" and (tmp_path / "photos").exists():  # --force never deletes a folder it did not make
         assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"mine"
+    written = [p for p in tmp_path.glob("**/*") if p.name in (".complete.json", "config.yaml")]
+    assert all(tmp_path / "cache" in p.parents for p in written), written  # nothing written outside the cache
 
 
 def test_signals_end_every_program_with_their_status(capsys):
@@ -123,6 +156,18 @@ def test_signals_end_every_program_with_their_status(capsys):
     assert cli.run_command("rga-search", work(signal.SIGINT)) == 130
     one_line(capsys, "rga-search", "interrupted by SIGINT")
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_ctrl_c_while_starting_is_one_line(capsys):
+    """Programs import TensorFlow (seconds) before `cli.run_command` handles signals: a Ctrl-C then is one line and
+    status 130, not an import traceback."""
+    from train.arguments import starting
+
+    with pytest.raises(SystemExit) as stop:
+        with starting("rga-eval"):
+            raise KeyboardInterrupt  # as SIGINT raises it in the middle of an import
+    assert stop.value.code == 130
+    one_line(capsys, "rga-eval", "interrupted by SIGINT while starting; nothing was done")
 
 
 def test_an_unexpected_error_is_one_line_with_the_saved_traceback(monkeypatch, capsys, tmp_path):

@@ -118,3 +118,51 @@ def test_embedder_refuses_images_scaled_to_unit_range():
                                          r"pass raw RGB pixel values 0-255"):
         embedder(pixels)
     assert embedder(pixels * 255).shape == (2, 8)
+
+
+def _jpeg(image, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_serve_image_bytes_rejects_corrupt_jpegs_naming_the_item():
+    """A JPEG with bytes overwritten mid-stream decodes with only libjpeg's unattributed warning: the signature
+    must refuse it, naming the item, and accept clean files of every kind (reference: libjpeg-turbo in strict
+    mode, simplejpeg)."""
+    import io
+
+    import keras
+    import simplejpeg
+    import tensorflow as tf
+    from PIL import Image
+
+    from rga_keras.export.serving import _serving_functions
+    from tests.bad_images import corrupt_jpeg_bytes, jpeg_bytes
+
+    embedder = keras.Sequential([keras.Input((64, 32, 3)), keras.layers.GlobalAveragePooling2D()])
+    serve = tf.function(_serving_functions(embedder, 64, 32, "float32")["serve_image_bytes"][0])
+    photo = Image.open(io.BytesIO(jpeg_bytes(3, (128, 64))))
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    clean = [jpeg_bytes(0), jpeg_bytes(1, (128, 64)), _jpeg(photo, quality=50, progressive=True),
+             _jpeg(photo.convert("L"), quality=95), _jpeg(photo, subsampling=0, optimize=True), png.getvalue()]
+    for data in clean[:-1]:
+        simplejpeg.decode_jpeg(data)  # the reference finds nothing wrong
+    assert serve(tf.constant(clean))["embedding"].shape == (len(clean), 3)
+
+    skipped = corrupt_jpeg_bytes()  # the decoder loses step and completes the image early
+    malformed = bytearray(jpeg_bytes(2))
+    malformed[len(malformed) // 2: len(malformed) // 2 + 2] = b"\xff\x12"  # a marker no scan may hold
+    for index, (data, why) in enumerate([(skipped, "a corrupt JPEG \\(its decoder completed the image before the end"),
+                                         (bytes(malformed), "a corrupt JPEG \\(its entropy-coded data is malformed"),
+                                         (b"", "not a complete JPEG or PNG")], start=1):  # the scan must not fail first
+        if data:  # the reference agrees that the JPEGs are corrupt
+            with pytest.raises(ValueError, match="Corrupt JPEG data|Unsupported marker"):
+                simplejpeg.decode_jpeg(data)
+        batch = clean[:index] + [data] + clean[index:]
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=rf"serve_image_bytes: item\] \[{index}\] \[of the batch is {why}"):
+            serve(tf.constant(batch))

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.arguments import OneLineParser, starting
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines, unless the user chose
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -40,8 +42,8 @@ def _config_path(name: str) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rga-train", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="rga-train", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--config", help="a YAML file or a bundled recipe name (see --list-configs)")
     which.add_argument("--demo", action="store_true", help="train on the built-in synthetic dataset (default)")
@@ -63,9 +65,10 @@ def main(argv=None) -> int:
         for path in sorted(CONFIG_DIR.glob("*.yaml")):
             print(f"{path.stem:28s} {path.read_text().splitlines()[0].lstrip('# ')}")
         return 0
-    from rga_keras import experiment
-    from rga_keras.cli import run_command
-    from rga_keras.training import TrainingDiverged
+    with starting("rga-train"):
+        from rga_keras import experiment
+        from rga_keras.cli import CommandError, run_command
+        from rga_keras.training import TrainingDiverged
 
     run: dict = {}  # the config, once loaded: what an interruption message refers to
 
@@ -82,6 +85,11 @@ def main(argv=None) -> int:
             config = experiment.load_config(None, overrides, base=experiment.demo_config())
         else:
             config = experiment.load_config(_config_path(args.config), overrides)
+        if args.data_root and config["dataset"]["name"] == "synthetic":
+            raise CommandError(
+                f"--data-root {args.data_root}: the demo config trains on the built-in synthetic dataset, generated "
+                "in the cache, so your folder would be ignored (or filled with synthetic images); to train on it "
+                "pass --config (rga-train --list-configs) or -o dataset.name=market1501 (or folder, csv, ...)")
         run["config"] = config
         result = experiment.run(config, verbose=0 if args.quiet else 1, fresh=args.fresh)
         experiment.print_summary(result)

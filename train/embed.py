@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.arguments import OneLineParser, starting
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EPILOG = """examples:
@@ -22,8 +24,8 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rga-embed", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="rga-embed", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="model: .keras, SavedModel version folder, .tflite or .onnx")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or .txt/.csv lists of paths")
     parser.add_argument("--out", type=Path, required=True, help="features file to write (HDF5, e.g. gallery.h5)")
@@ -52,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and args.overwrite:
         parser.error("--append and --overwrite exclude each other")
 
-    from rga_keras.cli import run_command
+    with starting("rga-embed"):
+        from rga_keras.cli import run_command
 
     def work() -> int:
         from rga_keras import retrieval
+        from rga_keras.files import check_file
 
+        check_file(args.out, "--out")
         if args.out.exists() and not (args.append or args.overwrite):
             raise FileExistsError(f"{args.out} exists; --append adds images to it, --overwrite replaces it")
         paths = retrieval.list_images(args.images)

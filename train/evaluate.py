@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from train.arguments import OneLineParser, starting
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "csv", "synthetic")
@@ -43,8 +45,8 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rga-eval", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="rga-eval", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_arguments(parser)
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
     parser.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"), help="distance (default cosine)")
@@ -89,7 +91,7 @@ def eval_config(args: argparse.Namespace, size: tuple[int, int]) -> dict:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Argument combinations that cannot work, reported by argparse (usage line, message, status 2)."""
+    """Argument combinations that cannot work, reported by argparse (one line, status 2)."""
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
     if args.split and args.dataset != "cuhk03":
@@ -121,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_arguments(parser, args)
 
-    from rga_keras.cli import run_command
+    with starting("rga-eval"):
+        from rga_keras.cli import run_command
 
     def work() -> int:
         from rga_keras.experiment import eval_features, evaluate_model
+        from rga_keras.files import check_file
 
+        if args.json:
+            check_file(args.json, "--json")  # before the evaluation, not when its result is written
         data = load_data(args)  # before the model: a broken dataset is found in a second, not after a model load
         model, size = load_model(args.model, args.image_size)
         print(f"model    {args.model} ({model.name}, input {size[0]}x{size[1]})")

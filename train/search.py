@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.arguments import OneLineParser, starting
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EPILOG = """examples:
@@ -27,8 +29,8 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rga-search", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="rga-search", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("query", nargs="+", help="query images, folders, .txt/.csv lists, or one features file")
     parser.add_argument("--gallery", type=Path, required=True, help="gallery features file written by rga-embed")
     parser.add_argument("--top-k", type=int, default=10, help="gallery images per query (default 10)")
@@ -102,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
-    from rga_keras.cli import run_command
+    with starting("rga-search"):
+        from rga_keras.cli import run_command
 
     def work() -> int:
         from rga_keras import retrieval
-        from rga_keras.files import write_text_atomic
+        from rga_keras.files import check_file, write_text_atomic
         from rga_keras.visualize import plot_search_results
 
+        for option in ("json", "csv", "picture"):  # before the search, not when its results are written
+            if getattr(args, option):
+                check_file(getattr(args, option), f"--{option}")
         gallery = retrieval.read_features(args.gallery)
         print(f"gallery  {args.gallery}: {gallery.describe()}", flush=True)
         query = load_queries(args, gallery)

@@ -20,6 +20,8 @@ import numpy as np
 
 from train.evaluate import add_model_and_data_arguments, check_arguments, eval_config, load_data, load_model
 
+from train.arguments import OneLineParser, starting
+
 EPILOG = """examples:
   rga-visualize runs/demo/best.keras --dataset synthetic --out pictures --run-dir runs/demo
   rga-visualize best.keras --data-root ~/data/Market-1501-v15.09.15 --out market_pictures --num-queries 12
@@ -30,8 +32,8 @@ MAP_CHUNK = 8  # images per map pass (stage-1 relations are (H·W/16)² floats p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rga-visualize", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="rga-visualize", description=__doc__, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
     parser.add_argument("--num-queries", type=int, default=8,
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     check_arguments(parser, args)
     if args.num_queries < 1 or args.top_k < 1:
         parser.error("--num-queries and --top-k must be positive")
-    from rga_keras.cli import CommandError, run_command
+    with starting("rga-visualize"):
+        from rga_keras.cli import CommandError, run_command
 
     def work() -> int:
         if args.out.exists() and not args.out.is_dir():

@@ -2,6 +2,7 @@
 from rga_keras.data.pipeline import (
     IMAGENET_MEAN_255,
     CorruptImages,
+    check_enough_identities,
     corrupt_images,
     make_eval_dataset,
     make_train_dataset,
@@ -16,6 +17,7 @@ __all__ = [
     "DatasetWarning",
     "ReidDataset",
     "Sample",
+    "check_enough_identities",
     "corrupt_images",
     "load_dataset",
     "make_eval_dataset",

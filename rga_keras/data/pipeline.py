@@ -87,6 +87,16 @@ def steps_per_epoch(samples: Sequence, num_ids_per_batch: int) -> int:
     return max(1, len({s[1] for s in samples}) // num_ids_per_batch)
 
 
+def check_enough_identities(samples: Sequence, num_ids_per_batch: int) -> None:
+    """Refuse training samples that cannot fill one P×K batch (P = ``num_ids_per_batch`` distinct identities),
+    e.g. an empty train split, saying what the split holds; callers check before building anything."""
+    ids = {int(s[1]) for s in samples}
+    if len(ids) < num_ids_per_batch:
+        empty = " (no training images: is the dataset's train folder or list empty?)" if not samples else ""
+        raise ValueError(f"the train split holds {len(ids)} identities in {len(samples)} images{empty}, but a batch "
+                         f"needs sampler.num_ids_per_batch={num_ids_per_batch} distinct identities")
+
+
 def make_train_dataset(
     samples: Sequence,
     *,
@@ -134,9 +144,8 @@ def make_train_dataset(
     per_batch = share if replicas else p  # identities per element of the output
     n = count * share  # groups this stream reads per global batch
     log = corrupt_log or corrupt_images
-    paths, starts, counts, ids = _identity_table(samples)
-    if len(ids) < p:
-        raise ValueError(f"num_ids_per_batch={p} but the samples hold only {len(ids)} identities")
+    paths, starts, counts, ids = _identity_table(samples)  # checks the samples' form first
+    check_enough_identities(samples, p)
     _check_some_decode(paths)
 
     num_ids = len(ids)

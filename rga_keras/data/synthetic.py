@@ -15,7 +15,6 @@ camera goes to query/, the rest to bounding_box_test/, as in Market-1501. Names 
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from rga_keras.data._cache import build_atomically, cache_root, check_replaceable, read_marker
+from rga_keras.files import check_folder
+from train.arguments import OneLineParser
 
 VERSION = 1  # bump when the rendering changes, so cached datasets are regenerated
 SUPERSAMPLE = 2  # draw at this multiple of the output size, then shrink (smooth edges)
@@ -52,9 +53,7 @@ def generate(out_dir: str | Path, *, num_ids: int = 100, images_per_id: int = 20
     replaces only a folder this generator made (its marker file), never a folder of other files.
     """
     params = _params(num_ids, images_per_id, num_cameras, image_size, seed)
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another output folder")
+    out_dir = check_folder(Path(out_dir).expanduser(), "output folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (overwrite=True replaces it if rga-synth made it)")
     return build_atomically(out_dir, lambda tmp: _render_dataset(tmp, **params["args"]), params,
@@ -88,7 +87,7 @@ def ensure_synthetic(root: str | Path | None = None, **kwargs) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``rga-synth OUT [--ids N ...]``: write a synthetic Market-1501-layout dataset."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="rga-synth",
         description="Write a synthetic person re-id dataset in the Market-1501 layout (bounding_box_train/, "
                     "bounding_box_test/, query/) that rga_keras.data.load_dataset('market1501', OUT) reads.")
