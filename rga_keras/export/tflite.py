@@ -32,6 +32,7 @@ from rga_keras.export.hybrid import choose_float_weights
 from rga_keras.export.model import (ExportError, check_choice, check_percentile, cosine_rows, embed_function,
                                     reid_model_info)
 from rga_keras.models import FEATURES, embedding_model
+from rga_keras.native_logs import quiet_native_stderr
 
 TFLITE_KINDS = ("float32", "float16", "dynamic", "int8", "int8_full", "int16x8")
 INT8_FLOAT_OPS = ("BATCH_MATMUL",)  # ops the selective int8 model keeps in float32 by default (see above)
@@ -430,7 +431,8 @@ class TFLiteEmbedder:
         if self._batch is not None:
             self._new_interpreter()
         self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
-        self.interpreter.allocate_tensors()
+        with quiet_native_stderr():  # LiteRT's "Created TensorFlow Lite XNNPACK delegate for CPU."
+            self.interpreter.allocate_tensors()
         self._batch = batch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
