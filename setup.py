@@ -30,7 +30,7 @@ setup(
         "console_scripts": [
             "rga-train=train.__main__:main",
             "rga-export=export.__main__:main",
-            "rga-synth=rga_keras.data.synthetic:main",
+            "rga-synth=train.synth:main",
             "rga-eval=train.evaluate:main",
             "rga-visualize=train.visualize:main",
             "rga-embed=train.embed:main",

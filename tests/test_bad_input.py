@@ -276,3 +276,18 @@ def test_a_finished_run_is_never_mixed_with_another(tmp_path, capsys):
     assert rga_train(args + ["-o", "model.attention=s"]) == 2  # finished, another config
     one_line(capsys, "rga-train", "finished run", "model.attention: 'sc' → 's'")
     assert (run_dir / "config.yaml").read_text() == record and (run_dir / "last.keras").read_bytes() == b"checkpoint"
+
+
+def test_every_program_module_imports_without_tensorflow():
+    """setup.py's entry points load TensorFlow only inside ``main`` (where `starting` turns a Ctrl-C into one line):
+    importing each program's module must not import it."""
+    import re
+    import sys
+
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    modules = re.findall(r'"rga-[a-z]+=([\w.]+):main"', setup)
+    assert len(modules) == 7, modules
+    code = f"import sys; import {', '.join(modules)}; print('tensorflow' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "False", (run.stdout, run.stderr[-2000:])
