@@ -194,7 +194,7 @@ def _build(model, formats, staging, *, feature, model_name, version, serving_dty
     kinds = [fmt[len("tflite_"):] for fmt in formats if fmt.startswith("tflite_")]
     if kinds or "onnx" in formats:  # the float32 SavedModel both are converted from
         source = write_tflite_source(model, staging / "tflite_source", feature)
-        float32 = None  # the float32 conversion, reused by the dynamic-range model's float32 weights
+        float32 = None  # the float32 conversion, reused by the float16 and dynamic-range models
         for kind in sorted(kinds, key=lambda k: k != "float32"):
             start = time.perf_counter()
             chosen = {}

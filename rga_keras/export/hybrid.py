@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rga_keras.export.flatbuffer import op_name, tflite_schema
 from rga_keras.export.model import ExportError, cosine_rows
 
 # The float32 weights given back may make the dynamic-range model this fraction larger (on the README demo
@@ -24,29 +25,20 @@ _BYTES_PER_WEIGHT = 3  # float32 (4 bytes) instead of int8 (1 byte)
 _KNAPSACK_UNITS = 100_000  # the knapsack counts costs in at most this many units of the budget (rounded up)
 
 
-def _schema():
-    from tensorflow.lite.python import schema_py_generated as tflite_schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    return tflite_schema, flatbuffer_utils
-
-
 def int8_weight_ops(quantised: bytes) -> list[dict]:
     """The ops of a dynamic-range TFLite model with int8 constant inputs (their weights):
     [{"index" (in the op list), "op", "tensor" (the weight tensor's name), "weights" (count)}]."""
-    schema, utils = _schema()
+    schema, utils = tflite_schema()
     model = utils.read_model_from_bytearray(quantised)
     graph = model.subgraphs[0]
-    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
     ops = []
     for index, op in enumerate(graph.operators):
-        code = model.operatorCodes[op.opcodeIndex]
         for i in op.inputs:
             tensor = graph.tensors[i] if i >= 0 else None
             constant = tensor is not None and model.buffers[tensor.buffer].data is not None
             if constant and tensor.type == schema.TensorType.INT8:
-                ops.append({"index": index, "op": names[max(code.builtinCode, code.deprecatedBuiltinCode)],
-                            "tensor": tensor.name.decode(), "weights": int(np.prod(tensor.shape))})
+                ops.append({"index": index, "op": op_name(model, op), "tensor": tensor.name.decode(),
+                            "weights": int(np.prod(tensor.shape))})
     return ops
 
 
@@ -61,7 +53,7 @@ class _Restorer:
     """`restore_float_weights` for many op sets: both models parsed once, each edit undone after writing."""
 
     def __init__(self, quantised: bytes, float32: bytes) -> None:
-        self.schema, self.utils = _schema()
+        self.schema, self.utils = tflite_schema()
         self.model = self.utils.read_model_from_bytearray(quantised)
         self.source = self.utils.read_model_from_bytearray(float32)
         graph, reference = self.model.subgraphs[0], self.source.subgraphs[0]

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from rga_keras.export.flatbuffer import op_name, tflite_schema
 from rga_keras.export.hybrid import choose_float_weights
 from rga_keras.export.model import (ExportError, check_choice, check_percentile, cosine_rows, embed_function,
                                     reid_model_info)
@@ -92,21 +93,29 @@ def convert_tflite(
     [{"tensor", "op", "step_error"}]. ``int8_io`` makes the "int8" model take uint8 pixels and return int8
     embeddings (scale and zero point in the model) instead of float32. ``log`` receives a line per
     calibration step, which can take minutes at 256×128. ``float32``: the "float32" conversion of the same
-    source if already made (the "dynamic" model's float32 weights come from it; converted here otherwise).
+    source if already made (returned as it is for "float32"; the "float16" model's vector constants and the
+    "dynamic" model's float32 weights come from it; converted here otherwise).
     """
     check_choice("kind", kind, TFLITE_KINDS)
     check_percentile("range_percentile", range_percentile)
     if kind != "int8" and int8_io:
         raise ValueError("int8_io applies to the int8 model only (int8_full always has integer input and output)")
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(source_dir), signature_keys=["serving_default"])
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no SELECT_TF_OPS fallback
+    def converter_of(optimized: bool) -> tf.lite.TFLiteConverter:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(source_dir), signature_keys=["serving_default"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no SELECT_TF_OPS fallback
+        converter.optimizations = [tf.lite.Optimize.DEFAULT] if optimized else []
+        return converter
+
+    def float32_model() -> bytes:  # the float32 conversion: the one given, else made here
+        return float32 if float32 is not None else converter_of(False).convert()
+
+    if kind == "float32":
+        return float32_model()
+    converter = converter_of(True)
     if kind == "float16":
-        float32 = converter.convert()
-        converter.optimizations, converter.target_spec.supported_types = [tf.lite.Optimize.DEFAULT], [tf.float16]
-        return keep_vectors_float32(converter.convert(), float32)
-    if kind != "float32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if kind == "float32" or (kind == "dynamic" and representative_images is None):
+        converter.target_spec.supported_types = [tf.float16]
+        return keep_vectors_float32(converter.convert(), float32_model())
+    if kind == "dynamic" and representative_images is None:
         return converter.convert()
 
     images = np.asarray(representative_images, np.float32) if representative_images is not None else None
@@ -114,11 +123,7 @@ def convert_tflite(
         raise ValueError(f"the {kind} model needs representative_images, a non-empty (n, H, W, 3) array of raw "
                          f"pixels, got {None if images is None else images.shape}")
     if kind == "dynamic":  # some ops given their float32 weights back, chosen on the calibration images
-        quantised = converter.convert()
-        if float32 is None:
-            converter.optimizations = []
-            float32 = converter.convert()
-        flatbuffer, chosen = choose_float_weights(quantised, float32, images, _embed_all, log=log)
+        flatbuffer, chosen = choose_float_weights(converter.convert(), float32_model(), images, _embed_all, log=log)
         if info is not None:
             info.update(chosen)
         return flatbuffer
@@ -231,11 +236,10 @@ def keep_vectors_float32(float16: bytes, float32: bytes) -> bytes:
     ``float32`` by its shape and float16-rounded values (no names involved) and stored as float32, and its
     DEQUANTIZE op goes away.
     """
-    from tensorflow.lite.python import schema_py_generated as tflite_schema
-    from tensorflow.lite.tools import flatbuffer_utils
+    schema, flatbuffer_utils = tflite_schema()
 
     def vectors(model, dtype):
-        numpy_dtype = np.float32 if dtype == tflite_schema.TensorType.FLOAT32 else np.float16
+        numpy_dtype = np.float32 if dtype == schema.TensorType.FLOAT32 else np.float16
         for graph in model.subgraphs:
             for tensor in graph.tensors:
                 data = model.buffers[tensor.buffer].data
@@ -244,17 +248,15 @@ def keep_vectors_float32(float16: bytes, float32: bytes) -> bytes:
 
     originals = {values.astype(np.float16).tobytes(): values
                  for _, values in vectors(flatbuffer_utils.read_model_from_bytearray(float32),
-                                          tflite_schema.TensorType.FLOAT32)}
+                                          schema.TensorType.FLOAT32)}
     model = flatbuffer_utils.read_model_from_bytearray(float16)
-    dequantize = {i for i, code in enumerate(model.operatorCodes)
-                  if max(code.builtinCode, code.deprecatedBuiltinCode) == tflite_schema.BuiltinOperator.DEQUANTIZE}
     restored = {id(tensor): originals.get(values.tobytes())
-                for tensor, values in vectors(model, tflite_schema.TensorType.FLOAT16)}
+                for tensor, values in vectors(model, schema.TensorType.FLOAT16)}
     for graph in model.subgraphs:
         kept = []
         for op in graph.operators:
             source = graph.tensors[op.inputs[0]]
-            values = restored.get(id(source)) if op.opcodeIndex in dequantize else None
+            values = restored.get(id(source)) if op_name(model, op) == "DEQUANTIZE" else None
             if values is None:
                 kept.append(op)
                 continue
@@ -268,22 +270,18 @@ def _check_int16_additions(flatbuffer: bytes) -> bytes:
     """Refuse an int16×8 model that LiteRT would abort on: its int16 ADD/SUB kernel needs the output's scale
     above 2·max(input scales) / 2¹⁵, which an output that was 0 on every calibration image (range [0, 0])
     misses; LiteRT then kills the process while allocating (QuantizeMultiplierSmallerThanOneExp)."""
-    from tensorflow.lite.python import schema_py_generated as tflite_schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
+    schema, flatbuffer_utils = tflite_schema()
     model = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
     graph = model.subgraphs[0]
-    names = {value: name for name, value in vars(tflite_schema.BuiltinOperator).items() if not name.startswith("_")}
 
     def scale(i):
         q = graph.tensors[i].quantization
         return float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) else None
 
     for op in graph.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+        name = op_name(model, op)
         output = op.outputs[0]
-        if name not in ("ADD", "SUB") or graph.tensors[output].type != tflite_schema.TensorType.INT16:
+        if name not in ("ADD", "SUB") or graph.tensors[output].type != schema.TensorType.INT16:
             continue
         inputs = [scale(i) for i in op.inputs]
         if None not in inputs and scale(output) * 2**15 <= 2 * max(inputs):
