@@ -6,13 +6,11 @@ The work is `rga_keras.export.export_all`; this is its command line (docs/EXPORT
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from train.arguments import OneLineParser, starting
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -6,13 +6,11 @@ CPU → evaluate (untrained vs trained), and prints where everything went.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from train.arguments import OneLineParser, starting
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines, unless the user chose
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from typing import Iterator
+
+# TensorFlow's and LiteRT's native start-up lines stay off the programs' output unless the user chose a level
+# (rga_keras/native_logs.py): set here, as every program imports this module before TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class OneLineParser(argparse.ArgumentParser):

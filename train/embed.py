@@ -9,13 +9,11 @@ skipped and listed. The work is `rga_keras.retrieval`; bad input exits with stat
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from train.arguments import OneLineParser, starting
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EPILOG = """examples:
   rga-embed runs/demo/best.keras crops/ --out gallery.h5

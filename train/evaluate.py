@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 from train.arguments import OneLineParser, starting
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "csv", "synthetic")
 

@@ -14,13 +14,11 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 from train.arguments import OneLineParser, starting
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EPILOG = """examples:
   rga-search person.jpg --gallery gallery.h5                      # embedded with the gallery's model

@@ -5,11 +5,7 @@ imports is one line (train/arguments.py), not an import traceback.
 """
 from __future__ import annotations
 
-import os
-
 from train.arguments import starting
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,7 @@ def convert_tflite(
     check_percentile("range_percentile", range_percentile)
     if kind != "int8" and int8_io:
         raise ValueError("int8_io applies to the int8 model only (int8_full always has integer input and output)")
+
     def converter_of(optimized: bool) -> tf.lite.TFLiteConverter:
         converter = tf.lite.TFLiteConverter.from_saved_model(str(source_dir), signature_keys=["serving_default"])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no SELECT_TF_OPS fallback
