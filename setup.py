@@ -17,8 +17,9 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rga_keras", "rga_keras.*", "train", "export"]),
-    package_data={"train": ["configs/*.yaml"]},
+    # One top-level package; the recipes (train/configs in the repository) travel inside it.
+    packages=find_packages(include=["rga_keras", "rga_keras.*"]),
+    package_data={"rga_keras.training": ["configs/*.yaml"]},
     install_requires=REQUIREMENTS,
     extras_require={
         # Only needed to read PyTorch .pth files; .npz state dicts need nothing extra.
@@ -28,13 +29,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "rga-train=train.__main__:main",
-            "rga-export=export.__main__:main",
-            "rga-synth=train.synth:main",
-            "rga-eval=train.evaluate:main",
-            "rga-visualize=train.visualize:main",
-            "rga-embed=train.embed:main",
-            "rga-search=train.search:main",
+            "rga-train=rga_keras.cli.train:main",
+            "rga-export=rga_keras.cli.export:main",
+            "rga-synth=rga_keras.cli.synth:main",
+            "rga-eval=rga_keras.cli.evaluate:main",
+            "rga-visualize=rga_keras.cli.visualize:main",
+            "rga-embed=rga_keras.cli.embed:main",
+            "rga-search=rga_keras.cli.search:main",
         ]
     },
 )

@@ -15,7 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 
-from rga_keras import experiment, training  # noqa: E402
+from rga_keras.evaluation import features  # noqa: E402
+from rga_keras.training import config as training_config  # noqa: E402
+from rga_keras.training import run as training_run  # noqa: E402
 
 STEPS = 25
 
@@ -35,14 +37,14 @@ class EpochTimer(keras.callbacks.Callback):
 def main(deterministic: str) -> None:
     no_scores = {n: {"rank1": 0.0, "rank5": 0.0, "rank10": 0.0, "mAP": 0.0, "mINP": 0.0}
                  for n in ("after_bn", "before_bn")}
-    experiment.evaluate_model = lambda *a, **k: no_scores
-    timer, make_callbacks = EpochTimer(), training.make_callbacks
-    training.make_callbacks = lambda *a, **k: [timer] + make_callbacks(*a, **k)
-    config = experiment.load_config(None, [
+    features.evaluate_model = lambda *a, **k: no_scores
+    timer, make_callbacks = EpochTimer(), training_run.make_callbacks
+    training_run.make_callbacks = lambda *a, **k: [timer] + make_callbacks(*a, **k)
+    config = training_config.load_config(None, [
         "training.epochs=2", f"training.steps_per_epoch={STEPS}", "training.eval_every=100",
         "training.tensorboard=false", "export.enabled=false", f"training.deterministic={deterministic}",
-        f"run_dir={tempfile.mkdtemp()}"], base=experiment.demo_config())
-    losses = experiment.run(config, verbose=0)["history"]["loss"]
+        f"run_dir={tempfile.mkdtemp()}"], base=training_config.demo_config())
+    losses = training_run.run(config, verbose=0)["history"]["loss"]
     print(f"deterministic={deterministic} losses {[repr(x) for x in losses]} epoch 2: "
           f"{timer.seconds[1] / STEPS:.3f} s/step")
 

@@ -40,11 +40,12 @@ def random_model(size: tuple[int, int]):
 
     from rga_keras import build_rga_resnet50
     from rga_keras import export as ex
+    from rga_keras.data import load_dataset, load_images
 
     keras.utils.set_random_seed(0)
-    data = ex.default_synthetic_dataset()
+    data = load_dataset("synthetic")
     model = build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*size, 3))
-    ex.estimate_batchnorm_statistics(model, ex.load_images(data.train, size, limit=64))
+    ex.estimate_batchnorm_statistics(model, load_images(data.train, size, limit=64))
     return model
 
 
@@ -63,6 +64,7 @@ def extra_int8_timings(model, report: dict, runs: int) -> dict:
     """The exported int8 models (selective and full-integer, those exported) with 1 and 2 LiteRT threads,
     interleaved with Keras, at batch 1 (the thread count matters on a machine other processes share)."""
     from rga_keras import export as ex
+    from rga_keras.data import load_dataset, load_images
 
     runners = {"keras": keras_runner(model, report)}
     for fmt in ("tflite_int8", "tflite_int8_full"):
@@ -70,7 +72,7 @@ def extra_int8_timings(model, report: dict, runs: int) -> dict:
             if fmt in report["artefacts"]:
                 runners[f"{fmt} ({threads} thread{'s' * (threads > 1)})"] = ex.TFLiteEmbedder(
                     report["artefacts"][fmt], num_threads=threads)
-    images = ex.load_images(ex.default_synthetic_dataset().query, report["model"]["input_size"], 1)
+    images = load_images(load_dataset("synthetic").query, report["model"]["input_size"], 1)
     return {"latency_ms": ex.measure_latencies(runners, images, runs=runs)}
 
 
@@ -78,6 +80,7 @@ def batch_latencies(model, report: dict, batches: dict[int, int], num_threads: i
     """Median/min/p90 ms of the Keras model and of every published artefact at each batch size ({batch: runs}),
     interleaved across them; the images are synthetic query images."""
     from rga_keras import export as ex
+    from rga_keras.data import load_dataset, load_images
     from rga_keras.retrieval import load_embedder
 
     runners = {"keras": keras_runner(model, report)}
@@ -86,7 +89,7 @@ def batch_latencies(model, report: dict, batches: dict[int, int], num_threads: i
         if fmt != "report":
             runner = threaded.get(Path(path).suffix)
             runners[fmt] = runner(path, num_threads) if runner else load_embedder(path)
-    images = ex.load_images(ex.default_synthetic_dataset().query, report["model"]["input_size"], max(batches))
+    images = load_images(load_dataset("synthetic").query, report["model"]["input_size"], max(batches))
     return {batch: ex.measure_latencies(runners, images[:batch], runs=runs) for batch, runs in batches.items()}
 
 
@@ -124,11 +127,12 @@ def main() -> None:
     import platform
 
     from rga_keras import export as ex
-    from rga_keras.export.tflite import cpu_count
+    from rga_keras.cores import available_cores
+    from rga_keras.models import load_reid_model
 
-    model = ex.load_reid_model(args.model) if args.model else random_model(tuple(args.input_size))
-    threads = args.threads or cpu_count()
-    results = {"machine": {"processor": _cpu_model() or platform.processor(), "cpus": cpu_count(),
+    model = load_reid_model(args.model) if args.model else random_model(tuple(args.input_size))
+    threads = args.threads or available_cores()
+    results = {"machine": {"processor": _cpu_model() or platform.processor(), "cpus": available_cores(),
                            "threads": threads}}
     for relation in args.relations.split(","):
         chosen = args.fused_formats if relation == "fused" else args.explicit_formats

@@ -79,7 +79,7 @@ def embed_rates(batch: int = 32, runs: int = 3) -> list[tuple[str, float]]:
         paths = {"keras": tmp / "model.keras", "saved_model": tmp / "serving" / "1"}
         model.save(paths["keras"])
         export.write_saved_model(model, paths["saved_model"])
-        source = export.write_tflite_source(model, tmp / "source")
+        source = export.write_float_saved_model(model, tmp / "source")
         for kind in ("float32", "float16", "dynamic"):
             paths[f"tflite_{kind}"] = tmp / f"{kind}.tflite"
             paths[f"tflite_{kind}"].write_bytes(export.convert_tflite(source, kind))

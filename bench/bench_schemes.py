@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import rga_keras
-    from rga_keras.schemes import SCHEMES
+    from rga_keras.attention import ATTENTIONS
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
 
-    attention = {"baseline": None, **{name: name for name in SCHEMES}, "rga_sc (fused)": "sc"}
+    attention = {"baseline": None, **{name: name for name, spec in ATTENTIONS.items() if spec.table == 2}, "rga_sc (fused)": "sc"}
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (args.batch, *args.size, 3)).astype("float32"))
     steps = {}
     for name, mode in attention.items():

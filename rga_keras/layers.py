@@ -25,6 +25,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from rga_keras.checks import check_choice
+
 # PyTorch BatchNorm defaults (momentum 0.1 there is 0.9 here), so official weights load exactly.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -63,8 +65,8 @@ class RGAOptions:
     def __post_init__(self) -> None:
         for ratio in ("s1", "s2"):  # 8.0 from a YAML or JSON file is 8
             object.__setattr__(self, ratio, int(getattr(self, ratio)))
-        _check_choice("embedding", self.embedding, EMBEDDINGS)
-        _check_choice("relation", self.relation, RELATIONS)
+        check_choice("embedding", self.embedding, EMBEDDINGS)
+        check_choice("relation", self.relation, RELATIONS)
         if not (self.use_relation or self.use_original):
             raise ValueError("use_relation and use_original cannot both be False: the attention head has no input")
         if int(self.s1) < 1 or int(self.s2) < 1:
@@ -104,11 +106,6 @@ def _product(a, b):
     return ops.multiply(a, b) if a.shape[-1] == 1 else ops.matmul(a, b)
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 @keras.saving.register_keras_serializable(package="rga_keras")
 class RelationAttention(keras.layers.Layer):
     """One RGA branch: maps X (B, H, W, C) to its attention weights, broadcastable to X.
@@ -132,7 +129,7 @@ class RelationAttention(keras.layers.Layer):
     ) -> None:
         options = _split_options(options, kwargs)
         super().__init__(autocast=False, **kwargs)
-        _check_choice("axis", axis, AXES)
+        check_choice("axis", axis, AXES)
         self.axis = axis
         self.options = options
         self.synchronized_bn = bool(synchronized_bn)
@@ -329,7 +326,7 @@ class RGA(keras.layers.Layer):
     ) -> None:
         options = _split_options(options, kwargs)
         super().__init__(**kwargs)
-        _check_choice("mode", mode, MODES)
+        check_choice("mode", mode, MODES)
         self.mode = mode
         self.options = options
         self.synchronized_bn = bool(synchronized_bn)

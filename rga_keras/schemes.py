@@ -12,28 +12,22 @@ choices here are the standard published designs, sized where possible to reprodu
     SNL      X + W_v Σ_j softmax_j(W_k x_j) x_j                         Cao et al. 2019 (GCNet §3.3)
 
 Each is one layer X (B, H, W, C) → X' of the same shape, built from Keras layers and keras.ops only, so it
-runs on every backend and exports to TFLite builtin ops. `SCHEMES` maps the names the model family takes
-(``RGAResNetBackbone(attention="se")``) to how to make each layer and where it sits.
+runs on every backend and exports to TFLite builtin ops. `rga_keras.attention.ATTENTIONS` names them for the
+model family (``RGAResNetBackbone(attention="se")``) and says where each sits.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import keras
 from keras import ops
 
+from rga_keras.checks import check_choice
 from rga_keras.layers import batch_norm
 
 POOLINGS = ("avg", "max")
 CBAM_MODES = ("c", "s", "cs")
 FC_MODES = ("s", "c", "s/c")
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _map_size(layer: keras.layers.Layer, input_shape: tuple) -> tuple[int, int, int]:
@@ -70,7 +64,7 @@ class SqueezeExcitation(keras.layers.Layer):
         if self.reduction < 1 or not self.pooling:
             raise ValueError(f"reduction must be >= 1 and pooling non-empty, got {reduction} and {pooling}")
         for p in self.pooling:
-            _check_choice("pooling", p, POOLINGS)
+            check_choice("pooling", p, POOLINGS)
 
     def build(self, input_shape: tuple) -> None:
         channels = int(input_shape[-1])
@@ -108,7 +102,7 @@ class CBAM(keras.layers.Layer):
     def __init__(self, mode: str = "cs", reduction: int = 16, kernel_size: int = 7, synchronized_bn: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_choice("mode", mode, CBAM_MODES)
+        check_choice("mode", mode, CBAM_MODES)
         self.mode, self.reduction, self.kernel_size = mode, int(reduction), int(kernel_size)
         self.synchronized_bn = bool(synchronized_bn)
         self.channel = self.spatial_conv = None
@@ -190,7 +184,7 @@ class FCAttention(keras.layers.Layer):
 
     def __init__(self, mode: str = "s/c", reduction: int = 8, synchronized_bn: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_choice("mode", mode, FC_MODES)
+        check_choice("mode", mode, FC_MODES)
         self.mode, self.reduction, self.synchronized_bn = mode, int(reduction), bool(synchronized_bn)
         if self.reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {reduction}")
@@ -279,44 +273,3 @@ class SimplifiedNonLocal(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return tuple(input_shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class Scheme:
-    """One comparison scheme: what it is, how to make its layer (keywords ``name``, ``dtype``,
-    ``synchronized_bn``) and where it sits: after each chosen stage, as RGA, or ``in_blocks``, on the
-    residual branch of every bottleneck of the chosen stages (before the addition), as SE-ResNet."""
-
-    description: str
-    make: Callable[..., keras.layers.Layer]
-    in_blocks: bool = False
-
-
-def _without_bn(layer_class: type, *args: Any) -> Callable[..., keras.layers.Layer]:
-    """A `Scheme.make` for a layer that has no BatchNorm (it takes no ``synchronized_bn``)."""
-    return lambda synchronized_bn=False, **kwargs: layer_class(*args, **kwargs)
-
-
-# Ratios: SE 16 (SE-ResNet-50), CBAM-C and FC 8, NL C/4 inner width: the standard designs that reproduce the
-# paper's Table 3 counts (docs/SCHEMES.md).
-SCHEMES: dict[str, Scheme] = {
-    "se": Scheme("SE, reduction 16, in every bottleneck (SE-ResNet-50; Table 2, channel)",
-                 _without_bn(SqueezeExcitation, 16), in_blocks=True),
-    "cbam_c": Scheme("CBAM channel attention, reduction 8, after each stage (Table 2, channel)",
-                     functools.partial(CBAM, "c", 8)),
-    "cbam_s": Scheme("CBAM spatial attention, 7×7 conv, after each stage (Table 2, spatial)",
-                     functools.partial(CBAM, "s")),
-    "cbam_cs": Scheme("CBAM channel then spatial attention, after each stage (Table 2, both)",
-                      functools.partial(CBAM, "cs", 8)),
-    "fc_s": Scheme("FC spatial attention, 1×1 embedding C/8, FCs N→N/8→N, after each stage (Table 2, spatial)",
-                   functools.partial(FCAttention, "s", 8)),
-    "fc_c": Scheme("FC channel attention, 1×1 embedding C/8, FC C/8→C, after each stage (Table 2, channel)",
-                   functools.partial(FCAttention, "c", 8)),
-    "fc_s/c": Scheme("FC spatial and channel attention in parallel, after each stage (Table 2, both)",
-                     functools.partial(FCAttention, "s/c", 8)),
-    "nl": Scheme("Non-local block, inner width C/4, after each stage (Table 2, spatial)",
-                 functools.partial(NonLocal, 4)),
-    "snl": Scheme("Simplified non-local block (GCNet §3.3), after each stage (Table 2, spatial)",
-                  _without_bn(SimplifiedNonLocal)),
-}
-SCHEME_LAYERS = (SqueezeExcitation, CBAM, FCAttention, NonLocal, SimplifiedNonLocal)

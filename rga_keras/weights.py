@@ -23,7 +23,6 @@ import numpy as np
 KERAS_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 KERAS_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + KERAS_NOTOP_FILE
 KERAS_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # The normalisation ImageNet-trained torchvision weights expect; our models apply it to raw 0–255 pixels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -191,3 +191,37 @@ def random_official_state_dict(input_hw=(256, 128), num_classes=10, seed=0, rga=
     sd["feat_bn.bias"][:] = 0.0
     sd["cls.weight"] = rng.normal(0, 0.001, (num_classes, 2048)).astype(np.float32)
     return sd
+
+
+# --------------------------------------------------------------------------- the paper's losses (§2)
+
+def ref_label_smoothing_ce(labels, logits, eps):
+    """Per-sample CE against (1-eps)·onehot + eps/K, float64 loops."""
+    out = []
+    for y, z in zip(labels, logits.astype(np.float64)):
+        logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+        target = np.full(len(z), eps / len(z))
+        target[y] += 1.0 - eps
+        out.append(-(target * logp).sum())
+    return np.array(out)
+
+
+def ref_batch_hard(labels, feats, margin, soft=False):
+    """Per-anchor batch-hard triplet loss by explicit loops over every positive and negative."""
+    f = feats.astype(np.float64)
+    out = []
+    for a in range(len(f)):
+        d_ap, d_an = None, None
+        for j in range(len(f)):
+            d = np.sqrt(((f[a] - f[j]) ** 2).sum())
+            if j != a and labels[j] == labels[a]:
+                d_ap = d if d_ap is None else max(d_ap, d)
+            elif labels[j] != labels[a]:
+                d_an = d if d_an is None else min(d_an, d)
+        if d_ap is None or d_an is None:
+            out.append(0.0)
+        elif soft:
+            out.append(np.log1p(np.exp(d_ap - d_an)))
+        else:
+            out.append(max(0.0, d_ap - d_an + margin))
+    return np.array(out)

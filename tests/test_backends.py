@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
 import rga_keras
+from tests.checks import randomise_batchnorms
 from tests.conftest import BACKEND_NEUTRAL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,20 +26,23 @@ def _run(backend: str, args: list[str], timeout: int) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _suite(backend: str) -> None:
+def _suite(backend: str, name: str) -> None:
     result = _run(backend, ["-m", "pytest", "-q", "-o", "addopts=", "-m", "not slow", "-p", "no:cacheprovider",
-                            *(f"tests/{name}" for name in BACKEND_NEUTRAL)], timeout=1500)
+                            f"tests/{name}"], timeout=1500)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout.splitlines()[-1]
 
 
-def test_backend_neutral_suite_on_jax():
-    _suite("jax")
+# One test per file, so the default run's workers share the backend suites out between them.
+@pytest.mark.parametrize("name", BACKEND_NEUTRAL)
+def test_backend_neutral_suite_on_jax(name):
+    _suite("jax", name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
-def test_backend_neutral_suite_on_torch():
-    _suite("torch")
+@pytest.mark.parametrize("name", BACKEND_NEUTRAL)
+def test_backend_neutral_suite_on_torch(name):
+    _suite("torch", name)
 
 
 def test_import_build_and_train_load_no_tensorflow_on_jax():
@@ -62,12 +65,7 @@ def test_same_weights_give_the_same_embeddings_on_tensorflow_and_jax(tmp_path):
     """A model saved on TensorFlow, loaded on JAX: both embeddings agree to 1e-5 (relative, float32)."""
     rng = np.random.default_rng(0)
     model = rga_keras.build_rga_resnet50(5, "sc", input_shape=(*SIZE, 3))
-    for layer in model._flatten_layers():  # BatchNorm statistics of a trained model, not the identity
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.moving_mean.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, c))
-            layer.moving_mean.assign(rng.normal(0, 0.1, c))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c))
+    randomise_batchnorms(model, rng, spread=0.1)  # BatchNorm statistics of a trained model, not the identity
     images = rng.uniform(0, 255, (4, *SIZE, 3)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     model.save(tmp_path / "model.keras")

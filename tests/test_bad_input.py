@@ -1,5 +1,5 @@
 """Bad input, faults and signals for every program: one line on stderr (no traceback) and the documented exit
-status (rga_keras/cli.py, docs/RELIABILITY.md). Programs run in-process through their ``main(argv)``."""
+status (rga_keras/cli/common.py, docs/RELIABILITY.md). Programs run in-process through their ``main(argv)``."""
 import errno
 import os
 import signal
@@ -12,11 +12,11 @@ import keras
 import pytest
 import yaml
 
-from export.__main__ import main as rga_export
-from rga_keras import cli, experiment
-from rga_keras.data import synthetic
-from train import embed, evaluate, search, visualize
-from train.__main__ import main as rga_train
+from rga_keras.cli.export import main as rga_export
+from rga_keras.cli import common as cli
+from rga_keras.training import config as training_config
+from rga_keras.cli import embed, evaluate, search, synth, visualize
+from rga_keras.cli.train import main as rga_train
 
 TINY = ["--demo", "--quiet", "-o", "dataset.num_ids=8", "-o", "dataset.images_per_id=4",
         "-o", "sampler.num_ids_per_batch=2", "-o", "sampler.images_per_id=2", "-o", "training.epochs=1",
@@ -66,7 +66,7 @@ CASES = {  # program: [(argv builder, exit status, pieces of the message)]
         (lambda t: ["--model", str(t / "m.keras"), "--out", str(_file(t))], 2, ["--out", "is a file, not a folder"]),
         (lambda t: ["--model", "m.keras", "--out", str(t), "--formats", "bogus"], 2, ["unknown format(s) ['bogus']"]),
     ]),
-    "rga-synth": (synthetic.main, [
+    "rga-synth": (synth.main, [
         (lambda t: [str(t / "out"), "--ids", "1"], 2, ["num_ids must be in 2..9999"]),
         (lambda t: [str(_file(t)), "--ids", "4"], 2, ["is a file, not a folder"]),
         (lambda t: [str(_file(t)), "--ids", "4", "--force"], 2, ["is a file, not a folder"]),
@@ -161,7 +161,7 @@ def test_signals_end_every_program_with_their_status(capsys):
 def test_ctrl_c_while_starting_is_one_line(capsys):
     """Programs import TensorFlow (seconds) before `cli.run_command` handles signals: a Ctrl-C then is one line and
     status 130, not an import traceback."""
-    from train.arguments import starting
+    from rga_keras.cli.common import starting
 
     with pytest.raises(SystemExit) as stop:
         with starting("rga-eval"):
@@ -184,12 +184,12 @@ def test_an_unexpected_error_is_one_line_with_the_saved_traceback(monkeypatch, c
 
 
 def test_a_full_disk_during_export_is_one_line(monkeypatch, capsys, tmp_path):
-    from rga_keras import export
+    from rga_keras import export, models
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "rga_v1_int8.tflite"))
 
-    monkeypatch.setattr(export, "load_reid_model", lambda path: None)
+    monkeypatch.setattr(models, "load_reid_model", lambda path: None)
     monkeypatch.setattr(export, "export_all", full)
     assert rga_export(["--model", "m.keras", "--out", str(tmp_path / "out")]) == 2
     one_line(capsys, "rga-export", "no space left on the device writing", "rga_v1_int8.tflite")
@@ -206,7 +206,7 @@ def test_a_full_disk_during_export_is_one_line(monkeypatch, capsys, tmp_path):
 
 def test_an_interrupted_export_publishes_nothing(monkeypatch, capsys, tmp_path):
     """Ctrl-C swallowed inside the export (as a converter may do) still stops it before publishing."""
-    from rga_keras import export
+    from rga_keras import models
     from rga_keras.export import exporter
 
     def swallowing_converter(*args, **kwargs):
@@ -216,7 +216,7 @@ def test_an_interrupted_export_publishes_nothing(monkeypatch, capsys, tmp_path):
             pass  # swallowed, as C++ code may
         return {}
 
-    monkeypatch.setattr(export, "load_reid_model", lambda path: object())
+    monkeypatch.setattr(models, "load_reid_model", lambda path: object())
     monkeypatch.setattr(exporter, "reid_model_info", lambda model: {"input_size": [64, 32]})
     monkeypatch.setattr(exporter, "_build", swallowing_converter)
     out = tmp_path / "out"
@@ -241,7 +241,7 @@ def test_rga_synth_removes_what_a_killed_run_left(tmp_path, capsys):
         (folder / "query").mkdir(parents=True)
     old = time.time() - 2 * 24 * 3600
     os.utime(left[1], (old, old))
-    assert synthetic.main([str(out), "--ids", "2", "--images-per-id", "4", "--cameras", "2",
+    assert synth.main([str(out), "--ids", "2", "--images-per-id", "4", "--cameras", "2",
                            "--size", "32", "16"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
 
@@ -263,7 +263,7 @@ def test_a_finished_run_is_never_mixed_with_another(tmp_path, capsys):
     changes, naming the keys that differ and --fresh."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    config = experiment.load_config(None, ["training.epochs=3"], base=experiment.demo_config(str(run_dir)))
+    config = training_config.load_config(None, ["training.epochs=3"], base=training_config.demo_config(str(run_dir)))
     record = yaml.safe_dump(config, sort_keys=False)
     (run_dir / "config.yaml").write_text(record)
     (run_dir / "last.keras").write_bytes(b"checkpoint")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.bad_images import write_images
-from train import __main__ as rga_train
-from train import embed as rga_embed
-from train import evaluate as rga_eval
+from rga_keras.cli import train as rga_train
+from rga_keras.cli import embed as rga_embed
+from rga_keras.cli import evaluate as rga_eval
 
 # file contents of train.csv → what the one-line error must say
 BROKEN_CSVS = {
@@ -139,7 +139,7 @@ def test_serve_image_bytes_rejects_corrupt_jpegs_naming_the_item():
     import tensorflow as tf
     from PIL import Image
 
-    from rga_keras.export.serving import _serving_functions
+    from rga_keras.export.saved_model import _serving_functions
     from tests.bad_images import corrupt_jpeg_bytes, jpeg_bytes
 
     embedder = keras.Sequential([keras.Input((64, 32, 3)), keras.layers.GlobalAveragePooling2D()])

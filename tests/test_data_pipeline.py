@@ -175,7 +175,7 @@ def test_mirrored_strategy_replicas_hold_whole_identities(samples):
 
 
 def test_train_argument_errors(samples):
-    with pytest.raises(ValueError, match="not divisible by num_replicas=4"):
+    with pytest.raises(ValueError, match="cannot be split into 4 replicas holding whole identities"):
         make_train_dataset(samples, num_ids_per_batch=6, num_replicas=4)
     with pytest.raises(ValueError, match="holds 12 identities in 48 images, but a batch needs sampler"):
         make_train_dataset(samples, num_ids_per_batch=16)

@@ -348,7 +348,7 @@ def test_cuhk03_default_cache_under_env(tmp_path, monkeypatch):
 
 
 def test_cuhk03_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="'labeled' or 'detected'"):
+    with pytest.raises(ValueError, match=r"split must be one of \('labeled', 'detected'\), got 'both'"):
         load_dataset("cuhk03", tmp_path, split="both")
     with pytest.raises(FileNotFoundError, match="cuhk-03.mat not found"):
         load_dataset("cuhk03", tmp_path)
@@ -433,3 +433,42 @@ def test_corrupt_jpegs_are_skipped_counted_and_named(tmp_path):
     write_images(tmp_path / "only_bad" / "train", ["0001_c1_a.jpg"], corrupt=("0001_c1_a.jpg",))
     with pytest.raises(ValueError, match="no images found .*; skipped 1 corrupt images, the first: .*0001_c1_a.jpg"):
         load_dataset("folder", tmp_path / "only_bad")  # the error says it all: no warning before it
+
+
+def test_each_image_is_read_once_across_loads(tmp_path, monkeypatch):
+    """The corrupt-image verdicts are remembered by (path, size, mtime): loading the dataset again reads no image;
+    a file changed since, or one that could not be read, is checked again; a damaged cache is made anew."""
+    from rga_keras.data import image_check
+
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    names = ["0001_c1_a.jpg", "0001_c2_b.jpg", "0002_c1_c.jpg", "0002_c2_d.jpg"]
+    write_images(tmp_path / "data" / "train", names, corrupt=("0001_c2_b.jpg",))
+    read, check = [], image_check.file_problem
+    monkeypatch.setattr(image_check, "file_problem", lambda path: read.append(Path(path).name) or check(path))
+
+    def train_names():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DatasetWarning)
+            return [Path(s.path).name for s in load_dataset("folder", tmp_path / "data").train]
+
+    assert train_names() == ["0001_c1_a.jpg", "0002_c1_c.jpg", "0002_c2_d.jpg"] and sorted(read) == names
+    read.clear()
+    assert train_names() == ["0001_c1_a.jpg", "0002_c1_c.jpg", "0002_c2_d.jpg"] and read == []  # remembered
+    changed = tmp_path / "data" / "train" / "0002_c2_d.jpg"
+    changed.write_bytes(Path(tmp_path / "data" / "train" / "0001_c2_b.jpg").read_bytes())  # now corrupt
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    assert train_names() == ["0001_c1_a.jpg", "0002_c1_c.jpg"] and read == ["0002_c2_d.jpg"]
+    read.clear()
+    locked = tmp_path / "data" / "train" / "0001_c1_a.jpg"
+    monkeypatch.setattr(image_check, "file_problem",
+                        lambda path: read.append(Path(path).name) or ("cannot be read (denied)" if Path(path) == locked
+                                                                      else check(path)))
+    (tmp_path / "cache" / image_check.VERDICTS_FILE).unlink()  # forgotten: all read, the unreadable one not kept
+    assert train_names() == ["0002_c1_c.jpg"] and sorted(read) == sorted(names)
+    read.clear()
+    assert train_names() == ["0002_c1_c.jpg"] and read == ["0001_c1_a.jpg"]  # asked again, as access may change
+    read.clear()
+    (tmp_path / "cache" / image_check.VERDICTS_FILE).write_text("not a database")  # damaged: checked all again,
+    assert train_names() == ["0002_c1_c.jpg"] and sorted(read) == sorted(names)  # and the cache made anew
+    read.clear()
+    assert train_names() == ["0002_c1_c.jpg"] and read == ["0001_c1_a.jpg"]

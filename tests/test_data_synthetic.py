@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rga_keras.cli import synth
 from rga_keras.data import load_dataset, synthetic
 from rga_keras.files import current_umask
 
@@ -140,13 +141,13 @@ def test_bad_arguments(tmp_path, small):
 
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert synthetic.main([str(out), "--ids", "4", "--images-per-id", "4", "--cameras", "2",
+    assert synth.main([str(out), "--ids", "4", "--images-per-id", "4", "--cameras", "2",
                            "--size", "64", "32", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "train 2 ids/8 images" in printed
-    assert synthetic.main([str(out), "--ids", "4"]) == 2  # exists, no --force
+    assert synth.main([str(out), "--ids", "4"]) == 2  # exists, no --force
     assert "--force" in capsys.readouterr().err
-    assert synthetic.main([str(out), "--ids", "4", "--images-per-id", "4", "--size", "64", "32", "--force"]) == 0
+    assert synth.main([str(out), "--ids", "4", "--images-per-id", "4", "--size", "64", "32", "--force"]) == 0
     with pytest.raises(SystemExit) as exit_:
-        synthetic.main(["--help"])
+        synth.main(["--help"])
     assert exit_.value.code == 0 and "Market-1501" in capsys.readouterr().out

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rga_keras import experiment
+from rga_keras.cli.train import main
 from rga_keras.data import CorruptImages, load_dataset, make_train_dataset
 from rga_keras.data.synthetic import generate
-from rga_keras.training import distribute_pk_dataset, get_strategy
-from train.__main__ import main
+from rga_keras.evaluation import features
+from rga_keras.training import config as training_config
+from rga_keras.training.distribution import distribute_pk_dataset, get_strategy
+from rga_keras.training.run import load_data
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smallest run that still trains, evaluates and checkpoints: 16 synthetic identities (8 to train), RGA-C on
@@ -66,20 +68,20 @@ def test_replica_slices_are_the_global_batch(tmp_path):
 
 
 def test_global_batch_and_learning_rate_rule():
-    config = experiment.load_config(None, ["sampler.num_ids_per_batch=32"])  # batch 128 = 2 × the paper's 64
-    assert experiment.lr_factor(config) == 2.0
-    line = experiment.distribution_line(config, 4, 2)
+    config = training_config.load_config(None, ["sampler.num_ids_per_batch=32"])  # batch 128 = 2 × the paper's 64
+    assert training_config.lr_factor(config) == 2.0
+    line = training_config.distribution_line(config, 4, 2, training_config.lr_factor(config))
     assert line == ("global batch 128 images (32 identities × 4) over 4 replica(s) on 2 worker(s): 32 images "
                     "(8 identities) per replica; lr 0.0016 = base_lr 0.0008 (for batch 64) × 2 (linear scaling)")
     config["optimizer"]["lr_scaling"] = "sqrt"
-    assert experiment.lr_factor(config) == pytest.approx(2 ** 0.5)
+    assert training_config.lr_factor(config) == pytest.approx(2 ** 0.5)
     with pytest.raises(ValueError, match=r"global batch of 48 images \(P=12 identities × K=4\) cannot be split "
                                          r"into 8 replicas .* multiple of replicas × K = 32"):
-        experiment.check_config(experiment.load_config(None, ["sampler.num_ids_per_batch=12"]), num_replicas=8)
+        training_config.check_replica_split(training_config.load_config(None, ["sampler.num_ids_per_batch=12"]), 8)
     with pytest.raises(ValueError, match="lr_scaling must be one of"):
-        experiment.load_config(None, ["optimizer.lr_scaling=cubic"])
+        training_config.load_config(None, ["optimizer.lr_scaling=cubic"])
     with pytest.raises(ValueError, match="lr_reference_batch must be a positive number of images, found 0"):
-        experiment.load_config(None, ["optimizer.lr_reference_batch=0"])
+        training_config.load_config(None, ["optimizer.lr_reference_batch=0"])
 
 
 @pytest.mark.slow  # 3 runs: 340 s on 2 cores shared with other jobs
@@ -90,7 +92,7 @@ def test_rga_train_mirrored_matches_one_device_and_resumes(cache, tmp_path, monk
     assert main(args + ["--run-dir", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     mirrored = args + ["--run-dir", str(tmp_path / "two"), "-o", "training.devices=[/cpu:0, /cpu:1]"]
-    evaluate, calls = experiment.evaluate_model, []
+    evaluate, calls = features.evaluate_model, []
 
     def interrupt_second(*a, **k):  # untrained, then Ctrl-C in epoch 3 (its evaluation, before its backup)
         calls.append(1)
@@ -98,9 +100,9 @@ def test_rga_train_mirrored_matches_one_device_and_resumes(cache, tmp_path, monk
             raise KeyboardInterrupt
         return evaluate(*a, **k)
 
-    monkeypatch.setattr(experiment, "evaluate_model", interrupt_second)
+    monkeypatch.setattr(features, "evaluate_model", interrupt_second)
     assert main(mirrored) == 130
-    monkeypatch.setattr(experiment, "evaluate_model", evaluate)
+    monkeypatch.setattr(features, "evaluate_model", evaluate)
     assert main(mirrored) == 0
     out = capsys.readouterr().out
     assert "over 2 replica(s) on 1 worker(s): 4 images (2 identities) per replica" in out
@@ -136,7 +138,7 @@ def start_workers(run_dirs, extra, ports=None, log_dir=None):
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
         log_folder = Path(log_dir or run_dir).parent
         log = open(log_folder / f"worker{i}-{len(os.listdir(log_folder))}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "train", *TINY, *extra, "--run-dir", str(run_dir)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "rga_keras.cli.train", *TINY, *extra, "--run-dir", str(run_dir)],
                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         procs[-1].log_path = log.name
     return procs
@@ -161,7 +163,7 @@ def test_rga_train_two_workers_own_folders(cache, tmp_path):
     """MultiWorkerMirroredStrategy, 2 processes, no shared disk: both exit 0, the chief (worker 0) writes model,
     history and summary into its folder, worker 1 leaves nothing in its own (its backup is removed at the end)
     and never reads the chief's files: before the fix it crashed reading its missing history.json."""
-    experiment.load_data(experiment.load_config(None, TINY[2::2], base=experiment.demo_config()))  # dataset once
+    load_data(training_config.load_config(None, TINY[2::2], base=training_config.demo_config()))  # dataset once
     dirs = [tmp_path / "chief", tmp_path / "worker1"]
     procs = start_workers(dirs, ["-o", "training.epochs=1"])
     try:
@@ -198,7 +200,7 @@ def test_bad_tf_config_is_a_clear_error_in_bounded_time(cache, tmp_path, monkeyp
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), TF_CONFIG=json.dumps(
         {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 0}}))
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "train", "--demo", "-o", "training.join_timeout_s=5",
+    proc = subprocess.Popen([sys.executable, "-m", "rga_keras.cli.train", "--demo", "-o", "training.join_timeout_s=5",
                              "--run-dir", str(tmp_path / "run")], cwd=ROOT, env=env, stderr=subprocess.PIPE)
     try:
         err = proc.communicate(timeout=180)[1].decode(errors="replace")
@@ -221,7 +223,7 @@ def test_rga_train_two_workers_shared_folder_killed_and_resumed(cache, tmp_path)
     """Both workers in one run folder: each keeps its own backup there (backup/, backup-worker1/). Worker 1 is
     killed after an epoch, then worker 0; restarted, both resume after that epoch and exit 0, and only the
     chief exports."""
-    experiment.load_data(experiment.load_config(None, TINY[2::2], base=experiment.demo_config()))
+    load_data(training_config.load_config(None, TINY[2::2], base=training_config.demo_config()))
     run = tmp_path / "run"
     extra = ["-o", "training.epochs=3", "-o", "training.eval_every=3", "-o", "export.enabled=true",
              "-o", "export.formats=[tflite_float32]"]

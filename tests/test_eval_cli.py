@@ -11,12 +11,12 @@ from PIL import Image
 import rga_keras
 from rga_keras.data import load_dataset
 from rga_keras.data.synthetic import ensure_synthetic
-from rga_keras import evaluation
 from rga_keras.evaluation import evaluate
+from rga_keras.evaluation import features as model_features
 from rga_keras.models import FEATURES
-from rga_keras.visualize import ranked_list_layout
-from train import evaluate as rga_eval
-from train import visualize as rga_visualize
+from rga_keras.visualize.plots import ranked_list_layout
+from rga_keras.cli import evaluate as rga_eval
+from rga_keras.cli import visualize as rga_visualize
 
 SIZE = (64, 32)
 
@@ -89,13 +89,13 @@ def table_rows(printed: str) -> dict[str, list[float]]:
 
 def test_rga_eval_matches_a_brute_force_reference(setup, capsys, monkeypatch):
     tmp, root, data, model = setup
-    calls, extract = [], evaluation.extract_features
+    calls, extract = [], model_features.extract_features
 
     def extract_features(*args, **kwargs):
         calls.append(extract(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(evaluation, "extract_features", extract_features)
+    monkeypatch.setattr(model_features, "extract_features", extract_features)
     out = tmp / "results" / "eval.json"
     code = rga_eval.main([str(tmp / "model.keras"), "--dataset", "market1501", "--data-root", str(root),
                           "--flip", "--json", str(out), "--batch-size", "7", "--quiet"])
@@ -124,25 +124,25 @@ def test_rga_eval_matches_a_brute_force_reference(setup, capsys, monkeypatch):
 def test_repeated_evaluations_reuse_one_inference_model(setup, monkeypatch):
     """Training evaluates the same model many times: one inference model (traced once per batch shape) serves
     them all and follows the model's weights as they change."""
-    from rga_keras import experiment
+    from rga_keras.training.config import load_config
 
     tmp, root, data, _ = setup
     model = keras.models.load_model(tmp / "model.keras")
-    config = experiment.load_config(None, ["model.input_size=[64, 32]", "eval.batch_size=16"])
-    used, extract = [], evaluation.extract_features
+    config = load_config(None, ["model.input_size=[64, 32]", "eval.batch_size=16"])
+    used, extract = [], model_features.extract_features
 
     def spy(embed, *args, **kwargs):
         features, meta = extract(embed, *args, **kwargs)
         used.append((embed, features))
         return features, meta
 
-    monkeypatch.setattr(evaluation, "extract_features", spy)
+    monkeypatch.setattr(model_features, "extract_features", spy)
     for _ in range(2):
-        experiment.evaluate_model(model, data, config)
+        model_features.evaluate_model(model, data, config)
     assert len(used) == 4 and all(embed is used[0][0] for embed, _ in used)
     bnneck = model.bnneck
     bnneck.moving_mean.assign(bnneck.moving_mean + np.linspace(-1, 1, bnneck.moving_mean.shape[0]))
-    experiment.evaluate_model(model, data, config)
+    model_features.evaluate_model(model, data, config)
     before, after = used[0][1]["after_bn"], used[4][1]["after_bn"]  # query features, same images
     assert not np.allclose(before, after, atol=1e-3)  # the cached model computes with the current weights
 

@@ -5,13 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from rga_keras.evaluation import (
-    DegenerateFeaturesWarning,
-    evaluate,
-    evaluate_distances,
-    extract_features,
-    pairwise_distance,
-)
+from rga_keras.evaluation import DegenerateFeaturesWarning, evaluate, evaluate_distances, pairwise_distance
+from rga_keras.evaluation.features import extract_features
 
 
 def reference_metrics(dist, qids, gids, qcams, gcams, max_rank, junk_id=-1):

@@ -8,6 +8,7 @@ NumPy cosines and the brute-force Rank-1/mAP loop of tests/test_export.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ import pytest
 from rga_keras import export as ex
 from rga_keras import retrieval
 from tests import test_export
-from tests.test_export import SIZE, brute_force_retrieval, images_of, keras_embeddings, tiny_reid_model, unit
+from tests.checks import unit
+from tests.test_export import SIZE, brute_force_retrieval, images_of, keras_embeddings, tiny_reid_model
 
 data_root, data = test_export.data_root, test_export.data  # its fixtures: the synthetic dataset at 64×32
 
@@ -38,7 +40,7 @@ def model(data):
 @pytest.fixture(scope="module")
 def exported(model, data_root, tmp_path_factory):
     """Through the program, as a user runs it: rga-export --formats onnx."""
-    from export.__main__ import main
+    from rga_keras.cli.export import main
 
     out = tmp_path_factory.mktemp("onnx")
     model.save(out / "tiny.keras")
@@ -103,7 +105,7 @@ def test_dynamic_batch_gives_the_keras_rows(exported, model, data):
 
 
 def test_rga_embed_reads_the_onnx_model(exported, model, data, tmp_path, capsys):
-    from train import embed as rga_embed
+    from rga_keras.cli import embed as rga_embed
 
     path = exported[0] / "onnx" / "rga_v1.onnx"
     embedder = retrieval.load_embedder(path)
@@ -139,7 +141,7 @@ def test_an_op_without_onnx_conversion_publishes_nothing_and_is_named(model, tmp
 def test_failed_parity_publishes_no_onnx_file(exported, model, data, tmp_path, monkeypatch):
     converted = (exported[0] / "onnx" / "rga_v1.onnx").read_bytes()
     monkeypatch.setattr(ex.exporter, "convert_onnx", lambda source, feature: converted)  # converted once above
-    monkeypatch.setitem(ex.THRESHOLDS, "onnx", {"cosine_min": 1.5})
+    monkeypatch.setitem(ex.FORMATS, "onnx", dataclasses.replace(ex.FORMATS["onnx"], thresholds={"cosine_min": 1.5}))
     with pytest.raises(ex.ParityError, match=r"onnx: minimum cosine similarity .* < 1.5"):
         ex.export_all(model, tmp_path, formats=["onnx"], eval_split=(data.query, data.gallery),
                       latency_runs=1, verbose=False)

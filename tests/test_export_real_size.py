@@ -21,6 +21,7 @@ import pytest
 
 from rga_keras import build_rga_resnet50, retrieval
 from rga_keras import export as ex
+from rga_keras.data import load_dataset, load_images
 
 SIZE = (256, 128)
 
@@ -28,10 +29,10 @@ SIZE = (256, 128)
 @pytest.fixture(scope="module")
 def real_size():
     keras.utils.set_random_seed(0)
-    data = ex.default_synthetic_dataset()
+    data = load_dataset("synthetic")
     model = build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
-    ex.estimate_batchnorm_statistics(model, ex.load_images(data.train, SIZE, limit=64))
-    return model, data, ex.load_images(data.query, SIZE, limit=16)
+    ex.estimate_batchnorm_statistics(model, load_images(data.train, SIZE, limit=64))
+    return model, data, load_images(data.query, SIZE, limit=16)
 
 
 @pytest.mark.slow
@@ -55,6 +56,6 @@ def test_real_size_export(real_size, fmt, tmp_path):
     reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
     assert np.isfinite(got).all() and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
     cos = np.einsum("ij,ij->i", got.astype(np.float64), reference)
-    if ex.THRESHOLDS[fmt].get("cosine_min", 0) >= 0.9999:  # float32 artefacts: the same function, exactly
+    if ex.FORMATS[fmt].thresholds.get("cosine_min", 0) >= 0.9999:  # float32 artefacts: the same function, exactly
         assert check["passed"], check["failures"]
         assert cos.min() >= 0.9999, cos.min()

@@ -6,6 +6,7 @@ import pytest
 from rga_keras.layers import RGA, RelationAttention, RGAOptions
 from tests import numpy_reference as ref
 from tests.backend import to_numpy, value_and_grads
+from tests.checks import randomise_batchnorms
 
 ABLATIONS = [
     {},
@@ -14,16 +15,6 @@ ABLATIONS = [
     {"embedding": "symmetric"},
     {"embedding": "none"},
 ]
-
-
-def _randomise_batchnorms(layer, rng):
-    for bn in layer._flatten_layers():
-        if isinstance(bn, keras.layers.BatchNormalization):
-            c = bn.gamma.shape[0]
-            bn.gamma.assign(rng.uniform(0.5, 1.5, c))
-            bn.beta.assign(rng.normal(0, 0.2, c))
-            bn.moving_mean.assign(rng.normal(0, 0.2, c))
-            bn.moving_variance.assign(rng.uniform(0.5, 2.0, c))
 
 
 def _bn(bn, sl=slice(None)):
@@ -77,7 +68,7 @@ def _check_against_reference(shape, mode, relation, flags):
     x = rng.normal(0, 1, shape).astype(np.float32)
     layer = RGA(mode, relation=relation, **flags)
     layer(x)
-    _randomise_batchnorms(layer, rng)
+    randomise_batchnorms(layer, rng)
     got = layer(x, training=False)
     branches = {b.axis: _branch_params(b) for b in layer.branches}
     expected = ref.rga_module(x.astype(np.float64), branches, mode, **flags)

@@ -5,38 +5,7 @@ import pytest
 
 from rga_keras.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
 from tests.backend import to_numpy, value_and_grads
-
-
-def ref_label_smoothing_ce(labels, logits, eps):
-    """Per-sample CE against (1-eps)·onehot + eps/K, float64 loops."""
-    out = []
-    for y, z in zip(labels, logits.astype(np.float64)):
-        logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
-        target = np.full(len(z), eps / len(z))
-        target[y] += 1.0 - eps
-        out.append(-(target * logp).sum())
-    return np.array(out)
-
-
-def ref_batch_hard(labels, feats, margin, soft=False):
-    """Per-anchor batch-hard triplet loss by explicit loops over every positive and negative."""
-    f = feats.astype(np.float64)
-    out = []
-    for a in range(len(f)):
-        d_ap, d_an = None, None
-        for j in range(len(f)):
-            d = np.sqrt(((f[a] - f[j]) ** 2).sum())
-            if j != a and labels[j] == labels[a]:
-                d_ap = d if d_ap is None else max(d_ap, d)
-            elif labels[j] != labels[a]:
-                d_an = d if d_an is None else min(d_an, d)
-        if d_ap is None or d_an is None:
-            out.append(0.0)
-        elif soft:
-            out.append(np.log1p(np.exp(d_ap - d_an)))
-        else:
-            out.append(max(0.0, d_ap - d_an + margin))
-    return np.array(out)
+from tests.numpy_reference import ref_batch_hard, ref_label_smoothing_ce
 
 
 def pk_batch(p=4, k=3, dim=8, seed=0):

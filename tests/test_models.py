@@ -6,6 +6,7 @@ import pytest
 import rga_keras
 from rga_keras.layers import RGA
 from tests.backend import to_numpy
+from tests.checks import fit_and_round_trip
 
 VARIANTS = [
     ("s", {}), ("c", {}), ("sc", {}), ("cs", {}), ("s//c", {}),
@@ -72,32 +73,16 @@ def _data(n, shape, classes, seed=0):
     return x, y
 
 
-def _fit_and_round_trip(model, x, y, tmp_path, **compile_kw):
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}, **compile_kw)
-    before = [to_numpy(w).copy() for w in model.trainable_weights]
-    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
-    assert np.isfinite(history.history["loss"][0])
-    changed = [not np.allclose(b, to_numpy(w)) for b, w in zip(before, model.trainable_weights)]
-    assert sum(changed) >= 0.9 * len(changed)  # the step updated (nearly) every weight, RGA's included
-    path = tmp_path / "model.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    a, b = model.predict(x, verbose=0), loaded.predict(x, verbose=0)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key])
-
-
 @pytest.mark.parametrize("attention, flags", MODEL_VARIANTS, ids=MODEL_VARIANT_IDS)
 def test_every_variant_trains_and_round_trips(attention, flags, tmp_path):
     x, y = _data(8, (32, 16, 3), 4)
-    _fit_and_round_trip(_small_model(attention, flags), x, y, tmp_path, run_eagerly=EAGER)
+    fit_and_round_trip(_small_model(attention, flags), x, y, tmp_path, run_eagerly=EAGER)
 
 
 def test_rga_resnet50_fits_and_round_trips(tmp_path):
     """The real network with model.fit on (images, labels) and a plain Keras loss on "logits"."""
     x, y = _data(8, (64, 32, 3), 5)
-    _fit_and_round_trip(rga_keras.build_rga_resnet50(5, "sc", input_shape=(64, 32, 3)), x, y, tmp_path)
+    fit_and_round_trip(rga_keras.build_rga_resnet50(5, "sc", input_shape=(64, 32, 3)), x, y, tmp_path)
 
 
 @pytest.mark.slow
@@ -105,7 +90,7 @@ def test_rga_resnet50_fits_and_round_trips(tmp_path):
 def test_every_resnet50_variant_fits_and_round_trips(attention, flags, tmp_path):
     x, y = _data(8, (64, 32, 3), 5)
     model = rga_keras.build_rga_resnet50(5, attention, input_shape=(64, 32, 3), **flags)
-    _fit_and_round_trip(model, x, y, tmp_path, run_eagerly=EAGER)
+    fit_and_round_trip(model, x, y, tmp_path, run_eagerly=EAGER)
 
 
 @pytest.mark.filterwarnings("error:The structure of `inputs`:UserWarning")  # they take a bare image tensor

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from rga_keras.evaluation import evaluate, evaluate_distances
-from rga_keras.reranking import k_reciprocal_rerank
+from rga_keras.evaluation.reranking import k_reciprocal_rerank
 
 
 def reference_rerank(query, gallery, k1, k2, lam, metric):
@@ -75,9 +75,9 @@ def test_fewer_images_than_neighbours():
 
 def test_chunked_paths_match_reference(monkeypatch):
     """Tiny chunk budgets force many pass-1, index and Jaccard chunks."""
-    import rga_keras.reranking as rr
+    import rga_keras.evaluation.reranking as rr
 
-    monkeypatch.setattr(rr, "_CHUNK_ENTRIES", 40)
+    monkeypatch.setattr(rr, "CHUNK_ENTRIES", 40)
     monkeypatch.setattr(rr, "_INDEX_ROWS", 7)
     rng = np.random.default_rng(6)
     feats, _ = clustered(rng, num_ids=10, per_id=5, dim=6, spread=0.5)

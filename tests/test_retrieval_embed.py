@@ -20,15 +20,11 @@ from PIL import Image
 
 import rga_keras
 from rga_keras import export, retrieval
-from train import embed as rga_embed
-from train import search as rga_search
+from rga_keras.cli import embed as rga_embed
+from rga_keras.cli import search as rga_search
+from tests.checks import unit
 
 SIZE = (64, 32)
-
-
-def unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +49,7 @@ def setup(tmp_path_factory):
               "tflite": tmp / "model_float32.tflite"}
     model.save(models["keras"])
     export.write_saved_model(model, models["saved_model"])
-    source = export.write_tflite_source(model, tmp / "tflite_source")
+    source = export.write_float_saved_model(model, tmp / "tflite_source")
     models["tflite"].write_bytes(export.convert_tflite(source, "float32"))
     return {"tmp": tmp, "paths": paths, "pixels": pixels.astype(np.float32), "reference": reference,
             "mirrored": mirrored, "models": models}
@@ -158,7 +154,7 @@ def test_rga_search_results_equal_a_brute_force_ranking(setup, gallery_file, cap
     assert lines[0] == "query,rank,path,similarity" and len(lines) == 9
     assert lines[1].split(",")[:3] == [queries[0], "1", setup["paths"][3]]
     assert f"query {queries[1]}" in printed and f"    1  {sims[1, order[1, 0]]:.4f}  " in printed
-    assert Image.open(tmp_path / "r.png").size == rga_keras.visualize.ranked_list_layout(2, 4, (64, 128))[1]
+    assert Image.open(tmp_path / "r.png").size == rga_keras.visualize.plots.ranked_list_layout(2, 4, (64, 128))[1]
 
     # the same queries as a features file, embedded by the moved model file given with --model
     moved = tmp_path / "elsewhere.keras"

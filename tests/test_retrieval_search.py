@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from rga_keras import retrieval
-from rga_keras.reranking import k_reciprocal_rerank
+from rga_keras.evaluation.reranking import k_reciprocal_rerank
 from rga_keras.retrieval import topk as search_module
-from rga_keras.visualize import BLUE, GREY, plot_search_results, ranked_list_layout
+from rga_keras.visualize.plots import BLUE, GREY, plot_search_results, ranked_list_layout
 
 
 def brute_force(query, gallery, k):
@@ -223,8 +223,8 @@ def test_search_picture_frames_and_size(tmp_path):
 
 
 def test_program_help_and_argument_errors(capsys):
-    from train import embed as rga_embed
-    from train import search as rga_search
+    from rga_keras.cli import embed as rga_embed
+    from rga_keras.cli import search as rga_search
 
     for program in (rga_embed, rga_search):
         with pytest.raises(SystemExit) as exit_:

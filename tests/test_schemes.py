@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 
 import rga_keras
-from rga_keras.schemes import SCHEMES
+from rga_keras.attention import ATTENTIONS, attention_slug
 from tests.backend import BACKEND, to_numpy
+from tests.checks import fit_and_round_trip
 
 EPS = 1e-5
+SCHEMES = {name: spec for name, spec in ATTENTIONS.items() if spec.table == 2}  # the Table 2 designs
 NAMES = list(SCHEMES)
 
 
@@ -158,7 +160,7 @@ def test_parameter_counts(name):
     model = rga_keras.build_rga_resnet50(751, name)
     count = rga_keras.count_parameters(model)
     assert count == BASELINE + ADDED[name]
-    assert len(model.backbone.scheme_layers) == (16 if SCHEMES[name].in_blocks else 4)
+    assert len(model.backbone.attention_layers) == (16 if SCHEMES[name].in_blocks else 4)
     if name in PAPER:
         assert (round(count / 1e6, 1) == PAPER[name]) == (name != "cbam_s")
 
@@ -166,9 +168,9 @@ def test_parameter_counts(name):
 def test_se_sits_inside_every_bottleneck_before_the_addition():
     """SE-ResNet: the SE gate scales the residual branch (bn3's output), then the shortcut is added."""
     backbone = rga_keras.RGAResNetBackbone("se", input_shape=(64, 32, 3), stage_blocks=(1, 2, 1, 1))
-    assert [layer.name for layer in backbone.scheme_layers] == [
+    assert [layer.name for layer in backbone.attention_layers] == [
         "layer1_0_se", "layer2_0_se", "layer2_1_se", "layer3_0_se", "layer4_0_se"]
-    se = backbone.scheme_layers[2]
+    se = backbone.attention_layers[2]
     bn3 = backbone.get_layer("layer2_1_bn3")
     assert se.input is bn3.output
     add = se._outbound_nodes[0].operation
@@ -184,33 +186,23 @@ def _tiny(name, **kwargs):
 
 
 def _train_step_and_round_trip(model, x, y, tmp_path, trained_layers):
-    """One train_on_batch (finite loss, the schemes' weights change), then .keras save/load: same outputs."""
-    model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                  loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
-                  run_eagerly=BACKEND == "tensorflow")
-    before = [[to_numpy(w).copy() for w in layer.trainable_weights] for layer in trained_layers]
-    assert np.isfinite(model.train_on_batch(x, {"logits": y}))
-    for layer, old in zip(trained_layers, before):
-        assert any(np.any(to_numpy(w) != b) for w, b in zip(layer.trainable_weights, old)), layer.name
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert [layer.get_config() for layer in loaded.layers] == [layer.get_config() for layer in model.layers]
-    for key in ("features", "logits"):
-        np.testing.assert_array_equal(to_numpy(loaded(x)[key]), to_numpy(model(x)[key]))
+    """One training step (finite loss, the schemes' weights change), then .keras save/load: same outputs."""
+    fit_and_round_trip(model, x, y, tmp_path, watched=trained_layers, min_changed=0.0, learning_rate=1e-2,
+                       run_eagerly=BACKEND == "tensorflow")
 
 
 def _all_schemes_model():
     """Every scheme layer in sequence in one small model, so one train step or export covers them all."""
     images = keras.Input((16, 8, 3))
     x = keras.layers.Conv2D(16, 3, padding="same")(images)
-    layers = [scheme.make(name=name.replace("/", "_")) for name, scheme in SCHEMES.items()]
+    layers = [scheme.make(name=attention_slug(name)) for name, scheme in SCHEMES.items()]
     for layer in layers:
         x = layer(x)
     f = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(images, {"features": f, "logits": keras.layers.Dense(5)(f)}), layers
 
 
-def test_all_scheme_layers_train_a_step_and_round_trip(tmp_path):
+def test_all_attention_layers_train_a_step_and_round_trip(tmp_path):
     """Every scheme layer in one small model (cheap): trained one step and saved as .keras."""
     model, layers = _all_schemes_model()
     rng = np.random.default_rng(1)
@@ -221,19 +213,19 @@ def test_all_scheme_layers_train_a_step_and_round_trip(tmp_path):
 @pytest.mark.parametrize("name", ["se", *[pytest.param(n, marks=pytest.mark.slow) for n in NAMES if n != "se"]])
 def test_every_scheme_network_trains_a_step_and_round_trips(name, tmp_path):
     model = _tiny(name)
-    assert model.name == f"{name.replace('/', '_')}_resnet50"
+    assert model.name == f"{attention_slug(name)}_resnet50"
     x = np.random.default_rng(1).uniform(0, 255, (4, 64, 32, 3)).astype(np.float32)
-    _train_step_and_round_trip(model, x, np.arange(4) % 5, tmp_path, model.backbone.scheme_layers)
+    _train_step_and_round_trip(model, x, np.arange(4) % 5, tmp_path, model.backbone.attention_layers)
 
 
 def test_presets_and_bad_names():
     backbone = rga_keras.RGAResNetBackbone.from_preset("fc_s_c_resnet50", input_shape=(64, 32, 3),
                                                        stage_blocks=(1, 1, 1, 1), rga_stages=(2, 4))
-    assert backbone.attention == "fc_s/c" and [layer.name for layer in backbone.scheme_layers] == ["fc_s_c2", "fc_s_c4"]
+    assert backbone.attention == "fc_s/c" and [layer.name for layer in backbone.attention_layers] == ["fc_s_c2", "fc_s_c4"]
     assert backbone.rga_layers == []
     with pytest.raises(ValueError, match="no RGA layers .*Table 2 scheme"):
         rga_keras.RGAReID(backbone, 3).attention_model()
-    assert {f"{name.replace('/', '_')}_resnet50" for name in SCHEMES} <= set(rga_keras.PRESETS)
+    assert {f"{attention_slug(name)}_resnet50" for name in SCHEMES} <= set(rga_keras.PRESETS)
     with pytest.raises(ValueError, match=r"attention must be None or one of \(.*'se'.*'snl'\), got 'sse'"):
         rga_keras.RGAResNetBackbone("sse")
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -279,13 +271,14 @@ def test_schemes_export_to_saved_model_and_builtin_tflite(tmp_path):
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TFLite export runs on TensorFlow")
 @pytest.mark.parametrize("name", NAMES)
 def test_every_scheme_model_exports_with_the_exporter(name, tmp_path):
-    from rga_keras.export.tflite import TFLiteEmbedder, convert_tflite, tflite_ops, write_tflite_source
+    from rga_keras.export.model import write_float_saved_model
+    from rga_keras.export.tflite import TFLiteEmbedder, convert_tflite, tflite_ops
 
     model = _tiny(name)
     rng = np.random.default_rng(3)
-    for layer in model.backbone.scheme_layers:  # not the identity the zero-initialised NL and SNL start as
+    for layer in model.backbone.attention_layers:  # not the identity the zero-initialised NL and SNL start as
         _randomise(layer, rng)
-    source = write_tflite_source(model, tmp_path / "source")
+    source = write_float_saved_model(model, tmp_path / "source")
     flatbuffer = convert_tflite(source, "float32")
     assert tflite_ops(flatbuffer)["builtin_only"]
     x = rng.uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)

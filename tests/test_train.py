@@ -1,12 +1,16 @@
-"""The train/ program: configs, command-line errors, and an end-to-end run that must learn."""
+"""rga-train (rga_keras.cli.train over rga_keras.training): configs, command-line errors, and an end-to-end run that
+must learn."""
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from rga_keras import experiment
-from train.__main__ import CONFIG_DIR, main
+from rga_keras.cli.train import main
+from rga_keras.evaluation import features
+from rga_keras.training import config as training_config
+from rga_keras.training import run as training_run
+from rga_keras.training.config import CONFIG_DIR
 
 
 def test_every_bundled_config_loads_and_is_consistent():
@@ -14,23 +18,23 @@ def test_every_bundled_config_loads_and_is_consistent():
     assert {"market1501_rga_sc", "market1501_baseline", "cuhk03_labeled_rga_sc", "cuhk03_detected_rga_sc",
             "msmt17_rga_sc", "market1501_rga_sc_wo_rel", "market1501_rga_sc_wo_ori"} <= set(names)
     for name in names:
-        config = experiment.load_config(CONFIG_DIR / f"{name}.yaml")
+        config = training_config.load_config(CONFIG_DIR / f"{name}.yaml")
         assert config["sampler"]["num_ids_per_batch"] * config["sampler"]["images_per_id"] == 64
-    paper = experiment.load_config(CONFIG_DIR / "market1501_rga_sc.yaml")
+    paper = training_config.load_config(CONFIG_DIR / "market1501_rga_sc.yaml")
     assert paper["optimizer"]["milestones"] == [80, 120, 160, 200, 240, 280, 320, 360]
-    assert experiment.load_config(CONFIG_DIR / "market1501_baseline.yaml")["model"]["attention"] is None
-    assert experiment.load_config(CONFIG_DIR / "cuhk03_detected_rga_sc.yaml")["dataset"]["split"] == "detected"
+    assert training_config.load_config(CONFIG_DIR / "market1501_baseline.yaml")["model"]["attention"] is None
+    assert training_config.load_config(CONFIG_DIR / "cuhk03_detected_rga_sc.yaml")["dataset"]["split"] == "detected"
 
 
 def test_overrides_parse_numbers_and_reject_typos():
-    config = experiment.load_config(None, ["optimizer.base_lr=1e-3", "model.input_size=[64, 32]"])
+    config = training_config.load_config(None, ["optimizer.base_lr=1e-3", "model.input_size=[64, 32]"])
     assert config["optimizer"]["base_lr"] == pytest.approx(1e-3) and config["model"]["input_size"] == [64, 32]
     with pytest.raises(KeyError, match="unknown config key 'optimizer.base_lrr'"):
-        experiment.load_config(None, ["optimizer.base_lrr=1"])
+        training_config.load_config(None, ["optimizer.base_lrr=1"])
     with pytest.raises(ValueError, match="expects a number"):
-        experiment.load_config(None, ["optimizer.base_lr=fast"])
+        training_config.load_config(None, ["optimizer.base_lr=fast"])
     with pytest.raises(ValueError, match="cannot be split into 4 replicas"):
-        experiment.check_config(experiment.load_config(None, ["sampler.num_ids_per_batch=6"]), num_replicas=4)
+        training_config.check_replica_split(training_config.load_config(None, ["sampler.num_ids_per_batch=6"]), 4)
 
 
 def test_command_line_errors_are_clear(capsys, tmp_path):
@@ -62,15 +66,13 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     import socket
     import subprocess
 
-    from rga_keras import data as data_module
-
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     args = ["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16", "-o", "dataset.images_per_id=8",
             "-o", "model.input_size=[64, 32]", "-o", "training.epochs=2", "-o", "training.steps_per_epoch=2",
             "-o", "training.eval_every=1", "-o", "sampler.num_ids_per_batch=4", "-o", "training.tensorboard=false",
             "-o", "export.enabled=false"]
-    evaluate, calls, first_batches = experiment.evaluate_model, [], []
+    evaluate, calls, first_batches = features.evaluate_model, [], []
 
     def interrupt_third(*a, **k):  # untrained, epoch 1, then SIGTERM in epoch 2's evaluation
         calls.append(1)
@@ -78,10 +80,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*a, **k)
 
-    make_train_dataset = data_module.make_train_dataset
-    monkeypatch.setattr(data_module, "make_train_dataset",
+    make_train_dataset = training_run.make_train_dataset
+    monkeypatch.setattr(training_run, "make_train_dataset",
                         lambda *a, **k: first_batches.append(k["first_batch"]) or make_train_dataset(*a, **k))
-    monkeypatch.setattr(experiment, "evaluate_model", interrupt_third)
+    monkeypatch.setattr(features, "evaluate_model", interrupt_third)
     assert main(args) == 143
     assert "interrupted by SIGTERM; re-run the same command to resume" in capsys.readouterr().err
     assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
@@ -89,7 +91,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     killed.wait()
     partial = run_dir / f".last.{killed.pid}@{socket.gethostname()}~x.tmp.keras"  # kill -9 while saving
     partial.write_bytes(b"half a checkpoint")
-    monkeypatch.setattr(experiment, "evaluate_model", evaluate)
+    monkeypatch.setattr(features, "evaluate_model", evaluate)
     assert main(args) == 0
     assert not partial.exists()
     assert first_batches == [0, 2]  # resumed after 1 epoch of 2 steps
@@ -105,7 +107,7 @@ def test_the_demo_runs_end_to_end_and_learns(tmp_path, monkeypatch, capsys):
     network's."""
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
-    epochs = experiment.demo_config()["training"]["epochs"]
+    epochs = training_config.demo_config()["training"]["epochs"]
     assert main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "export.formats=[tflite_float32]",
                  "-o", "training.tensorboard=false", "-o", f"training.eval_every={epochs}"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -144,7 +146,7 @@ def test_a_failed_export_is_reported_and_recorded(monkeypatch, capsys):
 
     monkeypatch.setattr(export, "export_all", fail)
     data = type("Data", (), {"train": [], "query": [], "gallery": []})()
-    record = experiment.export_model(None, data, experiment.demo_config(), Path("unused"))
+    record = training_run.export_model(None, data, training_config.demo_config(), Path("unused"))
     assert record == {"passed": False, "error": "tflite_int8: mean cosine similarity 0.5 < 0.98", "artefacts": {}}
     assert "export FAILED, nothing was published: tflite_int8" in capsys.readouterr().out
 
@@ -152,7 +154,7 @@ def test_a_failed_export_is_reported_and_recorded(monkeypatch, capsys):
     check = {"size_bytes": 1, "failures": ["mean cosine similarity 0.5 < 0.98"], "passed": False}
     report = {"checks": {"tflite_int8": check}, "passed": False, "artefacts": {"tflite_int8": "x.tflite"}}
     monkeypatch.setattr(export, "export_all", lambda *args, **kwargs: report)
-    record = experiment.export_model(None, data, experiment.demo_config(), Path("unused"))
+    record = training_run.export_model(None, data, training_config.demo_config(), Path("unused"))
     assert not record["passed"] and record["artefacts"] == {"tflite_int8": "x.tflite"}
     out = capsys.readouterr().out
     assert "SOME CHECKS FAILED" in out and out.rstrip().endswith("tflite_int8: mean cosine similarity 0.5 < 0.98")
@@ -174,7 +176,7 @@ def test_a_diverging_fit_stops_and_keeps_nothing_of_that_epoch(tmp_path):
     nor as best; NaN features and collapsed features stop it at the epoch's end."""
     import numpy as np
 
-    from rga_keras.training import DivergenceGuard, TrainingDiverged, make_callbacks
+    from rga_keras.training.callbacks import DivergenceGuard, TrainingDiverged, make_callbacks
 
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 10
     targets = {"features": np.zeros((64, 8), "float32"), "logits": np.ones((64, 3), "float32")}
@@ -202,7 +204,7 @@ def test_a_diverging_fit_stops_and_keeps_nothing_of_that_epoch(tmp_path):
 
 
 def test_a_non_finite_epoch_is_never_the_best_checkpoint(tmp_path):
-    from rga_keras.training import AtomicCheckpoint
+    from rga_keras.training.callbacks import AtomicCheckpoint
 
     best = AtomicCheckpoint(str(tmp_path / "best.keras"), monitor="val_mAP")
     best.set_model(_tiny_reid_model())
@@ -214,9 +216,9 @@ def test_a_non_finite_epoch_is_never_the_best_checkpoint(tmp_path):
 
 
 def test_fresh_deletes_only_the_runs_own_files(tmp_path):
-    from rga_keras.run_folder import check_run_folder, clear_run_folder
+    from rga_keras.training.run_folder import check_run_folder, clear_run_folder
 
-    config = experiment.demo_config(str(tmp_path))
+    config = training_config.demo_config(str(tmp_path))
     for name in ("config.yaml", "last.keras", "summary.json", "notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "backup").mkdir()
@@ -262,7 +264,7 @@ def test_deterministic_runs_give_identical_losses(tmp_path):
 
     losses = []
     for run in ("one", "two"):
-        argv = [sys.executable, "-m", "train", "--demo", "--quiet", "--run-dir", str(tmp_path / run)]
+        argv = [sys.executable, "-m", "rga_keras.cli.train", "--demo", "--quiet", "--run-dir", str(tmp_path / run)]
         for setting in ("dataset.num_ids=8", "dataset.images_per_id=4", "sampler.num_ids_per_batch=2",
                         "sampler.images_per_id=2", "training.epochs=2", "training.steps_per_epoch=3",
                         "training.eval_every=2", "training.tensorboard=false", "export.enabled=false",
@@ -283,5 +285,5 @@ def test_determinism_is_refused_once_tensorflow_runs(capsys):
     tf.constant(1.0) + 1.0  # TensorFlow has run an op
     with pytest.raises(ValueError, match="can only be chosen before TensorFlow runs its first operation: start "
                                          "the run in a fresh process"):
-        experiment.set_determinism(0, True)
+        training_run.set_determinism(0, True)
     assert not tf_config.is_op_determinism_enabled()

@@ -12,14 +12,14 @@ import pytest
 import tensorflow as tf
 import keras
 
-from rga_keras import build_rga_resnet50, training
+from rga_keras import build_rga_resnet50
 from rga_keras.optimizers import SGDL2, WarmupMultiStepSchedule, make_optimizer
-from rga_keras.training import (AtomicBackupAndRestore, AtomicCheckpoint, compile_reid, explain_oom,
-                                get_strategy, is_chief, make_callbacks, set_precision,
-                                to_reid_targets, use_sync_batchnorm)
+from rga_keras.training import callbacks
+from rga_keras.training.callbacks import AtomicBackupAndRestore, AtomicCheckpoint, completed_epochs, make_callbacks
+from rga_keras.training.distribution import get_strategy, is_chief
+from rga_keras.training.model import compile_reid, explain_oom, set_precision, to_reid_targets, use_sync_batchnorm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_losses import ref_batch_hard, ref_label_smoothing_ce  # noqa: E402  (NumPy references)
+from tests.numpy_reference import ref_batch_hard, ref_label_smoothing_ce
 
 NUM_CLASSES = 6
 
@@ -155,7 +155,7 @@ def test_resume_after_crash_continues_training(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit(data, epochs=4, verbose=0, shuffle=False, callbacks=make_callbacks(run) + [Crash()])
     assert json.load(open(os.path.join(run, "backup", "training_metadata.json")))["epoch"] == 2
-    assert training.completed_epochs(run) == 2 and training.completed_epochs(str(tmp_path / "fresh")) == 0
+    assert completed_epochs(run) == 2 and completed_epochs(str(tmp_path / "fresh")) == 0
     assert [r["epoch"] for r in json.load(open(os.path.join(run, "history.json")))] == [1, 2]
     assert os.path.isdir(os.path.join(run, "tensorboard"))
 
@@ -216,7 +216,7 @@ def test_failed_backup_keeps_previous_backup(tmp_path, monkeypatch):
 
 def test_best_checkpoint_follows_monitor_across_restarts(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(training, "save_model_atomic", lambda m, p: saved.append(p))
+    monkeypatch.setattr(callbacks, "save_model_atomic", lambda m, p: saved.append(p))
     path = str(tmp_path / "best.keras")
     cb = AtomicCheckpoint(path, monitor="val_mAP")  # auto mode: maximise
     cb.set_model(None)
@@ -284,9 +284,10 @@ WORKER = textwrap.dedent("""
     import tensorflow as tf
     import keras
     from rga_keras.optimizers import make_optimizer
-    from rga_keras.training import compile_reid, get_strategy, make_callbacks, use_sync_batchnorm
-    sys.path.insert(0, os.path.join({root!r}, "tests"))
-    from test_training import tiny_reid_model
+    from rga_keras.training.callbacks import make_callbacks
+    from rga_keras.training.distribution import get_strategy
+    from rga_keras.training.model import compile_reid, use_sync_batchnorm
+    from tests.test_training import tiny_reid_model
 
     strategy = get_strategy()
     assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -299,7 +300,7 @@ WORKER = textwrap.dedent("""
         rng = np.random.default_rng(ctx.input_pipeline_id)
         y = np.repeat(np.arange(2) + 2 * ctx.input_pipeline_id, 2)
         x = rng.normal(size=(4, 8, 4, 3)).astype(np.float32)
-        ds = tf.data.Dataset.from_tensors((x, {{"logits": y, "features": y}}))
+        ds = tf.data.Dataset.from_tensors((x, {"logits": y, "features": y}))
         return ds.repeat()
 
     data = strategy.distribute_datasets_from_function(per_replica)
@@ -330,7 +331,7 @@ def test_multi_worker_two_processes(tmp_path):
             ports.append(s.getsockname()[1])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=root))
+    script.write_text(WORKER)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for i in range(2):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import keras
 import rga_keras
-from rga_keras.attention_maps import (
+from rga_keras.visualize.attention_maps import (
     attention_maps,
     grad_cam,
     heat_overlay,
@@ -21,7 +21,7 @@ from rga_keras.attention_maps import (
     relation_to_target,
     target_node,
 )
-from rga_keras.visualize import BORDER, ranked_list_layout
+from rga_keras.visualize.plots import BORDER, ranked_list_layout
 from tests import numpy_reference as ref
 
 SIZE = (64, 32)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rga_keras.visualize import (
+from rga_keras.visualize.plots import (
     BLUE,
     BORDER,
     GREEN,

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rga_keras.checks import check_choice
 from rga_keras.data._cache import build_atomically, cache_root, read_marker
-from rga_keras.data.readers import Sample
+from rga_keras.data.samples import Sample
 
+SPLITS = ("labeled", "detected")  # the hand-labelled boxes, or the detector's
 _CONFIG_KEYS = ("filelist", "labels", "train_idx", "query_idx", "gallery_idx")
 
 
@@ -25,6 +27,7 @@ def read_cuhk03(root: Path, split: str, cache_dir: str | Path | None) -> tuple[d
     """Samples per split and the folder of their images: an already extracted ``images_<split>/`` folder in
     the release (the official RGA code's and torchreid's layout, same file names), else the images of
     cuhk-03.mat extracted on first use."""
+    check_choice("cuhk03: split", split, SPLITS)
     folders = [p for p in _glob_levels(root, f"images_{split}") if p.is_dir()]
     mat_path = None if folders else _find(root, "cuhk-03.mat")
     config_path = _find(root, f"cuhk03_new_protocol_config_{split}.mat")

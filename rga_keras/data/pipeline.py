@@ -25,14 +25,15 @@ whole K-image group in training, so batches stay whole), and the bad file is rec
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from rga_keras.cores import available_cores
+from rga_keras.data.samples import check_pk_batch, spread_indices
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 TRANSLATE_SCALE = 1.125
@@ -130,15 +131,9 @@ def make_train_dataset(
     """
     p, k = num_ids_per_batch, images_per_id
     height, width = _check_size(image_size)
-    for name, value in (("num_ids_per_batch", p), ("images_per_id", k), ("num_replicas", num_replicas)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_pk_batch(p, k, num_replicas)
     if not isinstance(first_batch, int) or first_batch < 0:
         raise ValueError(f"first_batch must be an integer >= 0, got {first_batch!r}")
-    if p % num_replicas:
-        raise ValueError(
-            f"num_ids_per_batch={p} is not divisible by num_replicas={num_replicas}: each replica must get "
-            f"whole identities (K={k} images each) for the triplet loss; use a multiple of {num_replicas}")
     first, count = _check_replicas(replicas, num_replicas)
     share = p // num_replicas  # identities per replica slice
     per_batch = share if replicas else p  # identities per element of the output
@@ -245,17 +240,15 @@ def make_eval_dataset(
     return _on_available_cores(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def available_cores() -> int:
-    """The CPU cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's
-    ``--cpus``), which ``os.cpu_count()`` and TensorFlow's own count both ignore."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
+def load_images(samples: Sequence, image_size: Sequence[int], limit: int | None = None) -> np.ndarray:
+    """Up to ``limit`` images (evenly spread over ``samples``: (path, person_id, camera_id) items or paths) as
+    raw-pixel float32 (n, H, W, 3), read and resized as `make_eval_dataset` does."""
+    samples = list(samples)
+    if limit is not None:
+        samples = [samples[i] for i in spread_indices(len(samples), limit)]
+    samples = [s if isinstance(s, (tuple, list)) else (str(s), 0, 0) for s in samples]
+    dataset = make_eval_dataset(samples, image_size=tuple(image_size), batch_size=32)
+    return np.concatenate([images.numpy() for images, _ in dataset])
 
 
 def _on_available_cores(ds: tf.data.Dataset) -> tf.data.Dataset:

@@ -12,11 +12,13 @@ import csv
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from rga_keras.data._cache import read_marker
+from rga_keras.data.cuhk03 import read_cuhk03
+from rga_keras.data.image_check import find_corrupt
+from rga_keras.data.samples import SPLITS, DatasetWarning, ReidDataset, Sample, count_split
+from rga_keras.data.synthetic import ensure_synthetic
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 JUNK_ID = -1
@@ -31,40 +33,9 @@ OFFICIAL_COUNTS = {
 }
 
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
-_SPLITS = ("train", "query", "gallery")
 
 
-class DatasetWarning(UserWarning):
-    """A dataset loaded, but something about it deserves the user's attention."""
-
-
-class Sample(NamedTuple):
-    """One image: its file, person identity and camera."""
-
-    path: str
-    person_id: int
-    camera_id: int
-
-
-@dataclass(frozen=True)
-class ReidDataset:
-    """A re-id dataset: training samples (ids 0..num_train_ids-1), query and gallery samples."""
-
-    name: str
-    train: list[Sample]
-    query: list[Sample]
-    gallery: list[Sample]
-    num_train_ids: int
-    notes: tuple[str, ...] = ()
-
-    def summary(self) -> str:
-        """One line: identities and images per split, then the notes (count check, skipped files)."""
-        parts = ["{} {} ids/{} images".format(s, *_count(getattr(self, s))) for s in _SPLITS]
-        notes = f" ({'; '.join(self.notes)})" if self.notes else ""
-        return f"{self.name}: " + ", ".join(parts) + notes
-
-
-def load_dataset(name: str, root: str | Path, *, strict: bool = False, check_images: bool = True,
+def load_dataset(name: str, root: str | Path | None = None, *, strict: bool = False, check_images: bool = True,
                  **kwargs) -> ReidDataset:
     """Read a dataset in one of the layouts of docs/DESIGN.md §5.
 
@@ -73,7 +44,9 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, check_ima
     ``"detected"``, ``cache_dir``: the cache folder; images are extracted into its cuhk03/<split>/),
     ``folder`` (train/ or bounding_box_train/, query/, gallery/ or bounding_box_test/ holding
     Market-style names) or ``csv`` (a folder with train.csv, query.csv, gallery.csv of
-    ``path,person_id,camera_id`` rows).
+    ``path,person_id,camera_id`` rows), or ``synthetic``: the built-in synthetic dataset
+    (`rga_keras.data.synthetic`, generated on first use into ``root`` or the cache; kwargs are
+    `ensure_synthetic`'s).
     root: the release folder, or a folder holding it one level down.
     strict: fail on the first file name or list line that does not parse, or image that is corrupt,
     instead of skipping it.
@@ -81,8 +54,13 @@ def load_dataset(name: str, root: str | Path, *, strict: bool = False, check_ima
     decode only with "Corrupt JPEG data" warnings (`rga_keras.data.image_check`; about 0.2 ms per image).
     """
     key = name.lower()
+    if key == "synthetic":
+        root, key = ensure_synthetic(root, **kwargs), "market1501"
+        kwargs = {}
     if key not in _READERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(_READERS))}")
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if root is None:
+        raise ValueError(f"{key}: the dataset root is not set (the folder holding the release)")
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"{key}: dataset root {root} does not exist")
@@ -122,8 +100,6 @@ class _Skipped:
 def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict[str, list[Sample]]:
     """The splits less the images that are corrupt JPEGs or unreadable: counted and the first named in the
     notes and a `DatasetWarning` (an error in strict mode)."""
-    from rga_keras.data.image_check import find_corrupt
-
     bad = find_corrupt(sorted({s.path for samples in splits.values() for s in samples}))
     if not bad:
         return splits
@@ -135,9 +111,6 @@ def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict
     skipped.warnings.append(f"{note}; pass check_images=False to keep them")
     return {k: [s for s in v if s.path not in bad] for k, v in splits.items()}
 
-
-def _count(samples: list[Sample]) -> tuple[int, int]:
-    return len({s.person_id for s in samples}), len(samples)
 
 
 def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, folder: Path,
@@ -177,7 +150,7 @@ def _check_counts(name: str, splits: dict[str, list[Sample]], expected: dict | N
     marker = read_marker(folder)
     if marker and marker.get("generator") == "rga-synth":
         return "synthetic (rga-synth), not the official release"
-    found = {k: _count(v) for k, v in splits.items()}
+    found = {k: count_split(v) for k, v in splits.items()}
     diffs = [f"{k} {found[k][0]} ids/{found[k][1]} images (official {want[0]}/{want[1]})"
              for k, want in expected.items() if found[k] != want]
     if not diffs:
@@ -227,8 +200,8 @@ def _read_market(root: Path, skipped: _Skipped, expected_key: str):
     folder = _find_layout(root, layout)
     if folder is None:
         raise _layout_error(expected_key, root, "bounding_box_train/, query/ and bounding_box_test/")
-    splits = {split: _market_files(folder / sub, skipped) for split, sub in zip(_SPLITS, layout)}
-    for split, sub in zip(_SPLITS, layout):
+    splits = {split: _market_files(folder / sub, skipped) for split, sub in zip(SPLITS, layout)}
+    for split, sub in zip(SPLITS, layout):
         if not splits[split]:
             raise ValueError(f"{expected_key}: no images in {folder / sub}")
     return splits, OFFICIAL_COUNTS[expected_key], folder
@@ -294,10 +267,10 @@ def _msmt_list(folder: Path, list_name: str, image_dir: str, skipped: _Skipped) 
 
 
 def _read_csv(root: Path, skipped: _Skipped):
-    folder = _find_layout(root, tuple(f"{split}.csv" for split in _SPLITS), any_of=True)
+    folder = _find_layout(root, tuple(f"{split}.csv" for split in SPLITS), any_of=True)
     if folder is None:
         raise _layout_error("csv", root, "train.csv, query.csv and/or gallery.csv (rows path,person_id,camera_id)")
-    files = {split: folder / f"{split}.csv" for split in _SPLITS}
+    files = {split: folder / f"{split}.csv" for split in SPLITS}
     splits = {split: _csv_rows(f, folder, skipped) if f.exists() else [] for split, f in files.items()}
     outside = sum(not _inside(s.path, folder) for samples in splits.values() for s in samples)
     if outside:
@@ -359,10 +332,6 @@ def _inside(path: str, folder: Path) -> bool:
 
 
 def _read_cuhk03(root: Path, skipped: _Skipped, split: str = "labeled", cache_dir: str | Path | None = None):
-    from rga_keras.data.cuhk03 import read_cuhk03
-
-    if split not in ("labeled", "detected"):
-        raise ValueError(f"cuhk03: split must be 'labeled' or 'detected', not {split!r}")
     splits, folder = read_cuhk03(root, split, cache_dir)
     return splits, OFFICIAL_COUNTS[f"cuhk03-{split}"], folder
 
@@ -375,3 +344,4 @@ _READERS = {
     "folder": (_read_folder, ()),
     "csv": (_read_csv, ()),
 }
+DATASETS = (*_READERS, "synthetic")  # the names load_dataset reads

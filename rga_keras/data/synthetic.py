@@ -16,7 +16,6 @@ camera goes to query/, the rest to bounding_box_test/, as in Market-1501. Names 
 from __future__ import annotations
 
 import inspect
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from rga_keras.data._cache import build_atomically, cache_root, check_replaceable, read_marker
 from rga_keras.files import check_folder
-from train.arguments import OneLineParser
 
 VERSION = 1  # bump when the rendering changes, so cached datasets are regenerated
 SUPERSAMPLE = 2  # draw at this multiple of the output size, then shrink (smooth edges)
@@ -83,42 +81,6 @@ def ensure_synthetic(root: str | Path | None = None, **kwargs) -> Path:
         return root
     check_replaceable(root, params)  # regenerate an outdated synthetic folder, never replace anything else
     return generate(root, overwrite=True, **chosen)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``rga-synth OUT [--ids N ...]``: write a synthetic Market-1501-layout dataset."""
-    parser = OneLineParser(
-        prog="rga-synth",
-        description="Write a synthetic person re-id dataset in the Market-1501 layout (bounding_box_train/, "
-                    "bounding_box_test/, query/) that rga_keras.data.load_dataset('market1501', OUT) reads.")
-    parser.add_argument("out", type=Path, help="output folder (must not exist or be empty, unless --force)")
-    parser.add_argument("--ids", type=int, default=100, help="number of identities, half train / half test "
-                        "(default 100)")
-    parser.add_argument("--images-per-id", type=int, default=20, help="images per identity (default 20, >= 4)")
-    parser.add_argument("--cameras", type=int, default=6, help="number of cameras (default 6, >= 2)")
-    parser.add_argument("--size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"),
-                        help="image height and width in pixels (default 128 64, as Market-1501)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace OUT if it is a dataset rga-synth made (never a folder of other files)")
-    args = parser.parse_args(argv)
-    from rga_keras.cli import CommandError, run_command
-
-    def work() -> int:
-        start = time.perf_counter()
-        if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
-            raise CommandError(f"{args.out} exists and is not empty; pass --force to replace it (only a dataset "
-                               "rga-synth made is replaced)")
-        out = generate(args.out, num_ids=args.ids, images_per_id=args.images_per_id, num_cameras=args.cameras,
-                       image_size=tuple(args.size), seed=args.seed, overwrite=args.force)
-        from rga_keras.data.readers import load_dataset
-
-        print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
-        print(load_dataset("market1501", out).summary())
-        return 0
-
-    return run_command("rga-synth", work,
-                       on_interrupt=lambda: f"nothing was written to {args.out} (the partial copy was removed)")
 
 
 # --------------------------------------------------------------------------- dataset layout
@@ -337,6 +299,3 @@ def _draw_top(draw: ImageDraw.ImageDraw, p: dict, box: tuple, view: int) -> None
         draw.ellipse([x0 + w * 0.4, y0 + h * 0.25, x0 + w * 0.6, y0 + h * 0.4],
                      fill=tuple(255 - v for v in main))
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

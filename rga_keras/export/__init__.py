@@ -1,4 +1,4 @@
-"""Export a trained RGA re-id model for serving, and check every artefact against the Keras model (issue 6).
+"""Export a trained RGA re-id model for serving, and check every artefact against the Keras model.
 
 Every artefact computes the same function: raw RGB images (0–255, the model normalises them itself)
 → the L2-normalised retrieval embedding (the BNNeck output "after_bn", or "before_bn").
@@ -20,33 +20,31 @@ Every artefact computes the same function: raw RGB images (0–255, the model no
 
 Each artefact is run on query/gallery person images next to the Keras model: per-image cosine similarity
 of the embeddings, Rank-1/mAP of the retrieval, size on disk and CPU latency at batch 1. Thresholds
-(`THRESHOLDS`) decide pass/fail; a failing export publishes nothing (`ParityError`) unless told otherwise.
+(each format's, `FORMATS`) decide pass/fail; a failing export publishes nothing (`ParityError`) unless told otherwise.
 Artefacts are built in a staging folder inside ``<out>`` and moved into place only once complete and
 checked, so TF Serving never sees a half-written version.
 
-Modules: `model` (what can be exported), `serving` (SavedModel), `tflite` (conversion, LiteRT runner),
-`hybrid` (the dynamic-range model's float32 ops), `onnx` (conversion, ONNX Runtime runner),
-`parity` (checks and thresholds), `report` (table, JSON, Markdown), `exporter` (`export_all`).
+Modules: `formats` (the table of formats: file names, thresholds, which module builds and loads each), one
+module per file format with its ``build`` and ``load`` — `saved_model`, `tflite` (with `hybrid`, the
+dynamic-range model's float32 ops, and `flatbuffer`), `onnx` —, `model` (what can be exported), `parity`
+(the checks), `report` (table, JSON, Markdown), `exporter` (`export_all`). Importing the package is cheap: each
+name loads its module (TensorFlow, LiteRT, tf2onnx) on first use.
 """
-from rga_keras.export.exporter import DEFAULT_FORMATS, FORMATS, default_synthetic_dataset, export_all, load_images
-from rga_keras.export.model import (ExportError, ParityError, cosine_rows, estimate_batchnorm_statistics,
-                                    load_reid_model, reid_model_info, with_relation)
-from rga_keras.export.onnx import ONNX_OPSET, ONNXEmbedder, convert_onnx, onnx_ops
-from rga_keras.export.parity import THRESHOLDS, measure_latencies
-from rga_keras.export.report import failed_checks, format_table, report_markdown
-from rga_keras.export.serving import METADATA_FILE, SERVING_DTYPES, WARMUP_FILE, write_saved_model
-from rga_keras.export.tflite import (INT8_FLOAT_OPS, INT8_MAX_STEP_ERROR, INT8_RANGE_PERCENTILES, TFLITE_KINDS,
-                                     TFLiteEmbedder, convert_tflite, keep_vectors_float32, percentile_ranges,
-                                     tflite_ops, write_tflite_source)
+from rga_keras._lazy import lazy_exports
 
-__all__ = [
-    "FORMATS", "DEFAULT_FORMATS", "THRESHOLDS", "TFLITE_KINDS", "INT8_FLOAT_OPS", "INT8_MAX_STEP_ERROR",
-    "INT8_RANGE_PERCENTILES", "SERVING_DTYPES",
-    "METADATA_FILE", "WARMUP_FILE", "ExportError", "ParityError",
-    "export_all", "load_reid_model", "reid_model_info", "with_relation", "estimate_batchnorm_statistics",
-    "write_saved_model", "write_tflite_source", "convert_tflite", "keep_vectors_float32", "percentile_ranges",
-    "tflite_ops",
-    "TFLiteEmbedder", "measure_latencies", "cosine_rows", "load_images", "default_synthetic_dataset",
-    "format_table", "report_markdown", "failed_checks",
-    "ONNX_OPSET", "ONNXEmbedder", "convert_onnx", "onnx_ops",
-]
+_EXPORTS = {
+    **dict.fromkeys(("FORMATS", "DEFAULT_FORMATS", "ExportFormat", "Runner"), "rga_keras.export.formats"),
+    "export_all": "rga_keras.export.exporter",
+    **dict.fromkeys(("ExportError", "ParityError", "cosine_rows", "estimate_batchnorm_statistics", "reid_model_info",
+                     "with_relation", "write_float_saved_model"), "rga_keras.export.model"),
+    **dict.fromkeys(("ONNX_OPSET", "ONNXEmbedder", "convert_onnx", "onnx_ops"), "rga_keras.export.onnx"),
+    "measure_latencies": "rga_keras.export.parity",
+    **dict.fromkeys(("failed_checks", "format_table", "report_markdown"), "rga_keras.export.report"),
+    **dict.fromkeys(("METADATA_FILE", "SERVING_DTYPES", "WARMUP_FILE", "write_saved_model"),
+                    "rga_keras.export.saved_model"),
+    **dict.fromkeys(("INT8_FLOAT_OPS", "INT8_MAX_STEP_ERROR", "INT8_RANGE_PERCENTILES", "TFLITE_KINDS",
+                     "TFLiteEmbedder", "convert_tflite", "keep_vectors_float32", "tflite_ops"),
+                    "rga_keras.export.tflite"),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,47 +10,21 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import keras
-import numpy as np
 
-from rga_keras.cli import raise_if_interrupted
-from rga_keras.export.model import ExportError, ParityError, check_choice, check_percentile, reid_model_info
-from rga_keras.export.onnx import convert_onnx, onnx_ops
+from rga_keras.checks import check_choice
+from rga_keras.data import load_dataset, load_images
+from rga_keras.export.formats import DEFAULT_FORMATS, FORMATS, BuildJob
+from rga_keras.export.model import ParityError, check_percentile, reid_model_info
 from rga_keras.export.parity import check_artefacts
 from rga_keras.export.report import (describe_settings, failed_checks, format_table, is_published, report_paths,
                                      write_reports)
-from rga_keras.export.serving import SERVING_DTYPES, write_saved_model
-from rga_keras.export.tflite import INT8_FLOAT_OPS, convert_tflite, tflite_ops, write_tflite_source
+from rga_keras.export.saved_model import SERVING_DTYPES
+from rga_keras.export.tflite import INT8_FLOAT_OPS
 from rga_keras.files import remove_stale_temps, staging_dir
+from rga_keras.interrupts import raise_if_interrupted
 from rga_keras.models import FEATURES
 
-FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "tflite_int8_full",
-           "tflite_int16x8", "onnx")
-# What an export makes unless told otherwise: the formats that pass their checks on the README demo model
-# (docs/EXPORT.md); the other quantised models are made on request.
-DEFAULT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic", "onnx")
-_CALIBRATED = ("tflite_dynamic", "tflite_int8", "tflite_int8_full", "tflite_int16x8")  # formats calibrated on images
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def load_images(samples: Sequence, image_size: Sequence[int], limit: int | None = None) -> np.ndarray:
-    """Up to ``limit`` images (evenly spread over ``samples``) as raw-pixel float32 (n, H, W, 3)."""
-    from rga_keras.data import make_eval_dataset
-    from rga_keras.visualize import spread_indices
-
-    samples = list(samples)
-    if limit is not None:
-        samples = [samples[i] for i in spread_indices(len(samples), limit)]
-    samples = [s if isinstance(s, (tuple, list)) else (str(s), 0, 0) for s in samples]
-    dataset = make_eval_dataset(samples, image_size=tuple(image_size), batch_size=32)
-    return np.concatenate([images.numpy() for images, _ in dataset])
-
-
-def default_synthetic_dataset():
-    """The built-in synthetic dataset (generated once into the cache, as the training demo uses it)."""
-    from rga_keras.data import load_dataset
-    from rga_keras.data.synthetic import ensure_synthetic
-
-    return load_dataset("market1501", ensure_synthetic())
 
 
 def export_all(
@@ -116,7 +90,7 @@ def export_all(
     info = reid_model_info(model)
     size = info["input_size"]
     out_dir = Path(out_dir).expanduser()
-    targets = _targets(out_dir, formats, model_name, version)
+    targets = {fmt: FORMATS[fmt].target(out_dir, model_name, version) for fmt in formats}
     existing = [str(p) for p in targets.values() if p.exists()]
     published_report = report_paths(out_dir, model_name, version)[0]
     if is_published(published_report):  # the version exists even where its artefacts were other formats
@@ -124,9 +98,9 @@ def export_all(
     if existing and not overwrite:
         raise FileExistsError(f"already exported: {', '.join(existing)} (use another version, or overwrite)")
     log = print if verbose else _quiet
-    calibrated = any(fmt in _CALIBRATED for fmt in formats)
+    calibrated = any(FORMATS[fmt].calibrated for fmt in formats)
     needs_synthetic = (calibrated and calibration_samples is None) or (check and eval_split is None)
-    synthetic = default_synthetic_dataset() if needs_synthetic else None
+    synthetic = load_dataset("synthetic") if needs_synthetic else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir, ".export-")  # staging folders of killed exports, any name or version
@@ -137,10 +111,10 @@ def export_all(
             samples = synthetic.train if calibration_samples is None else calibration_samples
             calibration = load_images(samples, size, num_calibration)
             log(f"calibration: {len(calibration)} images")
-        built = _build(model, formats, staging, feature=feature, model_name=model_name, version=version,
-                       serving_dtype=serving_dtype, allow_unit_range=serving_allow_unit_range,
-                       calibration=calibration, int8_io=int8_io, int8_float_ops=int8_float_ops,
-                       int8_float_nodes=int8_float_nodes, int8_range_percentile=int8_range_percentile, log=log)
+        options = {"serving_dtype": serving_dtype, "serving_allow_unit_range": serving_allow_unit_range,
+                   "int8_io": int8_io, "int8_float_ops": int8_float_ops, "int8_float_nodes": int8_float_nodes,
+                   "int8_range_percentile": int8_range_percentile}
+        built = _build(formats, BuildJob(model, feature, model_name, version, staging, calibration, options, log))
         report = {
             "model": {"name": model_name, "version": version, "feature": feature, **info},
             "settings": describe_settings(formats, calibration, int8_io, int8_float_ops, int8_float_nodes,
@@ -174,51 +148,16 @@ def export_all(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _targets(out_dir: Path, formats: list[str], name: str, version: int) -> dict[str, Path]:
-    return {fmt: (out_dir / "serving" / name / str(version) if fmt == "saved_model"
-                  else out_dir / "onnx" / f"{name}_v{version}.onnx" if fmt == "onnx"
-                  else out_dir / "tflite" / f"{name}_v{version}_{fmt[len('tflite_'):]}.tflite") for fmt in formats}
-
-
-def _build(model, formats, staging, *, feature, model_name, version, serving_dtype, allow_unit_range, calibration,
-           int8_io, int8_float_ops, int8_float_nodes, int8_range_percentile, log) -> dict[str, tuple[Path, dict]]:
-    """Write every artefact into ``staging``; returns {format: (path, extra report entries)}."""
+def _build(formats: list[str], job: BuildJob) -> dict[str, tuple[Path, dict]]:
+    """Every artefact written into the job's staging folder by its format's module; {format: (path, report
+    entries)}, the build time among them."""
     built = {}
-    if "saved_model" in formats:
+    for fmt in formats:
         start = time.perf_counter()
-        path = write_saved_model(model, staging / "saved_model", feature=feature, model_name=model_name,
-                                 serving_dtype=serving_dtype, allow_unit_range=allow_unit_range,
-                                 metadata={"version": version})
-        built["saved_model"] = (path, {"seconds_to_build": round(time.perf_counter() - start, 1)})
-        log(f"saved_model: written in {built['saved_model'][1]['seconds_to_build']} s")
-    kinds = [fmt[len("tflite_"):] for fmt in formats if fmt.startswith("tflite_")]
-    if kinds or "onnx" in formats:  # the float32 SavedModel both are converted from
-        source = write_tflite_source(model, staging / "tflite_source", feature)
-        float32 = None  # the float32 conversion, reused by the float16 and dynamic-range models
-        for kind in sorted(kinds, key=lambda k: k != "float32"):
-            start = time.perf_counter()
-            chosen = {}
-            flatbuffer = convert_tflite(source, kind, representative_images=calibration,
-                                        int8_io=int8_io and kind == "int8", float_ops=int8_float_ops,
-                                        float_nodes=int8_float_nodes, range_percentile=int8_range_percentile,
-                                        info=chosen, log=log, float32=float32)
-            float32 = flatbuffer if kind == "float32" else float32
-            path = staging / f"{kind}.tflite"
-            path.write_bytes(flatbuffer)
-            ops = tflite_ops(path)
-            if not ops["builtin_only"]:
-                raise ExportError(f"tflite_{kind} needs ops beyond LiteRT's builtins: {ops['ops']}")
-            extra = {"seconds_to_build": round(time.perf_counter() - start, 1), **chosen, **ops}
-            built[f"tflite_{kind}"] = (path, extra)
-            log(f"tflite_{kind}: converted in {extra['seconds_to_build']} s")
-        if "onnx" in formats:
-            start = time.perf_counter()
-            path = staging / "model.onnx"
-            path.write_bytes(convert_onnx(source, feature))
-            built["onnx"] = (path, {"seconds_to_build": round(time.perf_counter() - start, 1), **onnx_ops(path)})
-            log(f"onnx: converted in {built['onnx'][1]['seconds_to_build']} s")
-        shutil.rmtree(source, ignore_errors=True)
-    return {fmt: built[fmt] for fmt in formats}
+        path, extra = FORMATS[fmt].module().build(FORMATS[fmt], job)
+        built[fmt] = (path, {"seconds_to_build": round(time.perf_counter() - start, 1), **extra})
+        job.log(f"{fmt}: built in {built[fmt][1]['seconds_to_build']} s")
+    return built
 
 
 def _publish(built: dict, targets: dict, staging: Path) -> None:

@@ -42,15 +42,11 @@ def int8_weight_ops(quantised: bytes) -> list[dict]:
     return ops
 
 
-def restore_float_weights(quantised: bytes, float32: bytes, ops: Sequence[int]) -> bytes:
-    """``quantised`` (dynamic-range) with the int8 weights of the ops at ``ops`` (op-list indices) replaced by
-    the float32 weights of the same ops in ``float32``, the float32 conversion of the same model (the two
-    converters emit the same op list; checked op by op)."""
-    return _Restorer(quantised, float32)(ops)
-
-
-class _Restorer:
-    """`restore_float_weights` for many op sets: both models parsed once, each edit undone after writing."""
+class WeightRestorer:
+    """``restorer(ops)``: ``quantised`` (dynamic-range) with the int8 weights of the ops at ``ops`` (op-list
+    indices) replaced by the float32 weights of the same ops in ``float32``, the float32 conversion of the same
+    model (the two converters emit the same op list; checked op by op). Both models are parsed once, so many op
+    sets are cheap to try; each edit is undone after writing."""
 
     def __init__(self, quantised: bytes, float32: bytes) -> None:
         self.schema, self.utils = tflite_schema()
@@ -137,7 +133,7 @@ def choose_float_weights(quantised: bytes, float32: bytes, images: np.ndarray,
     candidates = [c for c in int8_weight_ops(quantised) if _BYTES_PER_WEIGHT * c["weights"] <= extra]
     log(f"dynamic: measuring {len(candidates)} ops with float32 weights on the {len(subset)} calibration images "
         f"furthest from the float32 model (mean 1 - cosine {before:.5f})")
-    restore = _Restorer(quantised, float32)
+    restore = WeightRestorer(quantised, float32)
     for c in candidates:
         edited = restore([c["index"]])
         c["gain"] = before - float((1.0 - cosine_rows(embed(edited, subset), reference)).mean())

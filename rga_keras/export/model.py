@@ -3,17 +3,17 @@ statistics, and the one function every artefact computes (images → L2-normalis
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from rga_keras import models
+from rga_keras.checks import check_choice
+from rga_keras.export.formats import BuildJob
 from rga_keras.layers import RELATIONS, RGAOptions
-from rga_keras.models import RGAReID, RGAResNetBackbone, count_parameters
+from rga_keras.models import FEATURES, RGAReID, RGAResNetBackbone, count_parameters, embedding_model
 
 
 class ExportError(RuntimeError):
@@ -26,11 +26,6 @@ class ParityError(ExportError):
     def __init__(self, message: str, report: dict) -> None:
         super().__init__(message)
         self.report = report
-
-
-def check_choice(name: str, value: Any, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_percentile(name: str, value: Any) -> None:
@@ -53,27 +48,6 @@ def reid_model_info(model: Any) -> dict:
         "rga": {layer.name: layer.mode for layer in backbone.rga_layers},
         "relation": backbone.rga_options.relation if backbone.rga_layers else None,
     }
-
-
-def load_reid_model(path: str | os.PathLike) -> RGAReID:
-    """Load a ``.keras`` file and check it is an RGA re-id model (clear `ExportError` otherwise); a file
-    written by rga-keras 0.1 is converted (`rga_keras.load_reid_model`)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ExportError(f"model file {path} does not exist")
-    if not path.is_file() or path.suffix != ".keras":
-        raise ExportError(f"expected a Keras model file ending in .keras (model.save('model.keras')), got {path}")
-    if not zipfile.is_zipfile(path):  # Keras itself would say "File not found" about an existing file
-        raise ExportError(f"could not load {path} as a Keras model: a .keras file is a zip archive, this one is not "
-                          "(truncated, or not saved by model.save)")
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as err:  # a zip that is not a model, unknown classes, ...: say which file and why
-        raise ExportError(f"could not load {path} as a Keras model: {type(err).__name__}: {err}") from None
-    try:
-        return models.as_reid_model(model, source=str(path))
-    except ValueError as err:
-        raise ExportError(str(err)) from None
 
 
 def with_relation(model: RGAReID, relation: str) -> RGAReID:
@@ -120,3 +94,27 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each row of ``a`` with the same row of ``b``."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.einsum("ij,ij->i", a, b) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def write_float_saved_model(model: keras.Model, source_dir: str | os.PathLike, feature: str = "after_bn") -> Path:
+    """A plain float32 SavedModel of the embedding function (fixed H, W; no input checks): what the TFLite and
+    ONNX models are converted from.
+
+    Its signature ``serving_default`` (images → {"embedding"}) becomes the TFLite model's signature.
+    """
+    info = reid_model_info(model)
+    check_choice("feature", feature, FEATURES)
+    height, width = info["input_size"]
+    embedder = embedding_model(model, feature)
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint("serving_default", embed_function(embedder),
+                         input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name="images")])
+    archive.write_out(str(source_dir), verbose=False)
+    return Path(source_dir)
+
+
+def float_saved_model(job: BuildJob) -> Path:
+    """The float32 SavedModel of the job's embedding (`write_float_saved_model`) that the TFLite and ONNX models are
+    converted from, written once per export."""
+    return job.once("float_saved_model",
+                    lambda: write_float_saved_model(job.model, job.staging / "float_source", job.feature))

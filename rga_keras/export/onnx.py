@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rga_keras.export.model import ExportError
+from rga_keras.cores import available_cores
+from rga_keras.export.formats import BuildJob, ExportFormat, Runner
+from rga_keras.export.model import ExportError, float_saved_model
 
 # Opset 17 (ONNX 1.12, 2022): parsed by TensorRT 8.6 and 10.x and run by every ONNX Runtime since 1.13, and
 # within the opsets tf2onnx 1.17 maps to (≤ 18). Nothing in the RGA graph needs a later one.
@@ -27,7 +29,7 @@ BATCH_AXIS = "batch"  # name of the dynamic batch dimension of the input and out
 
 
 def convert_onnx(source_dir: str | os.PathLike, feature: str | None = None, opset: int = ONNX_OPSET) -> bytes:
-    """Convert the SavedModel of `write_tflite_source` (images → {"embedding"}) to a serialised ONNX model.
+    """Convert the SavedModel of `rga_keras.export.model.write_float_saved_model` (images → {"embedding"}) to a serialised ONNX model.
 
     Input ``images`` (batch, H, W, 3) float32 raw pixels, output ``embedding`` (batch, d) L2-normalised; the
     batch axis is dynamic (named "batch"). ``feature`` is written into the model's metadata ("rga_feature").
@@ -83,10 +85,8 @@ class ONNXEmbedder:
     def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None) -> None:
         import onnxruntime
 
-        from rga_keras.export.tflite import cpu_count
-
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = num_threads or cpu_count()
+        options.intra_op_num_threads = num_threads or available_cores()
         source = bytes(model) if isinstance(model, (bytes, bytearray)) else str(Path(model))
         self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0]
@@ -137,3 +137,29 @@ class _tf_quiet:
 
     def __exit__(self, *exc) -> None:
         self._logger.setLevel(self._level)
+
+
+def build(fmt: ExportFormat, job: BuildJob) -> tuple[Path, dict]:
+    """The ONNX model (`convert_onnx`) of the float32 SavedModel the TFLite models come from, in the job's staging
+    folder; report entries: its opset and ops."""
+    path = job.staging / "model.onnx"
+    path.write_bytes(convert_onnx(float_saved_model(job), job.feature))
+    return path, onnx_ops(path)
+
+
+def load(path: str | os.PathLike, num_threads: int | None = None) -> Runner:
+    """An ``.onnx`` embedding model as a `Runner` (`ONNXEmbedder`, ONNX Runtime); its feature from the metadata
+    rga-export writes. ImportError without onnxruntime; ValueError naming the file when it is not a model of
+    images (n, H, W, 3) of a fixed size."""
+    try:
+        embed = ONNXEmbedder(path, num_threads)
+    except ImportError:
+        raise ImportError(f"reading {path} needs onnxruntime, which is not installed (pip install onnxruntime)") \
+            from None
+    except Exception as err:  # onnxruntime's own error types (InvalidProtobuf, ...)
+        raise ValueError(f"could not load {path} as an ONNX model: {err}") from None
+    shape = embed.input_shape
+    if len(shape) != 3 or shape[2] != 3 or not all(isinstance(d, int) for d in shape[:2]):
+        raise ValueError(f"{path} takes input of shape (n, {', '.join(map(str, shape))}), not images (n, H, W, 3) "
+                         "of a fixed size")
+    return Runner(embed, (shape[0], shape[1]), embed.feature)

@@ -1,5 +1,5 @@
 """Checking artefacts against the Keras model: per-image cosine of the embeddings, retrieval (Rank-1, mAP)
-and CPU latency at batch 1, with the pass/fail thresholds of each format."""
+and CPU latency at batch 1, judged by each format's thresholds (`rga_keras.export.formats`)."""
 from __future__ import annotations
 
 import time
@@ -9,31 +9,12 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
+from rga_keras.data.pipeline import make_eval_dataset
+from rga_keras.evaluation.features import extract_features
+from rga_keras.evaluation.metrics import evaluate
+from rga_keras.export.formats import FORMATS, Runner
 from rga_keras.export.model import cosine_rows
-from rga_keras.export.onnx import ONNXEmbedder
-from rga_keras.export.tflite import TFLiteEmbedder
 from rga_keras.models import embedding_model
-
-# Parity thresholds per artefact: per-image cosine similarity to the Keras embedding and, for quantised
-# artefacts, the largest allowed |mAP - Keras mAP| in points. Every artefact is judged on its worst image
-# ("cosine_min"): a mean can hide images whose embedding is useless. Quantised artefacts are also judged on
-# the mean (their typical error) and on mAP. Their worst-image bar, 0.95, keeps each embedding within 18° of
-# the Keras one (docs/EXPORT.md, "Parity report", says why this value). A float artefact whose every
-# embedding is within its cosine bar can change a ranking only where two gallery distances nearly tie; on a
-# small split of a barely trained model (distances within 1e-3 of each other) float32 rounding alone then
-# moved mAP by more than a point, so for float artefacts mAP is reported, not judged.
-_QUANTISED = {"cosine_mean": 0.98, "cosine_min": 0.95, "max_map_diff": 1.0}
-THRESHOLDS = {
-    "saved_model": {"cosine_min": 0.9999},
-    "tflite_float32": {"cosine_min": 0.9999},
-    "tflite_float16": {"cosine_min": 0.999},
-    "tflite_dynamic": dict(_QUANTISED),
-    "tflite_int8": dict(_QUANTISED),
-    "tflite_int8_full": dict(_QUANTISED),
-    "tflite_int16x8": dict(_QUANTISED),
-    "onnx": {"cosine_min": 0.9999},
-}
-
 
 def measure_latencies(runners: dict[str, Callable[[np.ndarray], Any]], image: np.ndarray, *, runs: int = 30,
                       rounds: int = 5, warmup: int = 2) -> dict[str, dict]:
@@ -70,24 +51,13 @@ def _as_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
-def _runner(fmt: str, path: Path, num_threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], bool]:
-    """The artefact as a function of float pixel batches, and whether it sees them rounded to uint8 (a uint8
-    serving signature: its reference is then the Keras model on the same rounded pixels)."""
-    if fmt == "saved_model":
-        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-        if signature.structured_input_signature[1]["images"].dtype == tf.uint8:
-            return lambda images: signature(images=tf.constant(_as_uint8(images)))["embedding"].numpy(), True
-        return lambda images: signature(images=tf.constant(images, tf.float32))["embedding"].numpy(), False
-    if fmt == "onnx":
-        return ONNXEmbedder(path, num_threads), False
-    return TFLiteEmbedder(path, num_threads), False
+def _runner(fmt: str, path: Path, num_threads: int | None) -> Runner:
+    """The artefact, loaded by its format's module, as the programs load it."""
+    return FORMATS[fmt].module().load(path, num_threads)
 
 
 def check_artefacts(model, feature, built, report, query, gallery, batch_size, latency_runs, num_threads, log):
     """Embeddings, retrieval and latency of the Keras model and of every artefact; fills ``report``."""
-    from rga_keras.data import make_eval_dataset
-    from rga_keras.evaluation import extract_features
-
     size = tuple(report["model"]["input_size"])
     datasets = [make_eval_dataset(s, image_size=size, batch_size=batch_size) for s in (query, gallery)]
     embedder = embedding_model(model, feature)
@@ -103,7 +73,8 @@ def check_artefacts(model, feature, built, report, query, gallery, batch_size, l
     report["settings"]["eval_images"] = {"query": len(qf), "gallery": len(gf)}
     runners = {"keras": lambda x: keras_fn(tf.constant(x)).numpy()}
     for fmt, (path, _) in built.items():
-        run, rounded = _runner(fmt, path, num_threads)
+        runner = _runner(fmt, path, num_threads)
+        run, rounded = runner.run, runner.uint8_input
         runners[fmt] = run
         aq, ag = (_embed_dataset(run, d) for d in datasets)
         reference = [qf, gf] if not rounded else [
@@ -112,8 +83,8 @@ def check_artefacts(model, feature, built, report, query, gallery, batch_size, l
         entry = report["checks"][fmt]
         entry.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), **_retrieval(aq, ag, labels))
         entry["map_diff_points"] = 100 * (entry["mAP"] - report["reference"]["mAP"])
-        entry["thresholds"] = THRESHOLDS[fmt]
-        entry["failures"] = _failures(entry, THRESHOLDS[fmt])
+        entry["thresholds"] = FORMATS[fmt].thresholds
+        entry["failures"] = _failures(entry, FORMATS[fmt].thresholds)
         entry["passed"] = not entry["failures"]
         log(f"{fmt}: cosine mean {entry['cosine_mean']:.5f} min {entry['cosine_min']:.5f}  "
             f"mAP {100 * entry['mAP']:.2f} (keras {100 * report['reference']['mAP']:.2f})  "
@@ -129,8 +100,6 @@ def check_artefacts(model, feature, built, report, query, gallery, batch_size, l
 
 
 def _retrieval(qf, gf, labels) -> dict:
-    from rga_keras.evaluation import evaluate
-
     result = evaluate(qf, gf, *labels, metric="cosine")
     return {"rank1": float(result["rank1"]), "mAP": float(result["mAP"])}
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from rga_keras.export.parity import THRESHOLDS
-from rga_keras.export.tflite import INT8_MAX_STEP_ERROR, cpu_count
+from rga_keras.export.formats import FORMATS
+from rga_keras.cores import available_cores
+from rga_keras.export.tflite import INT8_MAX_STEP_ERROR
 from rga_keras.files import write_text_atomic
 
 
@@ -31,10 +32,10 @@ def describe_settings(formats, calibration, int8_io, int8_float_ops, int8_float_
         "int8_io": int8_io, "int8_float_ops": list(int8_float_ops),
         "int8_float_nodes": int8_float_nodes if isinstance(int8_float_nodes, str) else list(int8_float_nodes),
         "int8_range_percentile": int8_range_percentile,
-        "latency": {"batch": 1, "runs": latency_runs, "tflite_threads": num_threads or cpu_count(),
+        "latency": {"batch": 1, "runs": latency_runs, "tflite_threads": num_threads or available_cores(),
                     "statistic": "median", "interleaved": True},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": cpu_count()},
+                    "cpus": available_cores()},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "ai-edge-litert": version("ai-edge-litert"),
                      "tf2onnx": version("tf2onnx"), "onnxruntime": version("onnxruntime")},
@@ -170,7 +171,8 @@ def report_markdown(report: dict) -> str:
     lines += ["", "| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     lines += ["", "Thresholds: " + "; ".join(
-        f"{fmt} " + ", ".join(f"{k} {v}" for k, v in THRESHOLDS[fmt].items()) for fmt in report["checks"]) + "."]
+        f"{fmt} " + ", ".join(f"{k} {v}" for k, v in FORMATS[fmt].thresholds.items()) for fmt in report["checks"])
+        + "."]
     failures = [f"- {line}" for line in failed_checks(report)]
     lines += ["", "**Failed checks:**", *failures] if failures else []
     if report.get("artefacts"):

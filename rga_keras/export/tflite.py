@@ -8,7 +8,7 @@ measured, not fixed: TFLite's `QuantizationDebugger` runs the calibration images
 every int8 op is checked against its float op, and a node whose own error exceeds `INT8_MAX_STEP_ERROR`
 int8 steps (RMSE / scale) is kept in float32. Its activation ranges are percentiles of each tensor's
 per-image extremes over the calibration images rather than TFLite's plain min/max, which a few outlying
-images stretch (`percentile_ranges`). The full-integer model ("int8_full") has no float op at all (uint8
+images stretch (`set_ranges`). The full-integer model ("int8_full") has no float op at all (uint8
 pixels in, int8 embedding out) for int8-only accelerators; "int16x8" keeps activations in int16 (weights
 int8). The dynamic-range model ("dynamic", int8 weights, float activations) gives the ops that help most on
 the calibration images their float32 weights back (`rga_keras.export.hybrid`): the accurate small option.
@@ -24,15 +24,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from rga_keras.checks import check_choice
+from rga_keras.cores import available_cores
 from rga_keras.export.flatbuffer import op_name, tflite_schema
+from rga_keras.export.formats import BuildJob, ExportFormat, Runner
 from rga_keras.export.hybrid import choose_float_weights
-from rga_keras.export.model import (ExportError, check_choice, check_percentile, cosine_rows, embed_function,
-                                    reid_model_info)
-from rga_keras.models import FEATURES, embedding_model
+from rga_keras.export.model import ExportError, check_percentile, cosine_rows, float_saved_model
 from rga_keras.native_logs import quiet_native_stderr
 
 TFLITE_KINDS = ("float32", "float16", "dynamic", "int8", "int8_full", "int16x8")
@@ -45,22 +45,6 @@ INT8_MAX_STEP_ERROR = 0.7
 # maximum (and 100 - it of the per-image minimum); 100 = TFLite's own min/max over all images. "auto" (the
 # default) tries these and keeps the one whose embeddings best match the float model's (docs/EXPORT.md).
 INT8_RANGE_PERCENTILES = (100.0, 99.0, 95.0, 90.0, 80.0)  # tried by range_percentile="auto"
-
-
-def write_tflite_source(model: keras.Model, source_dir: str | os.PathLike, feature: str = "after_bn") -> Path:
-    """A plain float32 SavedModel of the embedding function (fixed H, W; no input checks) to convert from.
-
-    Its signature ``serving_default`` (images → {"embedding"}) becomes the TFLite model's signature.
-    """
-    info = reid_model_info(model)
-    check_choice("feature", feature, FEATURES)
-    height, width = info["input_size"]
-    embedder = embedding_model(model, feature)
-    archive = keras.export.ExportArchive()
-    archive.add_endpoint("serving_default", embed_function(embedder),
-                         input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name="images")])
-    archive.write_out(str(source_dir), verbose=False)
-    return Path(source_dir)
 
 
 def convert_tflite(
@@ -76,7 +60,8 @@ def convert_tflite(
     log: Callable[[str], None] | None = None,
     float32: bytes | None = None,
 ) -> bytes:
-    """Convert the SavedModel of `write_tflite_source` to a TFLite flatbuffer, builtin ops only.
+    """Convert the SavedModel of `rga_keras.export.model.write_float_saved_model` to a TFLite flatbuffer, builtin
+    ops only.
 
     kind: "float32"; "float16" (float16 weights, vector-shaped constants float32: `keep_vectors_float32`);
     "dynamic" (dynamic-range: int8 weights; given ``representative_images``, the ops whose float32 weights
@@ -86,7 +71,7 @@ def convert_tflite(
     uint8 pixels in, int8 embedding out); "int16x8" (int16 activations, int8 weights, calibrated likewise).
     For "int8", ``float_ops`` are TFLite op names kept in float32 and ``float_nodes`` op output tensor names
     kept in float32 ("auto": those whose debugger error exceeds `INT8_MAX_STEP_ERROR` steps, `_noisy_nodes`);
-    ``range_percentile`` sets the activation ranges of both int8 kinds (`percentile_ranges`; 100: TFLite's
+    ``range_percentile`` sets the activation ranges of both int8 kinds (`set_ranges`; 100: TFLite's
     min/max; "auto": each of `INT8_RANGE_PERCENTILES`, keeping the model whose embeddings of
     ``representative_images`` have the highest mean cosine to the float model's). ``info`` (a dict) gets
     "range_percentile", "calibration_cosine" {percentile: mean cosine} and, for "int8", "float_nodes"
@@ -156,9 +141,9 @@ def convert_tflite(
         log(f"{kind}: calibrated; choosing activation ranges among percentiles {tried}")
     calibrated, scores, ranged = _raw_pixel_input(debugger.calibrated_model), {}, {}
     debugger.calibrated_model = calibrated
-    extremes = _activation_extremes(calibrated, images) if percentiles != (100.0,) else None
+    extremes = activation_extremes(calibrated, images) if percentiles != (100.0,) else None
     for percentile in percentiles:
-        ranged[percentile] = calibrated if extremes is None else _set_ranges(calibrated, extremes, percentile)
+        ranged[percentile] = calibrated if extremes is None else set_ranges(calibrated, extremes, percentile)
         if len(percentiles) == 1:
             best = percentile
             break
@@ -293,7 +278,7 @@ def _check_int16_additions(flatbuffer: bytes) -> bytes:
     return flatbuffer
 
 
-def _activation_extremes(calibrated: bytes,
+def activation_extremes(calibrated: bytes,
                          images: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
     """Run a calibrated (float32) TFLite model on each image: the activations that carry a calibrated range,
     their per-image minima and maxima (n, tensors), and the model's outputs (n, d)."""
@@ -332,7 +317,19 @@ def _raw_pixel_input(calibrated: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def _set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
+def set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
+    """Set each activation range of a calibrated TFLite model to a percentile over the images of ``extremes``
+    (`activation_extremes`), not to their extremes.
+
+    TFLite's calibration keeps each tensor's min/max over all images, so a few images with outlying
+    activations widen the int8 steps of every other image (RGA's relation features reach 100× their typical
+    peak on some images of a weakly trained model). Here each tensor's max is the ``percentile`` of its
+    positive per-image maxima and its min the (100 − ``percentile``) percentile of its negative per-image
+    minima (0 kept inside; images where the tensor is 0 are left out, and a tensor that is 0 on every image
+    keeps its calibrated range); values beyond saturate. The model input (raw pixels) keeps its range.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     from tensorflow.lite.tools import flatbuffer_utils
 
     ranged, lows, highs, _ = extremes
@@ -351,22 +348,6 @@ def _set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
         quantization.min = np.array([0.0 if np.isnan(low[j]) else low[j]], np.float32)  # 0 exactly in range
         quantization.max = np.array([0.0 if np.isnan(high[j]) else high[j]], np.float32)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def percentile_ranges(calibrated: bytes, images: np.ndarray, percentile: float) -> bytes:
-    """Set each activation range of a calibrated TFLite model to a percentile over ``images``, not the extremes.
-
-    TFLite's calibration keeps each tensor's min/max over all images, so a few images with outlying
-    activations widen the int8 steps of every other image (RGA's relation features reach 100× their typical
-    peak on some images of a weakly trained model). Here each tensor's max is the ``percentile`` of its
-    positive per-image maxima and its min the (100 − ``percentile``) percentile of its negative per-image
-    minima (0 kept inside; images where the tensor is 0 are left out, and a tensor that is 0 on every image
-    keeps its calibrated range); values beyond saturate. The model input (raw pixels) keeps its range. ``calibrated``:
-    `QuantizationDebugger.calibrated_model`; ``images``: the calibration images, raw pixels (n, H, W, 3).
-    """
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    return _set_ranges(calibrated, _activation_extremes(calibrated, images), percentile)
 
 
 def tflite_ops(model: str | os.PathLike | bytes) -> dict:
@@ -410,7 +391,7 @@ class TFLiteEmbedder:
 
     def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None) -> None:
         self._source = _interpreter_source(model)
-        self.num_threads = num_threads or cpu_count()
+        self.num_threads = num_threads or available_cores()
         self._new_interpreter()
         self.input_shape = tuple(int(d) for d in self._input["shape_signature"][1:])
 
@@ -454,5 +435,35 @@ class TFLiteEmbedder:
         return out
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def build(fmt: ExportFormat, job: BuildJob) -> tuple[Path, dict]:
+    """The TFLite model of kind ``fmt.variant`` (`convert_tflite`) in the job's staging folder; the float32
+    conversion is made once and reused by the float16 and dynamic-range models. Report entries: what the
+    conversion chose and the model's ops."""
+    kind, source, options = fmt.variant, float_saved_model(job), job.options
+    float32 = (job.once("tflite_float32", lambda: convert_tflite(source, "float32"))
+               if kind in ("float32", "float16", "dynamic") else None)
+    chosen: dict = {}
+    flatbuffer = convert_tflite(source, kind, representative_images=job.calibration,
+                                int8_io=options["int8_io"] and kind == "int8", float_ops=options["int8_float_ops"],
+                                float_nodes=options["int8_float_nodes"],
+                                range_percentile=options["int8_range_percentile"], info=chosen, log=job.log,
+                                float32=float32)
+    path = job.staging / f"{kind}.tflite"
+    path.write_bytes(flatbuffer)
+    ops = tflite_ops(path)
+    if not ops["builtin_only"]:
+        raise ExportError(f"{fmt.name} needs ops beyond LiteRT's builtins: {ops['ops']}")
+    return path, {**chosen, **ops}
+
+
+def load(path: str | os.PathLike, num_threads: int | None = None) -> Runner:
+    """A ``.tflite`` embedding model as a `Runner` (`TFLiteEmbedder`); ValueError naming the file when it is not
+    one that maps images (n, H, W, 3) to embeddings."""
+    try:
+        embed = TFLiteEmbedder(path, num_threads)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"could not load {path} as a TFLite model: {err}") from None
+    if len(embed.input_shape) != 3 or embed.input_shape[2] != 3:
+        raise ValueError(f"{path} takes input (n, {', '.join(map(str, embed.input_shape))}), not images "
+                         "(n, H, W, 3)")
+    return Runner(embed, embed.input_shape[:2], None)

@@ -7,14 +7,16 @@ exported models need no preprocessing. Its constructor arguments are its config,
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterator, Sequence
 
 import keras
 
 from rga_keras import weights
-from rga_keras.layers import MODES, RGA, RGAOptions, batch_norm
-from rga_keras.schemes import SCHEME_LAYERS, SCHEMES
+from rga_keras.attention import ATTENTION_LAYERS, ATTENTIONS, attention_slug, check_attention
+from rga_keras.layers import RGA, RGAOptions, batch_norm
+from rga_keras.models.presets import backbone_config
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 RESNET50_WIDTHS = (64, 128, 256, 512)
@@ -52,10 +54,10 @@ class RGAResNetBackbone(keras.Model):
     """ResNet-50 v1.5 (last stride 1) with an RGA module after each chosen stage (paper Fig. 3).
 
     Args:
-        attention: an `RGA` mode ("s", "c", "sc", "cs", "s//c"), None for the paper's baseline, or one of the
-            comparison schemes of Table 2 (`rga_keras.schemes.SCHEMES`: "se", "cbam_c", "cbam_s", "cbam_cs",
-            "fc_s", "fc_c", "fc_s/c", "nl", "snl"), placed after each chosen stage as RGA, or inside every
-            bottleneck of the chosen stages where the design puts it there (SE).
+        attention: a name of `rga_keras.attention.ATTENTIONS` — an `RGA` mode ("s", "c", "sc", "cs", "s//c")
+            or one of the comparison schemes of Table 2 ("se", "cbam_c", "cbam_s", "cbam_cs", "fc_s", "fc_c",
+            "fc_s/c", "nl", "snl") — or None for the paper's baseline; placed after each chosen stage as RGA,
+            or inside every bottleneck of the chosen stages where the design puts it there (SE).
         input_shape: (H, W, 3) of the raw RGB input; the RGA weights depend on it.
         last_stride: stride of stage 4 (1 in the paper: a 16×8 final map for 256×128).
         rga_stages: which of the stages 1–4 get an RGA module (or the comparison scheme).
@@ -91,8 +93,7 @@ class RGAResNetBackbone(keras.Model):
         if len(stage_blocks) != 4 or len(stage_widths) != 4 or min(stage_blocks + stage_widths) < 1:
             raise ValueError(f"stage_blocks and stage_widths must be 4 positive numbers each, got {stage_blocks} "
                              f"and {stage_widths}")
-        if attention is not None and attention not in MODES and attention not in SCHEMES:
-            raise ValueError(f"attention must be None or one of {MODES + tuple(SCHEMES)}, got {attention!r}")
+        check_attention(attention)
         if last_stride not in (1, 2):
             raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
         stages = tuple(sorted(set(int(s) for s in rga_stages)))
@@ -102,8 +103,8 @@ class RGAResNetBackbone(keras.Model):
         if len(input_shape) != 3 or input_shape[2] != 3 or min(input_shape[:2]) < 32:
             raise ValueError(f"input_shape must be (height, width, 3) with height, width >= 32, got {input_shape}")
         options = RGAOptions.make(rga_options)
-        scheme = SCHEMES.get(attention)
-        slug = attention.replace("//", "_par_").replace("/", "_") if attention else None
+        spec = ATTENTIONS.get(attention)
+        slug = attention_slug(attention) if attention else None
 
         # === Functional model ===
         images = keras.Input(input_shape, name="images")
@@ -118,18 +119,17 @@ class RGAResNetBackbone(keras.Model):
         x = keras.layers.MaxPooling2D(3, strides=2, name="maxpool", dtype=dtype)(x)
         for stage, (blocks, width) in enumerate(zip(stage_blocks, stage_widths), start=1):
             stride = 1 if stage == 1 else (last_stride if stage == 4 else 2)
-            chosen = attention is not None and stage in stages
+            chosen = spec is not None and stage in stages
+            make = functools.partial(spec.make, dtype=dtype, synchronized_bn=synchronized_bn,
+                                     rga_options=options) if chosen else None
             for block in range(blocks):
                 block_name = f"layer{stage}_{block}"
-                in_block = (scheme.make(name=f"{block_name}_{slug}", dtype=dtype, synchronized_bn=synchronized_bn)
-                            if chosen and scheme is not None and scheme.in_blocks else None)
+                in_block = make(name=f"{block_name}_{slug}") if chosen and spec.in_blocks else None
                 x = _bottleneck(x, width, stride if block == 0 else 1, block_name, synchronized_bn, zero_init_residual,
                                 dtype, in_block)
-            if chosen and scheme is None:
-                x = RGA(attention, options, synchronized_bn, name=f"rga{stage}", dtype=dtype)(x)
-            elif chosen and not scheme.in_blocks:
-                x = scheme.make(name=f"{slug}{stage}", dtype=dtype, synchronized_bn=synchronized_bn)(x)
-        default_name = (f"rga_{slug}" if scheme is None else slug) + "_resnet50" if attention else "baseline_resnet50"
+            if chosen and not spec.in_blocks:  # RGA modules keep the official code's names: rga1 … rga4
+                x = make(name=f"rga{stage}" if spec.layer_class is RGA else f"{slug}{stage}")(x)
+        default_name = (f"rga_{slug}" if spec.layer_class is RGA else slug) + "_resnet50" if spec else "baseline_resnet50"
         kwargs.setdefault("name", default_name + "_backbone")
         super().__init__(inputs=images, outputs=x, **kwargs)
         if dtype is not None:  # Functional.__init__ does not take it; the saved config must hold the layers' policy
@@ -151,9 +151,9 @@ class RGAResNetBackbone(keras.Model):
         return [layer for layer in self.layers if isinstance(layer, RGA)]
 
     @property
-    def scheme_layers(self) -> list[keras.layers.Layer]:
-        """The comparison scheme's modules (`rga_keras.schemes`), in network order."""
-        return [layer for layer in self.layers if isinstance(layer, SCHEME_LAYERS)]
+    def attention_layers(self) -> list[keras.layers.Layer]:
+        """The attention modules (`rga_keras.attention`: RGA or a Table 2 scheme), in network order."""
+        return [layer for layer in self.layers if isinstance(layer, ATTENTION_LAYERS)]
 
     def resnet_layers(self) -> Iterator[tuple[str, keras.layers.Layer, str]]:
         """(torchvision key prefix, layer, "conv" | "bn") for every ResNet-50 weight layer.
@@ -188,8 +188,6 @@ class RGAResNetBackbone(keras.Model):
         Architecture only: no pretrained RGA weights exist to download (use `load_pretrained` for
         ImageNet, `rga_keras.load_official_state_dict` for a model trained with the official code).
         """
-        from rga_keras.models.presets import backbone_config
-
         config = backbone_config(preset)
         options = overrides.get("rga_options")
         if isinstance(options, dict):  # option keys change the preset's options; an RGAOptions replaces them

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rga_keras.schemes import SCHEMES
+from rga_keras.attention import ATTENTIONS, attention_slug
 
 PRESETS: dict[str, dict[str, Any]] = {
     "baseline_resnet50": {"description": "ResNet-50, last stride 1, no attention (the paper's baseline)",
@@ -28,8 +28,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                      "attention": "sc", "rga_options": {"embedding": "none"}},
 }
 # The comparison schemes of Table 2 (rga_keras.schemes; docs/SCHEMES.md): "se_resnet50", "cbam_cs_resnet50", ...
-PRESETS.update({f"{name.replace('/', '_')}_resnet50": {"description": scheme.description, "attention": name}
-                for name, scheme in SCHEMES.items()})
+PRESETS.update({f"{attention_slug(name)}_resnet50": {"description": spec.description, "attention": name}
+                for name, spec in ATTENTIONS.items() if spec.table == 2})
 
 
 def backbone_config(preset: str) -> dict[str, Any]:

@@ -8,6 +8,8 @@ an attention model or a feature-map model instead of looking layers up by name.
 from __future__ import annotations
 
 import os
+import zipfile
+from pathlib import Path
 from typing import Any, Sequence
 
 import keras
@@ -204,8 +206,21 @@ def count_parameters(model: keras.Model) -> int:
 
 
 def load_reid_model(path: str | os.PathLike) -> RGAReID:
-    """Load a re-id model from a ``.keras`` file (`as_reid_model` of what it holds)."""
-    return as_reid_model(keras.models.load_model(path, compile=False), source=str(path))
+    """Load the re-id model of a ``.keras`` file (`as_reid_model` of what it holds: a file written by rga-keras 0.1
+    is converted). FileNotFoundError or ValueError saying which file and why when it is not one."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if not path.is_file() or path.suffix != ".keras":
+        raise ValueError(f"expected a Keras model file ending in .keras (model.save('model.keras')), got {path}")
+    if not zipfile.is_zipfile(path):  # Keras itself would say "File not found" about an existing file
+        raise ValueError(f"could not load {path} as a Keras model: a .keras file is a zip archive, this one is not "
+                         "(truncated, or not saved by model.save)")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as err:  # a zip that is not a model, unknown classes, ...: say which file and why
+        raise ValueError(f"could not load {path} as a Keras model: {type(err).__name__}: {err}") from None
+    return as_reid_model(model, source=str(path))
 
 
 def as_reid_model(model: Any, source: str = "the model") -> RGAReID:

@@ -1,16 +1,13 @@
 """Embedding models of every format behind one callable: raw RGB pixels (n, H, W, 3) float32 0–255, already
 resized to the model's input size → L2-normalised float32 embeddings (n, d).
 
-Formats: a ``.keras`` re-id model (`rga_keras.export.load_reid_model`, embedding by
-`rga_keras.embedding_model`), a SavedModel version folder as rga-export writes it (its ``serving_default``
-signature; feature and input size from ``assets/rga_metadata.json``), a ``.tflite`` file
-(`rga_keras.export.TFLiteEmbedder`) and an ``.onnx`` file (`rga_keras.export.ONNXEmbedder`, ONNX Runtime;
-input (n, H, W, 3); the feature from its metadata where rga-export wrote it).
+Formats: a ``.keras`` re-id model (`rga_keras.load_reid_model`, embedding by `rga_keras.embedding_model`), and
+every file format rga-export writes — a SavedModel version folder, a ``.tflite`` or an ``.onnx`` file — loaded by
+that format's own ``load`` (`rga_keras.export.formats`), as the export's checks ran it.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +15,12 @@ from typing import Callable
 
 import numpy as np
 
-from rga_keras.models import FEATURES
+from rga_keras.checks import check_choice
+from rga_keras.export.formats import FILE_FORMATS, file_format_module, file_format_of
+from rga_keras.models import FEATURES, embedding_model, load_reid_model
 from rga_keras.retrieval.topk import unit_rows
 
-MODEL_FORMATS = ("keras", "saved_model", "tflite", "onnx")
+MODEL_FORMATS = ("keras", *FILE_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -53,15 +52,15 @@ def model_format(path: str | os.PathLike) -> str:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
+    if path.suffix.lower() == ".keras":
+        return "keras"
+    found = file_format_of(path)
+    if found is not None:
+        return found
     if path.is_dir():
-        if (path / "saved_model.pb").is_file():
-            return "saved_model"
         versions = sorted(p.name for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
         hint = f"; it holds SavedModel versions, pass one of them, e.g. {path / versions[-1]}" if versions else ""
         raise ValueError(f"model folder {path} is not a SavedModel (no saved_model.pb){hint}")
-    suffix = path.suffix.lower()
-    if suffix in (".keras", ".tflite", ".onnx"):
-        return suffix[1:]
     raise ValueError(f"unsupported model {path}: expected a .keras, .tflite or .onnx file or a SavedModel version "
                      "folder")
 
@@ -73,12 +72,15 @@ def load_embedder(path: str | os.PathLike, feature: str | None = None) -> Embedd
     built in, and asking for another one is an error. Errors say which file and why (ValueError,
     FileNotFoundError; ImportError for ``.onnx`` without onnxruntime).
     """
-    if feature is not None and feature not in FEATURES:
-        raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
+    if feature is not None:
+        check_choice("feature", feature, FEATURES)
     path = Path(path).expanduser()
     fmt = model_format(path)
-    embedder = {"keras": _load_keras, "saved_model": _load_saved_model, "tflite": _load_tflite,
-                "onnx": _load_onnx}[fmt](path, feature)
+    if fmt == "keras":
+        embedder = _load_keras(path, feature)
+    else:  # an exported artefact, run as the export checked it (rga_keras.export.formats)
+        runner = file_format_module(fmt).load(path)
+        embedder = Embedder(path, fmt, runner.input_size, runner.feature or feature, runner.run)
     if feature is not None and embedder.feature not in (None, feature):
         raise ValueError(f"{path} computes the {embedder.feature} feature, not {feature}")
     return embedder
@@ -104,76 +106,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _load_keras(path: Path, feature: str | None) -> Embedder:
-    from rga_keras import embedding_model
-    from rga_keras.export import ExportError, load_reid_model
-
-    try:
-        model = load_reid_model(path)
-    except ExportError as err:
-        raise ValueError(str(err)) from None
+    model = load_reid_model(path)
     feature = feature or "after_bn"
     embed = embedding_model(model, feature)
     size = tuple(int(d) for d in model.input.shape[1:3])
     return Embedder(path, "keras", size, feature, embed.predict_on_batch)
-
-
-def _load_saved_model(path: Path, feature: str | None) -> Embedder:
-    import tensorflow as tf
-
-    from rga_keras.export import METADATA_FILE
-
-    try:
-        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-    except KeyError:
-        raise ValueError(f"SavedModel {path} has no serving_default signature") from None
-    except Exception as err:  # a damaged SavedModel: TF's own error, with the folder named
-        raise ValueError(f"could not load SavedModel {path}: {type(err).__name__}: {err}") from None
-    (name, spec), = signature.structured_input_signature[1].items()
-    metadata = path / "assets" / METADATA_FILE
-    if metadata.is_file():  # rga-export's: the input is declared (None, None, None, None) on purpose
-        meta = json.loads(metadata.read_text())
-        size, found = (meta["input"]["height"], meta["input"]["width"]), meta.get("feature")
-    else:
-        size, found = tuple(spec.shape[1:3]), None
-        if len(spec.shape) != 4 or None in size:
-            raise ValueError(f"SavedModel {path} has no {METADATA_FILE} and its serving_default input {name} "
-                             f"{spec.shape} does not fix the image size")
-    dtype = spec.dtype.as_numpy_dtype
-
-    def run(images: np.ndarray) -> np.ndarray:
-        if dtype == np.uint8:
-            images = np.clip(np.round(images), 0, 255).astype(np.uint8)
-        outputs = signature(**{name: tf.constant(images)})
-        return (outputs["embedding"] if "embedding" in outputs else next(iter(outputs.values()))).numpy()
-
-    return Embedder(path, "saved_model", (int(size[0]), int(size[1])), found, run)
-
-
-def _load_tflite(path: Path, feature: str | None) -> Embedder:
-    from rga_keras.export import TFLiteEmbedder
-
-    try:
-        embed = TFLiteEmbedder(path)
-    except (ValueError, RuntimeError) as err:
-        raise ValueError(f"could not load {path} as a TFLite model: {err}") from None
-    if len(embed.input_shape) != 3 or embed.input_shape[2] != 3:
-        raise ValueError(f"{path} takes input (n, {', '.join(map(str, embed.input_shape))}), not images "
-                         "(n, H, W, 3)")
-    return Embedder(path, "tflite", embed.input_shape[:2], feature, embed)
-
-
-def _load_onnx(path: Path, feature: str | None) -> Embedder:
-    from rga_keras.export import ONNXEmbedder
-
-    try:
-        embed = ONNXEmbedder(path)
-    except ImportError:
-        raise ImportError(f"reading {path} needs onnxruntime, which is not installed (pip install onnxruntime)") \
-            from None
-    except Exception as err:  # onnxruntime's own error types (InvalidProtobuf, ...)
-        raise ValueError(f"could not load {path} as an ONNX model: {err}") from None
-    shape = embed.input_shape
-    if len(shape) != 3 or shape[2] != 3 or not all(isinstance(d, int) for d in shape[:2]):
-        raise ValueError(f"{path} takes input of shape (n, {', '.join(map(str, shape))}), not images (n, H, W, 3) "
-                         "of a fixed size")
-    return Embedder(path, "onnx", (shape[0], shape[1]), embed.feature or feature, embed)

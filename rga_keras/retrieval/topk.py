@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from rga_keras.evaluation import as_features, feature_norms, stable_argsort_rows
+from rga_keras.evaluation.distances import as_features, feature_norms, stable_argsort_rows
+from rga_keras.evaluation.reranking import k_reciprocal_rerank
 
 MAX_BLOCK_BYTES = 256 * 2**20
 # Per query-gallery pair in a chunk: the float32 similarity, and in stable_argsort_rows two int32 copies and
@@ -40,7 +41,7 @@ def search(
 
     query (q, d), gallery (g, d): features, normalised here (rga-embed's are already). Returns ``indices``
     int64 (q, k) and ``similarities`` float32 (q, k), k = min(top_k, g); equal similarities rank in gallery
-    order. ``rerank=True`` orders by k-reciprocal re-ranking (`rga_keras.reranking.k_reciprocal_rerank`,
+    order. ``rerank=True`` orders by k-reciprocal re-ranking (`rga_keras.evaluation.reranking.k_reciprocal_rerank`,
     cosine) instead, which needs the dense (q, g) matrix: allowed up to `RERANK_MAX_ENTRIES` pairs; the
     similarities returned are still the cosine ones.
     """
@@ -74,8 +75,6 @@ def _block_top(query: np.ndarray, gallery: np.ndarray, neg_inverse_norms: np.nda
 
 def _rerank_order(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
     """The first ``k`` gallery indices per query by k-reciprocal re-ranked distance."""
-    from rga_keras.reranking import k_reciprocal_rerank
-
     if len(query) * len(gallery) > RERANK_MAX_ENTRIES:
         raise ValueError(f"re-ranking holds the dense {len(query):,} x {len(gallery):,} distance matrix, more "
                          f"than the {RERANK_MAX_ENTRIES:,} entries allowed; search without re-ranking, or with fewer "

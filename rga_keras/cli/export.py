@@ -1,4 +1,4 @@
-"""``rga-export`` / ``python -m export``: a trained RGA model → TF Serving SavedModel, TFLite and ONNX, with parity
+"""``rga-export``: a trained RGA model → TF Serving SavedModel, TFLite and ONNX, with parity
 report.
 
 The work is `rga_keras.export.export_all`; this is its command line (docs/EXPORT.md).
@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.arguments import OneLineParser, starting
-
+from rga_keras.cli.common import OneLineParser, run_command, starting
+from rga_keras.files import check_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -31,7 +31,7 @@ status 2; Ctrl-C / SIGTERM publish nothing and exit with 130 / 143 (docs/RELIABI
 
 
 def _formats(text: str) -> list[str]:
-    from rga_keras.export import FORMATS
+    from rga_keras.export.formats import FORMATS
 
     names = [f.strip() for f in text.split(",") if f.strip()]
     if names == ["all"]:
@@ -56,9 +56,13 @@ def _percentile(text: str) -> float | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser (call inside `starting`: the choices come from the library)."""
+    from rga_keras.attention import ATTENTIONS
+    from rga_keras.data import DATASETS
     from rga_keras.export import (DEFAULT_FORMATS, FORMATS, INT8_FLOAT_OPS, INT8_MAX_STEP_ERROR,
                                   INT8_RANGE_PERCENTILES, SERVING_DTYPES)
-    from rga_keras.layers import MODES
+    from rga_keras.layers import RELATIONS
+    from rga_keras.models import FEATURES
 
     parser = OneLineParser(
         prog="rga-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -72,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--untrained", action="store_true",
                        help="dry run: build an untrained model (random weights; BatchNorm statistics estimated "
                             "on the calibration images so its activations have realistic scales)")
-    source.add_argument("--attention", choices=MODES, help="--untrained: RGA mode (default sc)")
+    source.add_argument("--attention", choices=ATTENTIONS,
+                        help="--untrained: an RGA mode or a Table 2 scheme (default sc, the paper's RGA-SC)")
     source.add_argument("--num-classes", type=int, help="--untrained: classifier width (default 751)")
     source.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                         help="--untrained: input height and width (default 256 128)")
-    source.add_argument("--relation", choices=("fused", "explicit"),
+    source.add_argument("--relation", choices=RELATIONS,
                         help="export with this RGA relation path (same weights; default: the model's own, fused)")
 
     out = parser.add_argument_group("output")
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {','.join(DEFAULT_FORMATS)})")
     out.add_argument("--model-name", default="rga", help="model name: TF Serving folder and file prefix (default rga)")
     out.add_argument("--version", type=int, default=1, help="TF Serving version folder, a positive integer (default 1)")
-    out.add_argument("--feature", choices=("after_bn", "before_bn"), default="after_bn",
+    out.add_argument("--feature", choices=FEATURES, default="after_bn",
                      help="embedding: BNNeck output (after_bn, default) or the pooled feature (before_bn)")
     out.add_argument("--serving-dtype", choices=SERVING_DTYPES, default="float32",
                      help="dtype of serving_default's images input (default float32; uint8 makes requests 4x smaller)")
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dataset folder: train split for calibration (int8, int16x8, the dynamic-range "
                            "model's float32 ops), query/gallery for the checks "
                            "(default: the built-in synthetic dataset, generated on first use)")
-    data.add_argument("--dataset", default="market1501",
+    data.add_argument("--dataset", default="market1501", choices=DATASETS,
                       help="layout of --data-root for rga_keras.data.load_dataset (default market1501)")
     data.add_argument("--calibration-dir", type=Path,
                       help="folder of images (.jpg/.png, searched recursively) for calibration instead")
@@ -141,7 +146,11 @@ def _calibration_images(folder: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    with starting("rga-export"):
+        from rga_keras import export as ex
+        from rga_keras.data import load_dataset
+        from rga_keras.models import load_reid_model
+        parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_calibration < 1 or args.latency_runs < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--num-calibration, --latency-runs and --threads must be positive")
@@ -151,25 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(untrained_only)} describe the --untrained model; a --model file has its own "
                      "(an RGA model is tied to the input size it was built for)")
 
-    with starting("rga-export"):
-        from rga_keras import export as ex
-        from rga_keras.cli import run_command
-
     def work() -> int:
-        from rga_keras.files import check_folder
-
         check_folder(args.out, "--out")
         data = None
         if args.data_root is not None:
-            from rga_keras.data import load_dataset
-
             data = load_dataset(args.dataset, args.data_root)
             print(data.summary())
         calibration = _calibration_images(args.calibration_dir) if args.calibration_dir else (data and data.train)
         if args.untrained:
             model = _untrained_model(args, calibration)
         else:
-            model = ex.load_reid_model(args.model)
+            model = load_reid_model(args.model)
         if args.relation:
             model = ex.with_relation(model, args.relation)
         float_ops = [op.strip() for op in args.int8_float_ops.split(",") if op.strip()]
@@ -200,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _untrained_model(args: argparse.Namespace, calibration):
     """build_rga_resnet50 with random weights and BatchNorm statistics estimated on 32 calibration images."""
-    from rga_keras import build_rga_resnet50
-    from rga_keras.export import default_synthetic_dataset, load_images, estimate_batchnorm_statistics
+    from rga_keras.data import load_dataset, load_images
+    from rga_keras.export import estimate_batchnorm_statistics
+    from rga_keras.models import build_rga_resnet50
 
     size = tuple(args.input_size or (256, 128))
     model = build_rga_resnet50(args.num_classes or 751, args.attention or "sc", input_shape=(*size, 3))
-    samples = calibration if calibration is not None else default_synthetic_dataset().train
+    samples = calibration if calibration is not None else load_dataset("synthetic").train
     estimate_batchnorm_statistics(model, load_images(samples, size, limit=32))
     return model
 

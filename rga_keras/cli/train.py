@@ -1,4 +1,4 @@
-"""rga-train: train an RGA re-id model with model.fit (python -m train --help).
+"""rga-train: train an RGA re-id model with model.fit (`rga_keras.training.run`).
 
 With no arguments it runs the demo: the built-in synthetic dataset → train RGA-SC for a few minutes on
 CPU → evaluate (untrained vs trained), and prints where everything went.
@@ -9,10 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.arguments import OneLineParser, starting
-
-
-CONFIG_DIR = Path(__file__).parent / "configs"
+from rga_keras.cli.common import CommandError, OneLineParser, run_command, starting
 
 EPILOG = """examples:
   rga-train --demo                                   # synthetic data, a few minutes on CPU
@@ -26,17 +23,6 @@ A finished run, or an unfinished one of another config, is refused: choose anoth
 Exit status: 0 done, 1 training diverged or the export failed its checks (export.enforce), 2 bad input,
 130/143 interrupted by SIGINT/SIGTERM, 70 unexpected error (docs/RELIABILITY.md).
 Several machines: set TF_CONFIG on each (see docs/TRAINING.md) and run the same command."""
-
-
-def _config_path(name: str) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else name + ".yaml")
-    if bundled.is_file():
-        return bundled
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"config '{name}' is neither a file nor a bundled config ({known})")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,16 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.list_configs:
-        for path in sorted(CONFIG_DIR.glob("*.yaml")):
-            print(f"{path.stem:28s} {path.read_text().splitlines()[0].lstrip('# ')}")
-        return 0
     with starting("rga-train"):
-        from rga_keras import experiment
-        from rga_keras.cli import CommandError, run_command
-        from rga_keras.training import TrainingDiverged
+        from rga_keras.training.callbacks import TrainingDiverged
+        from rga_keras.training.config import bundled_configs, config_path, demo_config, load_config
+        from rga_keras.training.run import run
+    if args.list_configs:
+        for name, path in bundled_configs().items():
+            print(f"{name:28s} {path.read_text().splitlines()[0].lstrip('# ')}")
+        return 0
 
-    run: dict = {}  # the config, once loaded: what an interruption message refers to
+    state: dict = {}  # the config, once loaded: what an interruption message refers to
 
     def work() -> int:
         demo = args.demo or not args.config
@@ -80,22 +66,22 @@ def main(argv=None) -> int:
         if args.run_dir:
             overrides.append(f"run_dir={args.run_dir}")
         if demo:
-            config = experiment.load_config(None, overrides, base=experiment.demo_config())
+            config = load_config(None, overrides, base=demo_config())
         else:
-            config = experiment.load_config(_config_path(args.config), overrides)
+            config = load_config(config_path(args.config), overrides)
         if args.data_root and config["dataset"]["name"] == "synthetic":
             raise CommandError(
                 f"--data-root {args.data_root}: the demo config trains on the built-in synthetic dataset, generated "
                 "in the cache, so your folder would be ignored (or filled with synthetic images); to train on it "
                 "pass --config (rga-train --list-configs) or -o dataset.name=market1501 (or folder, csv, ...)")
-        run["config"] = config
-        result = experiment.run(config, verbose=0 if args.quiet else 1, fresh=args.fresh)
-        experiment.print_summary(result)
+        state["config"] = config
+        result = run(config, verbose=0 if args.quiet else 1, fresh=args.fresh, log=say)
+        print_summary(result)
         export = result.get("export")
         return 1 if export and not export["passed"] and config["export"]["enforce"] else 0
 
     def kept() -> str:
-        config = run.get("config")
+        config = state.get("config")
         if config is None:
             return "nothing was written"
         if not config["training"]["backup"]:
@@ -104,6 +90,39 @@ def main(argv=None) -> int:
                 "the epoch in progress is redone)")
 
     return run_command("rga-train", work, on_interrupt=kept, failures=(TrainingDiverged,))
+
+
+def print_summary(result: dict) -> None:
+    """What the run produced and where it went, for the terminal."""
+    if not result["chief"]:
+        print(f"\ntraining: {result['epochs']} epochs done on this worker; the chief (worker 0) evaluates and "
+              "writes the model, history, summary and export into its run_dir")
+        return
+    selected = "  (eval.feature: selects best.keras" + (", exported)" if "export" in result else ")")
+
+    def rows(label: str, results: dict | None) -> list[str]:
+        if results is None:
+            return [f"{label:16s}: –"]
+        lines = []
+        for name, m in results.items():
+            mark = selected if name == result["eval_feature"] else ""
+            head = f"{label:16s}:" if not lines else " " * 17
+            lines.append(f"{head} {name:9s}  Rank-1 {100 * m['rank1']:5.1f}  mAP {100 * m['mAP']:5.1f}  "
+                         f"mINP {100 * m['mINP']:5.1f}{mark}")
+        return lines
+
+    print("\n" + result["dataset"])
+    print("\n".join(rows("untrained model", result["untrained"]) + rows("trained model", result["final"])))
+    print(f"{'training':16s}: {result['epochs']} epochs, {result['train_seconds']} s")
+    for name, path in result["artefacts"].items():
+        print(f"{name:16s}: {path}")
+    print(f"{'summary':16s}: {Path(result['run_dir']) / 'summary.json'}")
+
+
+
+def say(line: str) -> None:
+    """What the run reports on the way, at once (a pipe or a log file would otherwise hold it back)."""
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ relations.png      relations of a target position with all positions, R[t,:] and
 grad_cam.png       Grad-CAM of the last stage for the predicted training identity (paper Fig. 5)
 training_curves.png  loss, Rank-1 and mAP over epochs (with --run-dir)
 
-The pictures come from `rga_keras.visualize` and `rga_keras.attention_maps` (docs/EVALUATION.md). Errors exit
+The pictures come from `rga_keras.visualize` (plots and attention maps; docs/EVALUATION.md). Errors exit
 with status 2 and a one-line message, as rga-eval's.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from train.evaluate import add_model_and_data_arguments, check_arguments, eval_config, load_data, load_model
-
-from train.arguments import OneLineParser, starting
+from rga_keras.cli.common import (CommandError, OneLineParser, add_model_and_data_arguments,
+                                  check_model_and_data_arguments, eval_config, load_data, load_model, run_command,
+                                  starting)
 
 EPILOG = """examples:
   rga-visualize runs/demo/best.keras --dataset synthetic --out pictures --run-dir runs/demo
@@ -32,6 +32,7 @@ MAP_CHUNK = 8  # images per map pass (stage-1 relations are (H·W/16)² floats p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser (call inside `starting`: the choices come from the library)."""
     parser = OneLineParser(prog="rga-visualize", description=__doc__, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_arguments(parser)
@@ -47,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _history_file(run_dir: Path) -> Path:
-    from rga_keras.cli import CommandError
-
     for name in ("history.json", "history.csv"):
         if (run_dir / name).is_file():
             return run_dir / name
@@ -57,7 +56,7 @@ def _history_file(run_dir: Path) -> Path:
 
 def _attention_maps(model, images: np.ndarray) -> dict:
     """Spatial attention and relations of every RGA stage, MAP_CHUNK images at a time."""
-    from rga_keras.attention_maps import attention_maps
+    from rga_keras.visualize.attention_maps import attention_maps
 
     keep = ("spatial_attention", "spatial_relation")
     parts = [attention_maps(model, images[i : i + MAP_CHUNK]) for i in range(0, len(images), MAP_CHUNK)]
@@ -66,13 +65,12 @@ def _attention_maps(model, images: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    with starting("rga-visualize"):
+        parser = build_parser()
     args = parser.parse_args(argv)
-    check_arguments(parser, args)
+    check_model_and_data_arguments(parser, args)
     if args.num_queries < 1 or args.top_k < 1:
         parser.error("--num-queries and --top-k must be positive")
-    with starting("rga-visualize"):
-        from rga_keras.cli import CommandError, run_command
 
     def work() -> int:
         if args.out.exists() and not args.out.is_dir():
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(data.summary(), flush=True)
         written = _pictures(args, model, size, data, target, verbose=0 if args.quiet else 1)
         if history is not None:
-            from rga_keras.visualize import plot_training_curves
+            from rga_keras.visualize.plots import plot_training_curves
 
             written.append(plot_training_curves(history, args.out / "training_curves.png"))
         print("wrote:")
@@ -99,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pictures(args, model, size, data, target, verbose: int) -> list[Path]:
     """Ranked lists for the chosen queries, then their attention, relation and Grad-CAM pictures."""
-    from rga_keras import attention_maps as am
+    from rga_keras.data.pipeline import load_images
     from rga_keras.evaluation import pairwise_distance
-    from rga_keras.experiment import query_gallery_features
-    from rga_keras.export import load_images
+    from rga_keras.evaluation.features import query_gallery_features
     from rga_keras.models import rga_layers
-    from rga_keras.visualize import plot_ranked_lists, spread_indices
+    from rga_keras.visualize import attention_maps as am
+    from rga_keras.visualize.plots import plot_ranked_lists, spread_indices
 
     config = eval_config(args, size)
     print(f"features of {len(data.query)} query and {len(data.gallery)} gallery images", flush=True)

@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from train.arguments import OneLineParser, starting
+from rga_keras.cli.common import CommandError, OneLineParser, report_skipped, run_command, starting
+from rga_keras.files import check_file, write_text_atomic
 
 
 EPILOG = """examples:
@@ -49,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 def load_queries(args: argparse.Namespace, gallery):
     """The query FeatureSet: a features file as it is, or images embedded like the gallery."""
     from rga_keras import retrieval
-    from rga_keras.cli import CommandError
-    from train.embed import report_skipped
 
     if len(args.query) == 1 and retrieval.is_features_candidate(args.query[0]):
         if args.model:
@@ -103,13 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be positive")
 
     with starting("rga-search"):
-        from rga_keras.cli import run_command
+        from rga_keras import retrieval
+        from rga_keras.visualize.plots import plot_search_results
 
     def work() -> int:
-        from rga_keras import retrieval
-        from rga_keras.files import check_file, write_text_atomic
-        from rga_keras.visualize import plot_search_results
-
         for option in ("json", "csv", "picture"):  # before the search, not when its results are written
             if getattr(args, option):
                 check_file(getattr(args, option), f"--{option}")

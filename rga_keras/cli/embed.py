@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.arguments import OneLineParser, starting
+from rga_keras.cli.common import OneLineParser, report_skipped, run_command, starting
+from rga_keras.files import check_file
 
 
 EPILOG = """examples:
@@ -22,6 +23,9 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser (call inside `starting`: the choices come from the library)."""
+    from rga_keras.models import FEATURES
+
     parser = OneLineParser(prog="rga-embed", description=__doc__, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="model: .keras, SavedModel version folder, .tflite or .onnx")
@@ -30,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--append", action="store_true",
                         help="add the images not yet in --out to it (same model and settings), keeping the others")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--feature", choices=("after_bn", "before_bn"),
+    parser.add_argument("--feature", choices=FEATURES,
                         help="a .keras model's embedding (default after_bn); exported models have theirs built in")
     parser.add_argument("--flip", action="store_true", help="average each image's embedding with its mirror's")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -38,27 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report_skipped(skipped: list[str]) -> None:
-    """List the images that could not be read (stderr), as rga-embed and rga-search do."""
-    for path in skipped:
-        print(f"skipped unreadable image: {path}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    with starting("rga-embed"):
+        from rga_keras import retrieval
+        parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
     if args.append and args.overwrite:
         parser.error("--append and --overwrite exclude each other")
 
-    with starting("rga-embed"):
-        from rga_keras.cli import run_command
-
     def work() -> int:
-        from rga_keras import retrieval
-        from rga_keras.files import check_file
-
         check_file(args.out, "--out")
         if args.out.exists() and not (args.append or args.overwrite):
             raise FileExistsError(f"{args.out} exists; --append adds images to it, --overwrite replaces it")

@@ -31,14 +31,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from rga_keras.evaluation import (
-    _CHUNK_ENTRIES,
-    _check_metric,
-    as_features,
-    distance_from_dot,
-    feature_norms,
-    stable_argsort_rows,
-)
+from rga_keras.evaluation.distances import (CHUNK_ENTRIES, as_features, check_metric, distance_from_dot,
+                                            feature_norms, stable_argsort_rows)
 
 _INDEX_ROWS = 1024  # rows per chunk in the neighbour-set bookkeeping (≈ 5 M booleans for k1 = 20)
 
@@ -87,7 +81,7 @@ def _original(dist: np.ndarray, metric: str) -> np.ndarray:
 def _pair_original(x, norms, rows, cols, metric) -> np.ndarray:
     """Un-normalised d between x[rows[p]] and x[cols[p]] for each pair p, in blocks of pairs."""
     dots = np.empty(rows.size, np.float32)
-    block = max(1, _CHUNK_ENTRIES // x.shape[1])
+    block = max(1, CHUNK_ENTRIES // x.shape[1])
     for s in range(0, rows.size, block):
         dots[s : s + block] = np.einsum("pd,pd->p", x[rows[s : s + block]], x[cols[s : s + block]])
     dist = distance_from_dot(dots, norms[rows], norms[cols], metric)
@@ -107,8 +101,8 @@ def _jaccard_into(out: np.ndarray, v: sp.csr_matrix, num_query: int, rowmax: np.
     qv = v[:num_query].tocsr()
     q_rows = np.repeat(np.arange(num_query), np.diff(qv.indptr))
     work = np.cumsum(np.bincount(q_rows, col_count[qv.indices], minlength=num_query))  # pairs so far
-    max_rows = max(1, _CHUNK_ENTRIES // num_gallery)  # rows of the dense Σ min block
-    max_pairs = max(1, _CHUNK_ENTRIES // 2)  # (i, k, j) triples walked per chunk, ~40 bytes each
+    max_rows = max(1, CHUNK_ENTRIES // num_gallery)  # rows of the dense Σ min block
+    max_pairs = max(1, CHUNK_ENTRIES // 2)  # (i, k, j) triples walked per chunk, ~40 bytes each
     s = 0
     while s < num_query:
         done = work[s - 1] if s else 0
@@ -140,7 +134,7 @@ def k_reciprocal_rerank(
     code); "cosine" uses 1 - cos, which gives the same result as "euclidean" on L2-normalised
     features (the two differ by a factor of 2, which the per-row normalisation removes).
     """
-    _check_metric(metric)
+    check_metric(metric)
     if int(k1) < 1 or int(k2) < 1:
         raise ValueError(f"k1 and k2 must be >= 1, got k1={k1}, k2={k2}")
     if not 0.0 <= float(lambda_value) <= 1.0:
@@ -160,7 +154,7 @@ def k_reciprocal_rerank(
     out = np.empty((nq, n - nq), np.float32)
     rowmax = np.empty(n, np.float32)
     top = np.empty((n, num_top), np.int32)
-    chunk = max(1, _CHUNK_ENTRIES // n)
+    chunk = max(1, CHUNK_ENTRIES // n)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         d = distance_from_dot(x[s:e] @ x.T, norms[s:e, None], norms[None, :], metric)

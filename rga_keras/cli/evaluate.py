@@ -1,7 +1,7 @@
 """rga-eval: Rank-1/5/10, mAP and mINP of a trained RGA re-id model on a dataset's query/gallery split, for
 both retrieval features (after_bn, before_bn; one forward pass) or the one --feature names.
 
-The work is `rga_keras.experiment.evaluate_model` (protocol: docs/DESIGN.md §4, docs/EVALUATION.md); this is its
+The work is `rga_keras.evaluation.features.evaluate_model` (protocol: docs/DESIGN.md §4, docs/EVALUATION.md); this is its
 command line. Errors (missing or unsuitable model file, missing dataset, wrong image size) exit with status 2
 and a one-line message.
 """
@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.arguments import OneLineParser, starting
-
-
-DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "csv", "synthetic")
+from rga_keras.cli.common import (OneLineParser, add_model_and_data_arguments, check_model_and_data_arguments,
+                                  eval_config, load_data, load_model, run_command, starting)
+from rga_keras.files import check_file, write_text_atomic
 
 EPILOG = """examples:
   rga-eval runs/demo/best.keras --dataset synthetic                # the demo's model on the demo's data, both features
@@ -26,76 +25,18 @@ EPILOG = """examples:
   rga-eval best.keras --dataset msmt17 --data-root ~/data/MSMT17_V1 --feature before_bn   # that feature only"""
 
 
-def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model file and dataset options shared by rga-eval and rga-visualize."""
-    parser.add_argument("model", type=Path, help="trained model file (.keras), e.g. runs/demo/best.keras")
-    parser.add_argument("--dataset", default="market1501", choices=DATASETS,
-                        help="dataset layout (default market1501; 'synthetic' is the built-in demo dataset)")
-    parser.add_argument("--data-root", help="folder holding the dataset (optional for --dataset synthetic)")
-    parser.add_argument("--split", choices=("labeled", "detected"), help="CUHK03 boxes (default labeled)")
-    parser.add_argument("--feature", choices=("after_bn", "before_bn"),
-                        help="retrieval feature: after_bn (BNNeck output) or before_bn (the pooled feature before "
-                             "it); default: rga-eval reports both, rga-visualize uses after_bn")
-    parser.add_argument("--flip", action="store_true", help="average each image's feature with its mirror's")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="input size to use; must be the one the model was built for (default: the model's)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The parser (call inside `starting`: the choices come from the library)."""
+    from rga_keras.evaluation import METRICS
+
     parser = OneLineParser(prog="rga-eval", description=__doc__, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_data_arguments(parser)
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
-    parser.add_argument("--metric", default="cosine", choices=("cosine", "euclidean"), help="distance (default cosine)")
+    parser.add_argument("--metric", default="cosine", choices=METRICS, help="distance (default cosine)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def load_model(path: Path, image_size: list[int] | None = None):
-    """The RGA re-id model in ``path``, checked (`rga_keras.export.load_reid_model`), and its (H, W)."""
-    from rga_keras.cli import CommandError
-    from rga_keras.export import ExportError, load_reid_model
-
-    try:
-        model = load_reid_model(path)
-    except ExportError as err:
-        raise CommandError(str(err)) from None
-    size = tuple(int(d) for d in model.input.shape[1:3])
-    if image_size is not None and tuple(image_size) != size:
-        raise CommandError(f"{path} was built for {size[0]}x{size[1]} images, but --image-size is "
-                           f"{image_size[0]}x{image_size[1]}; an RGA model's relation weights are tied to its input "
-                           f"size (omit --image-size, or use a model trained at that size)")
-    return model, size
-
-
-def load_data(args: argparse.Namespace):
-    """The dataset the arguments name, read by `rga_keras.experiment.load_data` (which knows "synthetic")."""
-    from rga_keras import experiment
-
-    if args.dataset == "synthetic":
-        spec = {**experiment.demo_config()["dataset"], "root": args.data_root}
-    else:
-        spec = {"name": args.dataset, "root": args.data_root, "split": args.split}
-    return experiment.load_data({"dataset": spec})
-
-
-def eval_config(args: argparse.Namespace, size: tuple[int, int]) -> dict:
-    """The config sections `rga_keras.experiment.evaluate_model` reads."""
-    return {"model": {"input_size": list(size)},
-            "eval": {"feature": args.feature or "after_bn", "metric": getattr(args, "metric", "cosine"),
-                     "flip": args.flip, "rerank": getattr(args, "rerank", False), "batch_size": args.batch_size}}
-
-
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Argument combinations that cannot work, reported by argparse (one line, status 2)."""
-    if args.batch_size < 1:
-        parser.error("--batch-size must be positive")
-    if args.split and args.dataset != "cuhk03":
-        parser.error(f"--split applies to --dataset cuhk03 only, not {args.dataset}")
-    if not args.data_root and args.dataset != "synthetic":
-        parser.error(f"--data-root is required for --dataset {args.dataset}")
 
 
 def format_results(results: dict[str, dict]) -> str:
@@ -111,23 +52,17 @@ def format_results(results: dict[str, dict]) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    from rga_keras.files import write_text_atomic
-
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-
     with starting("rga-eval"):
-        from rga_keras.cli import run_command
+        from rga_keras.evaluation.features import eval_features, evaluate_model
+        parser = build_parser()
+    args = parser.parse_args(argv)
+    check_model_and_data_arguments(parser, args)
 
     def work() -> int:
-        from rga_keras.experiment import eval_features, evaluate_model
-        from rga_keras.files import check_file
-
         if args.json:
             check_file(args.json, "--json")  # before the evaluation, not when its result is written
         data = load_data(args)  # before the model: a broken dataset is found in a second, not after a model load

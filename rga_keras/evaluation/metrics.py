@@ -1,4 +1,4 @@
-"""Re-id retrieval metrics (CMC, mAP, mINP), distances and feature extraction.
+"""Re-id retrieval metrics: CMC, mAP and mINP of a query set against a gallery.
 
 Protocol (docs/DESIGN.md §4, the Market-1501 / torchreid convention):
 
@@ -30,37 +30,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-METRICS = ("cosine", "euclidean")
-# Distance entries handled per query chunk. 8 Mi entries keep a chunk's temporaries (distances,
-# sort keys, gathered ids, cumulative counts; ~32 bytes per entry) near 256 MiB, while the
-# chunk's matrix product stays large enough for BLAS (~100 query rows against MSMT17's gallery).
-_CHUNK_ENTRIES = 1 << 23
-_EPS = 1e-12
+from rga_keras.evaluation.distances import (CHUNK_ENTRIES, as_features, check_finite, check_metric, distance_from_dot,
+                                            feature_norms, key_columns, sort_keys)
+from rga_keras.evaluation.reranking import k_reciprocal_rerank
 
 
 class DegenerateFeaturesWarning(UserWarning):
     """Features under which distances carry no ranking information (metrics are then at chance)."""
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-
-
-def as_features(x: Any, name: str) -> np.ndarray:
-    """``x`` as a C-contiguous float32 (n, d) array, with a clear error otherwise."""
-    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array (num_images, dim), got shape {arr.shape}")
-    return arr
-
-
-def _check_finite(x: np.ndarray, name: str, what: str = "features") -> None:
-    """Refuse rows holding NaN or Inf, naming how many there are and the first."""
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{name}: {int(bad.sum())} of {len(x)} rows hold NaN or Inf values (first: row "
-                         f"{int(np.argmax(bad))}); these {what} cannot be ranked (a diverged model or broken input)")
 
 
 def _as_labels(x: Any, n: int, name: str) -> np.ndarray:
@@ -70,91 +46,6 @@ def _as_labels(x: Any, n: int, name: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
-
-
-def feature_norms(x: np.ndarray, metric: str) -> np.ndarray:
-    """Per-row norm the distance needs: L2 norm (cosine) or squared L2 norm (euclidean)."""
-    sq = np.einsum("ij,ij->i", x, x)
-    return np.sqrt(sq) if metric == "cosine" else sq
-
-
-def distance_from_dot(dot: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray, metric: str) -> np.ndarray:
-    """Turn dot products a·b (any broadcastable shapes) into distances, in place on ``dot``.
-
-    cosine: 1 - a·b / (|a| |b|), clipped to [0, 2];  euclidean: sqrt(max(|a|² + |b|² - 2 a·b, 0)).
-    """
-    if metric == "cosine":
-        dot /= np.maximum(norm_a, _EPS)
-        dot /= np.maximum(norm_b, _EPS)
-        np.subtract(1.0, dot, out=dot)
-        np.clip(dot, 0.0, 2.0, out=dot)
-    else:
-        dot *= -2.0
-        dot += norm_a
-        dot += norm_b
-        np.maximum(dot, 0.0, out=dot)
-        np.sqrt(dot, out=dot)
-    return dot
-
-
-def pairwise_distance(a: Any, b: Any, metric: str = "cosine") -> np.ndarray:
-    """(n, d) and (m, d) features → (n, m) float32 distances ("cosine" or "euclidean").
-
-    One matrix product; no normalised copy of ``b`` is made.
-    """
-    _check_metric(metric)
-    a, b = as_features(a, "a"), as_features(b, "b")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dimensions differ: a has {a.shape[1]}, b has {b.shape[1]}")
-    dot = a @ b.T
-    return distance_from_dot(dot, feature_norms(a, metric)[:, None], feature_norms(b, metric)[None, :], metric)
-
-
-_PAYLOAD_BITS = 2  # low bits of a sort key that carry per-entry flags (kept, match)
-_MAX_COLUMNS = 1 << (32 - _PAYLOAD_BITS)
-
-
-def _sort_keys(dist: np.ndarray, payload: np.ndarray | None = None) -> np.ndarray:
-    """One unique uint64 key per entry whose order is (distance, column):
-    [order-preserving float32 bits | column | 2-bit payload], high to low bits.
-
-    NumPy's vectorised integer sort orders these about 10× faster than
-    ``argsort(kind="stable")``, the column makes ties deterministic, and the payload rides along
-    so the sorted flags need no gather.
-    """
-    if dist.shape[1] > _MAX_COLUMNS:
-        raise ValueError(f"at most {_MAX_COLUMNS} gallery items are supported, got {dist.shape[1]}")
-    bits = (np.asarray(dist, dtype=np.float32) + np.float32(0.0)).view(np.int32)  # a copy; -0.0 becomes 0.0
-    flip = bits >> 31  # -1 where the float is negative, else 0
-    flip |= np.int32(-(1 << 31))  # all bits (negative: reverse their order) or the sign bit (positive)
-    bits ^= flip
-    keys = bits.view(np.uint32).astype(np.uint64)
-    keys <<= np.uint64(32)
-    keys |= np.arange(dist.shape[1], dtype=np.uint64) << np.uint64(_PAYLOAD_BITS)
-    if payload is not None:
-        keys |= payload
-    return keys
-
-
-def _key_columns(keys: np.ndarray) -> np.ndarray:
-    """Column indices from sort keys, in place (the keys are consumed)."""
-    keys >>= np.uint64(_PAYLOAD_BITS)
-    keys &= np.uint64(_MAX_COLUMNS - 1)
-    return keys.view(np.int64)
-
-
-def stable_argsort_rows(dist: np.ndarray, k: int | None = None) -> np.ndarray:
-    """Row-wise argsort of float32 distances; equal distances keep column order.
-
-    With ``k`` only the first ``k`` columns of that order are computed (a partition of the
-    unique keys, which respects the tie rule too, then a sort of the ``k`` survivors).
-    """
-    keys = _sort_keys(dist)
-    if k is not None and k < dist.shape[1]:
-        keys.partition(k - 1, axis=1)
-        keys = keys[:, :k]
-    keys.sort(axis=1)
-    return _key_columns(keys)
 
 
 def rank_gallery(
@@ -173,18 +64,18 @@ def rank_gallery(
     """
     keys = _ranked_keys(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id)
     kept, match = (keys & np.uint64(1)).astype(bool), (keys & np.uint64(2)).astype(bool)
-    return _key_columns(keys), kept, match
+    return key_columns(keys), kept, match
 
 
 def _ranked_keys(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id) -> np.ndarray:
-    """Sorted `_sort_keys` of a block, payload bit 0 = kept, bit 1 = kept true match."""
+    """Sorted `sort_keys` of a block, payload bit 0 = kept, bit 1 = kept true match."""
     same_id = query_ids[:, None] == gallery_ids[None, :]
     junk = same_id & (query_cams[:, None] == gallery_cams[None, :])
     if junk_id is not None:
         junk |= gallery_ids == junk_id
     np.logical_not(junk, out=junk)  # now: kept
     flags = junk.view(np.uint8) | ((same_id & junk).view(np.uint8) << 1)  # bit 0 kept, bit 1 match
-    keys = _sort_keys(distances, flags)
+    keys = sort_keys(distances, flags)
     keys.sort(axis=1)
     return keys
 
@@ -193,7 +84,7 @@ def _query_stats(distances, query_ids, query_cams, gallery_ids, gallery_cams, ju
     """Per query of a block: number of true matches; the tie group holding the first match as (kept items
     ranked before it, its kept items, its matches); expected AP; expected INP; whether every gallery item
     lies at one distance. Expectations are over the orders of tied items (module docstring)."""
-    _check_finite(distances, "distances", "distances")
+    check_finite(distances, "distances", "distances")
     keys = _ranked_keys(distances, query_ids, query_cams, gallery_ids, gallery_cams, junk_id)
     kept, match = (keys & np.uint64(1)).astype(bool), (keys & np.uint64(2)).astype(bool)
     # The high 32 bits of a key order like its distance: a strided view of them, no copy.
@@ -313,7 +204,7 @@ def _check_common(num_query, num_gallery, query_ids, gallery_ids, query_cams, ga
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of queries or None, got {chunk_size}")
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ENTRIES // num_gallery)
+        chunk_size = max(1, CHUNK_ENTRIES // num_gallery)
     return (
         _as_labels(query_ids, num_query, "query_ids"),
         _as_labels(gallery_ids, num_gallery, "gallery_ids"),
@@ -375,24 +266,22 @@ def evaluate(
     Features are (n, d) arrays (anything ``np.asarray`` takes, TF tensors included); ids and
     cameras are 1-D integer arrays. ``chunk_size`` is the number of queries per block
     (default: about 8 Mi distance entries per block). ``rerank=True`` first replaces the
-    distances by k-reciprocal re-ranking (:func:`rga_keras.reranking.k_reciprocal_rerank`,
+    distances by k-reciprocal re-ranking (:func:`rga_keras.evaluation.reranking.k_reciprocal_rerank`,
     default k1=20, k2=6, λ=0.3), which needs the dense (q, g) result in memory.
 
     Returns ``{"cmc": (max_rank,) array, "rank1", "rank5", "rank10", "mAP", "mINP"`` (floats in
     [0, 1]), ``"num_valid_queries", "num_skipped_queries"}``.
     """
-    _check_metric(metric)
+    check_metric(metric)
     query = as_features(query_features, "query_features")
     gallery = as_features(gallery_features, "gallery_features")
-    _check_finite(query, "query_features")
-    _check_finite(gallery, "gallery_features")
+    check_finite(query, "query_features")
+    check_finite(gallery, "gallery_features")
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(
             f"query and gallery feature dimensions differ: {query.shape[1]} vs {gallery.shape[1]}"
         )
     if rerank:
-        from rga_keras.reranking import k_reciprocal_rerank
-
         distances = k_reciprocal_rerank(query, gallery, metric=metric)
         return evaluate_distances(distances, query_ids, gallery_ids, query_cams, gallery_cams,
                                   max_rank=max_rank, chunk_size=chunk_size, junk_id=junk_id)
@@ -406,68 +295,3 @@ def evaluate(
     return _summarise(stats, int(max_rank))
 
 
-def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: int = 1,
-                     num_batches: int | None = None) -> tuple[np.ndarray | dict[str, np.ndarray], dict]:
-    """Run an inference model (images → embeddings) over a ``tf.data`` dataset.
-
-    ``dataset`` yields ``(images, {"person_id", "camera_id", "path"})`` batches. A model with a dict of
-    embedding outputs (e.g. ``{"after_bn": ..., "before_bn": ...}``) gives a dict of features keyed the same,
-    all from one forward pass per batch. With ``flip=True`` the feature is the mean of the image's and its
-    horizontal mirror's (``tf.image.flip_left_right`` on the batch), the usual flip test-time augmentation.
-    A ``keras.utils.Progbar`` shows progress (``verbose=0`` hides it); its length is the dataset's
-    cardinality or, where that is unknown (e.g. after the pipeline's corrupt-image filter), ``num_batches``.
-
-    Returns ``(features (n, d) float32 (or a dict of them), {"person_id": int64 (n,), "camera_id": int64 (n,),
-    "path": str (n,)})``.
-    """
-    import keras
-    import tensorflow as tf
-
-    spec = getattr(dataset, "element_spec", None)
-    if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict)):
-        raise TypeError(
-            "dataset must be a tf.data.Dataset yielding (images, {'person_id', 'camera_id', 'path'}), "
-            f"got element_spec {spec!r}"
-        )
-    missing = {"person_id", "camera_id", "path"} - set(spec[1])
-    if missing:
-        raise ValueError(f"dataset metadata lacks keys {sorted(missing)}; it has {sorted(spec[1])}")
-    if len(spec[0].shape) != 4:
-        raise ValueError(f"dataset images must be batched (batch, height, width, channels), got {spec[0].shape}")
-
-    cardinality = int(dataset.cardinality())
-    progbar = keras.utils.Progbar(cardinality if cardinality >= 0 else num_batches, verbose=verbose,
-                                  unit_name="batch")
-
-    def embed(images) -> dict:
-        out = model.predict_on_batch(images)  # Keras compiles and caches the inference step
-        named = out if isinstance(out, dict) else {None: out}
-        for value in named.values():
-            if not (isinstance(value, np.ndarray) and value.ndim == 2):
-                raise ValueError(
-                    "model must map a batch of images to (batch, dim) embedding tensors (one, or a dict of them), "
-                    f"got {type(value).__name__} {getattr(value, 'shape', '')}"
-                )
-        return {k: v.astype(np.float32, copy=False) for k, v in named.items()}
-
-    batches, ids, cams, paths = [], [], [], []
-    for images, meta in dataset:
-        feature = embed(images)
-        if flip:
-            mirror = embed(tf.image.flip_left_right(images))
-            feature = {k: (v + mirror[k]) / 2.0 for k, v in feature.items()}
-        batches.append(feature)
-        ids.append(meta["person_id"].numpy())
-        cams.append(meta["camera_id"].numpy())
-        paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in meta["path"].numpy())
-        progbar.add(1)
-    progbar.update(len(batches), finalize=True)
-    if not batches:
-        raise ValueError("dataset is empty: no images to extract features from")
-    meta = {
-        "person_id": np.concatenate(ids).astype(np.int64),
-        "camera_id": np.concatenate(cams).astype(np.int64),
-        "path": np.asarray(paths, dtype=str),
-    }
-    features = {k: np.concatenate([batch[k] for batch in batches]) for k in batches[0]}
-    return features.get(None, features), meta  # a single-output model: the array itself

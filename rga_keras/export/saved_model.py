@@ -11,7 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from rga_keras.export.model import check_choice, embed_function, reid_model_info
+from rga_keras.checks import check_choice
+from rga_keras.export.formats import BuildJob, ExportFormat, Runner
+from rga_keras.export.model import embed_function, reid_model_info
 from rga_keras.files import staging_dir
 from rga_keras.models import FEATURES, embedding_model
 
@@ -247,3 +249,44 @@ def write_saved_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return export_dir
+
+
+def build(fmt: ExportFormat, job: BuildJob) -> tuple[Path, dict]:
+    """The SavedModel of ``job`` in its staging folder (`rga_keras.export.formats`)."""
+    path = write_saved_model(job.model, job.staging / "saved_model", feature=job.feature, model_name=job.model_name,
+                             serving_dtype=job.options["serving_dtype"],
+                             allow_unit_range=job.options["serving_allow_unit_range"],
+                             metadata={"version": job.version})
+    return path, {}
+
+
+def load(path: str | os.PathLike, num_threads: int | None = None) -> Runner:
+    """A SavedModel version folder's ``serving_default`` signature as a `Runner`; the feature and image size from
+    rga-export's metadata, or, for a SavedModel made elsewhere, the input's fixed size. ``num_threads`` is
+    TensorFlow's business here (unused). ValueError naming the folder when it cannot serve embeddings."""
+    path = Path(path)
+    try:
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    except KeyError:
+        raise ValueError(f"SavedModel {path} has no serving_default signature") from None
+    except Exception as err:  # a damaged SavedModel: TF's own error, with the folder named
+        raise ValueError(f"could not load SavedModel {path}: {type(err).__name__}: {err}") from None
+    (name, spec), = signature.structured_input_signature[1].items()
+    metadata = path / "assets" / METADATA_FILE
+    if metadata.is_file():  # rga-export's: the input is declared (None, None, None, None) on purpose
+        meta = json.loads(metadata.read_text())
+        size, feature = (meta["input"]["height"], meta["input"]["width"]), meta.get("feature")
+    else:
+        size, feature = tuple(spec.shape[1:3]), None
+        if len(spec.shape) != 4 or None in size:
+            raise ValueError(f"SavedModel {path} has no {METADATA_FILE} and its serving_default input {name} "
+                             f"{spec.shape} does not fix the image size")
+    uint8 = spec.dtype == tf.uint8
+
+    def run(images: np.ndarray) -> np.ndarray:
+        if uint8:
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        outputs = signature(**{name: tf.constant(images)})
+        return (outputs["embedding"] if "embedding" in outputs else next(iter(outputs.values()))).numpy()
+
+    return Runner(run, (int(size[0]), int(size[1])), feature, uint8_input=uint8)

@@ -9,7 +9,7 @@ module multiplies its features by, and the relation map is a row/column of the m
 Every map is shown the same way (`heat_overlay`): min–max normalised over the map (each cell's label gives
 the raw range), bilinearly upsampled to the image size (``tf.image.resize``, half-pixel centres), coloured by
 a matplotlib colour map and blended with the image. Grids are laid out as the ranked lists are
-(:func:`rga_keras.visualize.ranked_list_layout`: the image, a gap, then the maps) and written atomically.
+(:func:`rga_keras.visualize.plots.ranked_list_layout`: the image, a gap, then the maps) and written atomically.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from rga_keras.files import atomic_write
-from rga_keras.visualize import BORDER, ranked_list_layout
+from rga_keras.models import RGAReID, attention_model
+from rga_keras.visualize.plots import BORDER, ranked_list_layout
 
 MARK = (255, 255, 255)  # outline of the relation target
 
@@ -56,8 +57,6 @@ def attention_maps(model: keras.Model, images) -> dict[str, dict[str, np.ndarray
     (n, 1, 1, C), "channel_relation": (n, C, C)}, ...}`` (the keys a module's mode has), computed by
     :func:`rga_keras.models.attention_model`, i.e. by the model's own layers and weights.
     """
-    from rga_keras.models import attention_model
-
     images = _as_images(images)
     _check_model_input(model, images)
     maps = attention_model(model)(images, training=False)
@@ -100,8 +99,6 @@ def grad_cam(model: keras.Model, images, class_ids: Sequence[int] | None = None
     """
     images = _as_images(images)
     _check_model_input(model, images)
-    from rga_keras.models import RGAReID
-
     if not isinstance(model, RGAReID):
         raise ValueError(f"Grad-CAM needs an RGA re-id model (rga_keras.RGAReID), got {type(model).__name__}")
     cam_model = model.feature_map_model()

@@ -1,5 +1,5 @@
 """Pictures of re-id results, written as PNG: ranked lists, search results and training curves (what the network attends
-to: `rga_keras.attention_maps`).
+to: `rga_keras.visualize.attention_maps`).
 
 Files are written atomically (a temporary file in the target folder, then ``os.replace``), so a
 half-written PNG never appears under the final name.
@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rga_keras.evaluation import rank_gallery
+from rga_keras.data.samples import spread_indices
+from rga_keras.evaluation.metrics import rank_gallery
 from rga_keras.files import atomic_write
 
 GREEN = (0, 170, 0)  # frame of a true match
@@ -43,11 +44,6 @@ def ranked_list_layout(num_rows: int, top_k: int, cell_size: tuple[int, int]) ->
         return PAD + column * (frame_w + PAD) + (GAP if column else 0), PAD + row * row_h
 
     return corner, (PAD + (top_k + 1) * (frame_w + PAD) + GAP, PAD + num_rows * row_h)
-
-
-def spread_indices(n: int, k: int) -> np.ndarray:
-    """min(k, n) indices spread evenly over 0..n-1, first and last included (the queries shown by default)."""
-    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
 
 
 def _load_image(path: Any, cell_size: tuple[int, int]):

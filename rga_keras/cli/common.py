@@ -1,0 +1,209 @@
+"""What the programs (rga-train, rga-eval, rga-export, rga-synth, rga-visualize, rga-embed, rga-search) share:
+their argument parser, their start-up, and one place that turns every way a run can end into one line and an
+exit status. Importing it imports nothing heavy, so ``--help`` and usage errors stay instant; each program imports
+the library (Keras, TensorFlow: seconds) inside ``main``, within `starting`.
+
+Exit statuses (docs/RELIABILITY.md):
+
+- 0: done.
+- 1: the run worked but its result failed a check (an export that missed a parity threshold); the
+  program says which.
+- 2: bad input or a fault of the environment (a missing or existing file, a bad value, an unknown config
+  key, a YAML syntax error, a full disk (also when a library such as h5py or TensorFlow reports it), no network
+  for downloads): ``prog: error: …`` on one line.
+- 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM (what schedulers and preemption send):
+  ``prog: interrupted by SIGTERM; …`` saying what was kept.
+- 70 (EX_SOFTWARE of sysexits.h): an unexpected error, i.e. a bug: one line naming it and the file its
+  traceback was saved to.
+
+Never a traceback on the terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rga_keras.interrupts import Interrupted, handle_signals
+from rga_keras.native_logs import quiet_native_stderr
+
+# TensorFlow's and LiteRT's native start-up lines stay off the programs' output unless the user chose a level
+# (rga_keras/native_logs.py): set here, as every program imports this module before TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_UNEXPECTED = 0, 1, 2, 70
+
+# Python's exceptions for inputs that cannot work: missing or existing files, bad values, unknown config keys,
+# a dataset too large for memory, an optional package that is not installed.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, MemoryError, ImportError)
+
+
+class CommandError(Exception):
+    """A problem with a command's inputs found by the program itself, reported like `INPUT_ERRORS`."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors (a bad or missing argument, ``parser.error(...)``) print one line,
+    ``prog: error: message (see prog --help)``, and exit with status 2, instead of the usage block and the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+@contextlib.contextmanager
+def starting(prog: str) -> Iterator[None]:
+    """Around a program's import of the library (seconds, before `run_command` handles signals): a Ctrl-C there
+    ends the program with one line and status 130 (128 + SIGINT), not an import traceback. Native start-up
+    lines of TensorFlow stay off the terminal (`quiet_native_stderr`), its device probe included."""
+    try:
+        with quiet_native_stderr():
+            yield
+            if "tensorflow" in sys.modules:  # where TensorFlow probes for CUDA and logs its absence
+                sys.modules["tensorflow"].config.list_physical_devices()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted by SIGINT while starting; nothing was done", file=sys.stderr)
+        sys.exit(130)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk is full: an OSError with ENOSPC/EDQUOT, or a library's error (h5py,
+    TensorFlow) that carries only the C library's message."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(err) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def error_message(err: BaseException) -> str:
+    """``err`` as one line; a KeyError's message without the quotes ``str(KeyError)`` adds; a full disk said so."""
+    if disk_full(err):
+        filename = getattr(err, "filename", None)
+        where = f" writing {filename}" if filename else ""
+        return (f"no space left on the device{where} ({os.strerror(errno.ENOSPC)}): free some space or write "
+                "elsewhere; nothing half-written was kept")
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(message.split()) or type(err).__name__
+
+
+def save_traceback(prog: str, err: BaseException) -> str:
+    """Write ``err``'s traceback to a new file in the temp folder; returns its path."""
+    fd, path = tempfile.mkstemp(prefix=f"{prog}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"{prog} {' '.join(sys.argv[1:])}\n")
+        traceback.print_exception(type(err), err, err.__traceback__, file=f)
+    return path
+
+
+def run_command(prog: str, work: Callable[[], int], errors: tuple[type[BaseException], ...] = (),
+                on_interrupt: Callable[[], str] | None = None,
+                failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``work()`` and return its status, turning every other ending into one line on stderr and the status
+    of the module doc: a failed check (``failures``) → 1; bad input (`INPUT_ERRORS`, `CommandError`, ``errors``)
+    → 2; SIGINT → 130, SIGTERM → 143, with ``on_interrupt()`` saying what was kept; anything else → 70 with
+    the saved traceback's path."""
+    try:
+        with handle_signals():
+            return work()
+    except failures as err:
+        print(f"{prog}: {error_message(err)}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (CommandError, *INPUT_ERRORS, *errors) as err:
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        kept = on_interrupt() if on_interrupt else ""
+        print(f"\n{prog}: interrupted by {signal.Signals(signum).name}" + (f"; {kept}" if kept else ""),
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as err:  # a full disk seen by a library; else a bug: one line, the traceback kept
+        if disk_full(err):
+            print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            where = f"traceback saved to {save_traceback(prog, err)}"
+        except OSError as save_err:
+            where = f"its traceback could not be saved ({error_message(save_err)})"
+        message = error_message(err)
+        message = message if len(message) <= 300 else message[:297] + "..."
+        print(f"{prog}: unexpected error (a bug, please report it): {type(err).__name__}: {message} — {where}",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+# ---- what rga-eval and rga-visualize share: a model file and a dataset's query/gallery split -----------------
+
+def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model file and dataset options of rga-eval and rga-visualize (choices from the library's constants;
+    call inside `starting`, as it imports the library)."""
+    from rga_keras.data import DATASETS
+    from rga_keras.data.cuhk03 import SPLITS as CUHK03_SPLITS
+    from rga_keras.models import FEATURES
+
+    parser.add_argument("model", type=Path, help="trained model file (.keras), e.g. runs/demo/best.keras")
+    parser.add_argument("--dataset", default="market1501", choices=DATASETS,
+                        help="dataset layout (default market1501; 'synthetic' is the built-in demo dataset)")
+    parser.add_argument("--data-root", help="folder holding the dataset (optional for --dataset synthetic)")
+    parser.add_argument("--split", choices=CUHK03_SPLITS, help="CUHK03 boxes (default labeled)")
+    parser.add_argument("--feature", choices=FEATURES,
+                        help="retrieval feature: after_bn (BNNeck output) or before_bn (the pooled feature before "
+                             "it); default: rga-eval reports both, rga-visualize uses after_bn")
+    parser.add_argument("--flip", action="store_true", help="average each image's feature with its mirror's")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="input size to use; must be the one the model was built for (default: the model's)")
+
+
+def check_model_and_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations of those options that cannot work, reported by argparse (one line, status 2)."""
+    if args.batch_size < 1:
+        parser.error("--batch-size must be positive")
+    if args.split and args.dataset != "cuhk03":
+        parser.error(f"--split applies to --dataset cuhk03 only, not {args.dataset}")
+    if not args.data_root and args.dataset != "synthetic":
+        parser.error(f"--data-root is required for --dataset {args.dataset}")
+
+
+def load_model(path: Path, image_size: list[int] | None = None):
+    """The RGA re-id model in ``path`` (`rga_keras.load_reid_model`) and its (H, W), checked against
+    ``--image-size``."""
+    from rga_keras.models import load_reid_model
+
+    model = load_reid_model(path)
+    size = tuple(int(d) for d in model.input.shape[1:3])
+    if image_size is not None and tuple(image_size) != size:
+        raise CommandError(f"{path} was built for {size[0]}x{size[1]} images, but --image-size is "
+                           f"{image_size[0]}x{image_size[1]}; an RGA model's relation weights are tied to its input "
+                           f"size (omit --image-size, or use a model trained at that size)")
+    return model, size
+
+
+def load_data(args: argparse.Namespace):
+    """The dataset the options name (`rga_keras.data.load_dataset`; "synthetic": the demo's dataset)."""
+    from rga_keras.data import load_dataset
+    from rga_keras.training.config import demo_config
+
+    if args.dataset == "synthetic":
+        spec = {k: v for k, v in demo_config()["dataset"].items() if k not in ("name", "root", "split")}
+        return load_dataset("synthetic", args.data_root, **spec)
+    return load_dataset(args.dataset, args.data_root, **({"split": args.split} if args.split else {}))
+
+
+def eval_config(args: argparse.Namespace, size: tuple[int, int]) -> dict:
+    """The config sections `rga_keras.evaluation.features.evaluate_model` reads, from the options."""
+    return {"model": {"input_size": list(size)},
+            "eval": {"feature": args.feature or "after_bn", "metric": getattr(args, "metric", "cosine"),
+                     "flip": args.flip, "rerank": getattr(args, "rerank", False), "batch_size": args.batch_size}}
+
+
+def report_skipped(skipped: list[str]) -> None:
+    """List the images that could not be read (stderr), as rga-embed and rga-search do."""
+    for path in skipped:
+        print(f"skipped unreadable image: {path}", file=sys.stderr)

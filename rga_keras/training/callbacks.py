@@ -1,0 +1,241 @@
+"""The callbacks of a training run: a divergence guard, periodic evaluation, atomic checkpoints, history,
+backup and resume (`make_callbacks` assembles them for a run folder)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import warnings
+from typing import Callable
+
+import keras
+import numpy as np
+
+from rga_keras.evaluation import features
+from rga_keras.files import atomic_write, write_text_atomic
+from rga_keras.training.distribution import _tf_config, is_chief
+
+def save_model_atomic(model: keras.Model, path: str) -> None:
+    """``model.save(path)`` (a .keras file) through a temp file and rename."""
+    if not path.endswith(".keras"):
+        raise ValueError(f"checkpoint path must end in .keras, found {path!r}")
+    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped because its loss or its features stopped making sense (`DivergenceGuard`)."""
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stop training when it diverges, before anything of the diverged epoch is kept.
+
+    After every step: the loss must be finite and at most ``explode_factor`` × max(1, the first step's loss)
+    (measured before any update, so it is sane). After every epoch: the model's ``features`` output on ``probe_images``
+    must be finite and must not have collapsed (every image the same vector: retrieval is then at chance
+    whatever the loss says). Raises `TrainingDiverged`; put it first among the callbacks, so the diverged
+    epoch is neither evaluated nor checkpointed nor backed up.
+    """
+
+    def __init__(self, probe_images=None, explode_factor: float = 100.0,
+                 hint: str = "lower optimizer.base_lr, or check the data") -> None:
+        super().__init__()
+        self.probe_images, self.explode_factor, self.hint = probe_images, float(explode_factor), hint
+        self.first_loss: float | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
+
+    def _stop(self, problem: str) -> None:
+        raise TrainingDiverged(f"training diverged in epoch {self.epoch}: {problem}; {self.hint}. Nothing of this "
+                               f"epoch was kept (last.keras, best.keras and the backup hold earlier epochs)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        if not math.isfinite(loss):
+            self._stop(f"the loss is {loss} at step {batch + 1}")
+        if self.first_loss is None:
+            self.first_loss = abs(loss)
+        elif abs(loss) > self.explode_factor * max(self.first_loss, 1.0):  # floor: a loss near 0 may rise a little
+            self._stop(f"the loss is {loss:.3g} at step {batch + 1}, over {self.explode_factor:g}× its first value "
+                       f"{self.first_loss:.3g}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.probe_images is None:
+            return
+        features = keras.ops.convert_to_numpy(self.model(self.probe_images, training=False)["features"])
+        if not np.isfinite(features).all():
+            self._stop("the features hold NaN or infinite values")
+        if np.ptp(features, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(features).max())):
+            self._stop(f"the features collapsed: all {len(features)} probe images give the same vector, so "
+                       "retrieval would be at chance")
+
+
+def results_line(results: dict[str, dict]) -> str:
+    """``{feature: metrics}`` on one line: ``after_bn Rank-1 5.7  mAP 5.9  mINP 2.2 | before_bn ...``."""
+    return " | ".join(f"{name} Rank-1 {100 * m['rank1']:.1f}  mAP {100 * m['mAP']:.1f}  mINP {100 * m['mINP']:.1f}"
+                      for name, m in results.items())
+
+
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Evaluates on query/gallery every ``every`` epochs (and at the last) and adds ``val_rank1`` /
+    ``val_mAP`` of ``eval.feature`` to the epoch logs, so checkpoints can monitor them and TensorBoard/history
+    record them; the other feature, from the same forward pass, is logged as ``val_rank1_<feature>`` /
+    ``val_mAP_<feature>``."""
+
+    def __init__(self, dataset, config: dict, every: int, epochs: int, log: Callable[[str], None] = print) -> None:
+        super().__init__()
+        self.dataset, self.config, self.every, self.epochs = dataset, config, max(1, int(every)), epochs
+        self.log = log
+        self.results: dict[int, dict[str, dict]] = {}
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
+            return
+        results = features.evaluate_model(self.model, self.dataset, self.config)
+        self.results[epoch + 1] = results
+        if logs is not None:
+            for i, (name, m) in enumerate(results.items()):  # eval.feature first: the monitored val_mAP
+                suffix = f"_{name}" if i else ""
+                logs.update({f"val_rank1{suffix}": m["rank1"], f"val_mAP{suffix}": m["mAP"]})
+        self.log(f"\nepoch {epoch + 1}: {results_line(results)}")
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore with each backup file (weights, epoch counter) replaced atomically,
+    so a kill during a backup leaves the previous one loadable. A kill between the two renames
+    makes the resumed run repeat one epoch."""
+
+    def _save_model(self):
+        atomic_write(self._weights_path,
+                     lambda tmp: self.model.save_weights(tmp, overwrite=True))
+        write_text_atomic(self._training_metadata_path,
+                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Save the model (.keras) every epoch, or only when ``monitor`` improves, atomically.
+
+    With a monitor the best value is kept in ``<path>.json`` so it survives a resume; epochs
+    whose logs lack the monitor (e.g. no evaluation that epoch) are skipped. ``mode`` "auto"
+    maximises names containing acc/map/rank/cmc and minimises the rest.
+    """
+
+    def __init__(self, filepath: str, monitor: str | None = None, mode: str = "auto"):
+        super().__init__()
+        if not filepath.endswith(".keras"):
+            raise ValueError(f"checkpoint path must end in .keras, found {filepath!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', found {mode!r}")
+        if mode == "auto" and monitor is not None:
+            mode = "max" if any(k in monitor.lower() for k in ("acc", "map", "rank", "cmc")) else "min"
+        self.filepath, self.monitor, self.mode = filepath, monitor, mode
+        self.best = None
+
+    def on_train_begin(self, logs=None):
+        if self.monitor and os.path.exists(self.filepath + ".json"):
+            with open(self.filepath + ".json", encoding="utf-8") as f:
+                state = json.load(f)
+            if state.get("monitor") == self.monitor:
+                self.best = state["value"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is None:
+            save_model_atomic(self.model, self.filepath)
+            return
+        value, loss = (logs or {}).get(self.monitor), (logs or {}).get("loss", 0.0)
+        if value is None or not math.isfinite(float(value)) or not math.isfinite(float(loss)):
+            return  # an epoch whose loss is NaN/inf is never the best, whatever its evaluation said
+        value = float(value)
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            save_model_atomic(self.model, self.filepath)
+            self.best = value
+            write_text_atomic(self.filepath + ".json",
+                              json.dumps({"monitor": self.monitor, "value": value, "epoch": epoch + 1}))
+
+
+class HistoryLog(keras.callbacks.Callback):
+    """Per-epoch logs to ``history.json`` and ``history.csv`` in ``run_dir`` (rewritten
+    atomically each epoch; a resumed run continues the same files, one row per epoch)."""
+
+    def __init__(self, run_dir: str):
+        super().__init__()
+        self.json_path = os.path.join(run_dir, "history.json")
+        self.csv_path = os.path.join(run_dir, "history.csv")
+        self.rows: dict[int, dict] = {}
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.json_path):
+            with open(self.json_path, encoding="utf-8") as f:
+                self.rows = {row["epoch"]: row for row in json.load(f)}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows[epoch + 1] = {"epoch": epoch + 1,
+                                **{k: float(v) for k, v in (logs or {}).items()}}
+        rows = [self.rows[e] for e in sorted(self.rows)]
+        write_text_atomic(self.json_path, json.dumps(rows, indent=1))
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.csv_path, write_csv)
+
+
+def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = True,
+                   checkpoint_best_monitor: str | None = None,
+                   best_mode: str = "auto") -> list[keras.callbacks.Callback]:
+    """Callbacks for a resumable run writing into ``run_dir``.
+
+    - ``tensorboard/``: TensorBoard logs (skipped with a warning when tensorboard is missing);
+    - ``history.json`` / ``history.csv``: per-epoch logs (``epoch`` counted from 1);
+    - ``last.keras`` every epoch, ``best.keras`` (+ ``best.keras.json``) when
+      ``checkpoint_best_monitor`` improves; both written atomically;
+    - ``backup/``: BackupAndRestore state, so re-running the same fit after a kill resumes at the
+      epoch after the last completed one (weights, optimiser state and step count restored);
+      it is deleted when fit completes. It comes last, so an epoch only counts as done once the
+      other callbacks have written its files.
+    Under several workers only the chief writes logs and checkpoints; other workers keep only
+    their own backup (``backup-worker<i>/``).
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    callbacks: list[keras.callbacks.Callback] = []
+    chief = is_chief()
+    if chief:
+        if tensorboard and importlib.util.find_spec("tensorboard") is None:
+            warnings.warn("tensorboard is not installed (pip install tensorboard): "
+                          "training without TensorBoard logs", stacklevel=2)
+        elif tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")))
+        callbacks.append(HistoryLog(run_dir))
+        callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "last.keras")))
+        if checkpoint_best_monitor:
+            callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "best.keras"),
+                                              monitor=checkpoint_best_monitor, mode=best_mode))
+    if backup:
+        callbacks.append(AtomicBackupAndRestore(_backup_dir(run_dir)))
+    return callbacks
+
+
+def _backup_dir(run_dir: str) -> str:
+    """This worker's BackupAndRestore folder in ``run_dir``."""
+    index = _tf_config().get("task", {}).get("index", 0)
+    return os.path.join(run_dir, "backup" if is_chief() else f"backup-worker{index}")
+
+
+def completed_epochs(run_dir: str) -> int:
+    """Epochs the backup in ``run_dir`` has recorded (0 without one): where re-running the fit resumes.
+    The caller starts its training stream after that many epochs' batches, so the resumed run sees what
+    the uninterrupted one would have (`rga_keras.data.make_train_dataset`'s ``first_batch``)."""
+    try:
+        with open(os.path.join(_backup_dir(run_dir), "training_metadata.json"), encoding="utf-8") as f:
+            return int(json.load(f)["epoch"])
+    except (FileNotFoundError, NotADirectoryError):  # no backup; a run_dir that is a file is refused later
+        return 0

@@ -1,0 +1,195 @@
+"""A training run from a config: dataset → P×K pipeline → `model.fit` with the paper's losses → periodic
+evaluation → checkpoints → summary → export (docs/TRAINING.md). ``rga-train`` is a thin program over `run`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import keras
+import yaml
+
+from rga_keras.data import check_enough_identities, corrupt_images, load_dataset, make_eval_dataset
+from rga_keras.data import make_train_dataset, steps_per_epoch
+from rga_keras.evaluation import features
+from rga_keras.files import write_text_atomic
+from rga_keras.training.callbacks import DivergenceGuard, PeriodicEvaluation, completed_epochs, make_callbacks
+from rga_keras.training.callbacks import results_line
+from rga_keras.training.config import check_replica_split, distribution_line, lr_factor
+from rga_keras.training.distribution import distribute_pk_dataset, get_strategy, is_chief, num_workers
+from rga_keras.training.model import compiled_model, explain_oom, set_precision, to_reid_targets
+from rga_keras.training.run_folder import check_run_folder, clear_run_folder
+from rga_keras.visualize.plots import plot_training_curves
+
+Log = Callable[[str], None]
+
+
+def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print) -> dict:
+    """Train as the (checked, `rga_keras.training.config.load_config`) config says and return the summary (also
+    written to ``run_dir/summary.json``); what the run has to say on the way (dataset, batch split, evaluations,
+    export) goes to ``log``, the progress bar to Keras (``verbose``).
+
+    Re-running the same config after an interruption resumes from ``run_dir/backup``; a finished run, or an
+    unfinished one of another config, is refused before anything is written (`rga_keras.training.run_folder`),
+    unless ``fresh``, which deletes the run's files first. A diverging run stops with `TrainingDiverged`. Under
+    several workers (TF_CONFIG) every worker trains, but only the chief evaluates and writes files into its
+    ``run_dir``; the others keep only their own backup there and return ``{"chief": False, ...}`` without results.
+    """
+    training, sampler = config["training"], config["sampler"]
+    set_determinism(int(training["seed"]), bool(training["deterministic"]))  # before TensorFlow's first op
+    strategy = get_strategy(training["strategy"], training["devices"], training["join_timeout_s"])
+    replicas, workers = strategy.num_replicas_in_sync, num_workers(strategy)
+    check_replica_split(config, replicas)
+    set_precision(training["precision"])
+    run_dir, chief = Path(config["run_dir"]), is_chief()
+    resumed = completed_epochs(str(run_dir)) if training["backup"] else 0  # epochs a backup says are done
+    # Before anything is written: a finished run, or another config's, is refused with what differs.
+    folder = check_run_folder(run_dir, config, resumable=resumed > 0, fresh=fresh) if chief else "resume"
+    data = load_data(config)  # before anything is written: a wrong dataset path leaves no run folder behind
+    check_enough_identities(data.train, sampler["num_ids_per_batch"])  # an empty train split, before the model
+    factor = lr_factor(config)
+    log(data.summary())
+    log(distribution_line(config, replicas, workers, factor))
+    if folder != "resume":  # --fresh, or the same run stopped before its first backup: start over cleanly
+        clear_run_folder(run_dir)
+        resumed = 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if chief:
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    steps = training["steps_per_epoch"] or steps_per_epoch(data.train, sampler["num_ids_per_batch"])
+    epochs = int(training["epochs"])
+    with strategy.scope():
+        model = compiled_model(config, data.num_train_ids, steps, factor)
+    train_ds = _train_input(config, data, strategy, first_batch=resumed * steps)  # continue where it stopped
+
+    started = time.time()
+    untrained = None if resumed or not chief else features.evaluate_model(model, data, config)
+    if untrained:
+        log(f"untrained: {results_line(untrained)}")
+    evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs, log)
+    guard = DivergenceGuard(_probe_images(config, data), training["diverge_factor"])  # first: before any file
+    callbacks = [guard] + ([evaluation] if chief else []) + make_callbacks(
+        str(run_dir), backup=training["backup"], tensorboard=training["tensorboard"],
+        checkpoint_best_monitor="val_mAP", best_mode="max")
+    with explain_oom("lower sampler.num_ids_per_batch or model.input_size, or use training.precision=mixed_float16"):
+        # shuffle=False: the P×K sampler shuffles; Keras cannot shuffle a tf.data.Dataset (and warns if asked).
+        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, shuffle=False,
+                            callbacks=callbacks, verbose=verbose)
+    if not chief:  # the chief's files may not even be on this machine: read and write none of them
+        return {"chief": False, "run_dir": str(run_dir), "epochs": epochs, "replicas": replicas,
+                "history": {k: [float(x) for x in v] for k, v in history.history.items()}}
+    final = evaluation.results.get(epochs) or features.evaluate_model(model, data, config)
+    curves = plot_training_curves(run_dir / "history.json", run_dir / "training_curves.png")
+    summary = {
+        "dataset": data.summary(), "run_dir": str(run_dir), "epochs": epochs, "steps_per_epoch": steps,
+        "replicas": replicas, "workers": workers,
+        "global_batch": sampler["num_ids_per_batch"] * sampler["images_per_id"],
+        "learning_rate": config["optimizer"]["base_lr"] * factor,
+        "train_seconds": round(time.time() - started, 1),
+        "eval_feature": config["eval"]["feature"], "untrained": _metrics(untrained), "final": _metrics(final),
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "corrupt_images_skipped": corrupt_images.count,
+        "artefacts": {"last": str(run_dir / "last.keras"), "best": str(run_dir / "best.keras"),
+                      "curves": str(curves)},
+    }
+    if training["tensorboard"] and (run_dir / "tensorboard").is_dir():  # absent when tensorboard is not installed
+        summary["artefacts"]["tensorboard"] = str(run_dir / "tensorboard")
+    if config["export"]["enabled"]:
+        summary["export"] = export_model(model, data, config, run_dir / "export", log)
+        if summary["export"]["artefacts"]:
+            summary["artefacts"]["export"] = str(run_dir / "export")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return {**summary, "chief": True, "model": model, "data": data}
+
+
+def load_data(config: dict):
+    """The `ReidDataset` of the config's dataset section ("synthetic": the built-in dataset, generated once)."""
+    spec = dict(config["dataset"])
+    name, root, split = spec.pop("name"), spec.pop("root"), spec.pop("split")
+    if name == "synthetic":  # the rest of the section: the synthetic dataset's size
+        return load_dataset(name, root, **spec)
+    if root is None:
+        raise ValueError(f"dataset.root is not set: pass --data-root PATH to the folder holding {name}")
+    return load_dataset(name, root, **({"split": split} if split else {}))
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and the backend; with ``deterministic`` also make TensorFlow's ops deterministic and
+    run one op at a time, so two runs of the same config give the same losses (docs/TRAINING.md gives the cost).
+
+    Op determinism alone is not enough on CPU: with ops running concurrently (inter-op parallelism), eight
+    repeats of one training step from the same state gave three different sets of weights (last-bit differences
+    that grow over the steps); with one inter-op thread every repeat, and every process, gives the same.
+    TensorFlow fixes that thread count when it runs its first op, and offers no way to undo op determinism:
+    both are process-wide, so ``deterministic`` must be chosen before TensorFlow runs anything (as rga-train does).
+    """
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            raise ValueError("training.deterministic runs TensorFlow's ops one at a time, which can only be chosen "
+                             "before TensorFlow runs its first operation: start the run in a fresh process "
+                             "(as rga-train does)") from None
+        tf.config.experimental.enable_op_determinism()
+
+
+
+def _probe_images(config: dict, data, count: int = 16):
+    """A fixed batch of query images for `DivergenceGuard`'s collapse check."""
+    ds = make_eval_dataset(data.query[:count], image_size=tuple(config["model"]["input_size"]), batch_size=count)
+    return next(iter(ds))[0]
+
+
+
+def _train_input(config: dict, data, strategy, first_batch: int):
+    """The P×K training stream for ``model.fit``: one dataset of global batches on one replica; under several,
+    each worker reads only its replicas' slices of every global batch (whole identities each)."""
+    sampler, replicas = config["sampler"], strategy.num_replicas_in_sync
+
+    def stream(slices=None):
+        return to_reid_targets(make_train_dataset(
+            data.train, num_ids_per_batch=sampler["num_ids_per_batch"], images_per_id=sampler["images_per_id"],
+            image_size=tuple(config["model"]["input_size"]), augment=sampler["augment"], cache=sampler["cache"],
+            seed=int(config["training"]["seed"]), num_replicas=replicas, first_batch=first_batch, replicas=slices))
+
+    return stream() if replicas == 1 else distribute_pk_dataset(strategy, stream)
+
+
+
+def export_model(model: keras.Model, data, config: dict, out_dir: Path, log: Log = print) -> dict:
+    """Export the trained model as the config's export section says, checked on the query/gallery split.
+
+    Returns the short form kept in summary.json: whether every check passed, the report's table, the
+    artefact paths. A re-run replaces an earlier export of the same run. An export that fails (a conversion
+    error, or a missed threshold with ``enforce``) is reported and recorded, so the trained run is not lost.
+    """
+    from rga_keras.export import ExportError, export_all, failed_checks, format_table
+
+    ex = config["export"]
+    try:
+        report = export_all(model, out_dir, formats=ex["formats"], feature=config["eval"]["feature"],
+                            calibration_samples=data.train, num_calibration=int(ex["num_calibration"]),
+                            eval_split=(data.query, data.gallery), enforce=bool(ex["enforce"]), overwrite=True,
+                            verbose=False)
+    except ExportError as err:
+        log(f"\nexport FAILED, nothing was published: {err}")
+        return {"passed": False, "error": str(err), "artefacts": {}}
+    table = format_table(report)
+    log("\nexport (" + ("all checks passed" if report["passed"] else "SOME CHECKS FAILED, see the report")
+        + f"): {out_dir}\n{table}" + "".join(f"\n  {line}" for line in failed_checks(report)))
+    return {"passed": bool(report["passed"]), "table": table,
+            "artefacts": dict(report["artefacts"])}
+
+
+
+def _metrics(results: dict[str, dict] | None) -> dict | None:
+    """``{feature: {rank1, rank5, rank10, mAP, mINP}}`` rounded for summary.json (eval.feature first)."""
+    if results is None:
+        return None
+    return {name: {k: round(float(m[k]), 6) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
+            for name, m in results.items()}
