@@ -18,6 +18,7 @@ import pytest
 
 from rga_keras import export as ex
 from rga_keras import retrieval
+from rga_keras.export import onnx as onnx_format
 from tests import test_export
 from tests.checks import unit
 from tests.test_export import SIZE, brute_force_retrieval, images_of, keras_embeddings, tiny_reid_model
@@ -140,7 +141,7 @@ def test_an_op_without_onnx_conversion_publishes_nothing_and_is_named(model, tmp
 
 def test_failed_parity_publishes_no_onnx_file(exported, model, data, tmp_path, monkeypatch):
     converted = (exported[0] / "onnx" / "rga_v1.onnx").read_bytes()
-    monkeypatch.setattr(ex.exporter, "convert_onnx", lambda source, feature: converted)  # converted once above
+    monkeypatch.setattr(onnx_format, "convert_onnx", lambda source, feature: converted)  # converted once above
     monkeypatch.setitem(ex.FORMATS, "onnx", dataclasses.replace(ex.FORMATS["onnx"], thresholds={"cosine_min": 1.5}))
     with pytest.raises(ex.ParityError, match=r"onnx: minimum cosine similarity .* < 1.5"):
         ex.export_all(model, tmp_path, formats=["onnx"], eval_split=(data.query, data.gallery),
