@@ -3,8 +3,10 @@
 The same program as ``rga-export`` (`rga_keras.cli.export`).
 """
 import sys
+from pathlib import Path
 
-from rga_keras.cli.export import main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's rga_keras, installed or not
+from rga_keras.cli.export import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -156,3 +156,13 @@ def test_installed_programs_and_recipes_work_from_another_directory(wheel, tmp_p
     where, *listed, attention = run("-c", code).splitlines()
     assert Path(where).is_relative_to(target) and attention == "sc"
     assert {line.split()[0] for line in listed} == {p.stem for p in (ROOT / "train" / "configs").glob("*.yaml")}
+
+
+def test_the_thin_scripts_run_the_programs_from_a_checkout(tmp_path):
+    """train/train.py and export/export.py are the programs themselves, found from any working directory."""
+    for script, program in (("train/train.py", "rga-train"), ("export/export.py", "rga-export")):
+        text = (ROOT / script).read_text()
+        assert f"from rga_keras.cli.{Path(script).stem} import main" in text
+    run = subprocess.run([sys.executable, str(ROOT / "train" / "train.py"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: rga-train"), run.stderr[-2000:]

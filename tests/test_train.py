@@ -229,6 +229,24 @@ def test_fresh_deletes_only_the_runs_own_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the user's file stays
 
 
+def test_a_run_recorded_before_an_option_existed_resumes(tmp_path):
+    """A key the recorded config.yaml lacks (an older version wrote it) counts as a difference only where the new
+    config sets it to something other than its default."""
+    import yaml
+
+    from rga_keras.training.run_folder import check_run_folder
+
+    config = training_config.demo_config(str(tmp_path))
+    recorded = yaml.safe_load(yaml.safe_dump(config))
+    del recorded["model"]["stage_widths"], recorded["model"]["stage_blocks"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    (tmp_path / "last.keras").write_text("x")
+    assert check_run_folder(tmp_path, config, resumable=True) == "resume"
+    config["model"]["stage_widths"] = [4, 8, 16, 32]
+    with pytest.raises(ValueError, match=r"model.stage_widths: '\(absent\)' → \[4, 8, 16, 32\]"):
+        check_run_folder(tmp_path, config, resumable=True)
+
+
 def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     """Temporaries of a killed writer go at the next write in the same place; a live writer's stay."""
     import os

@@ -3,8 +3,10 @@
 The same program as ``rga-train`` (`rga_keras.cli.train`); the recipes are in train/configs/.
 """
 import sys
+from pathlib import Path
 
-from rga_keras.cli.train import main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's rga_keras, installed or not
+from rga_keras.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ from rga_keras.attention import check_attention
 from rga_keras.checks import check_choice
 from rga_keras.data.samples import check_pk_batch
 from rga_keras.evaluation.distances import METRICS
-from rga_keras.models import FEATURES
+from rga_keras.models import FEATURES, RESNET50_BLOCKS, RESNET50_WIDTHS
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the paper's recipes (train/configs in the repository)
 SCHEDULES = ("multistep", "cosine")
@@ -34,6 +34,9 @@ def default_config() -> dict:
             "attention": "sc", "input_size": [256, 128], "last_stride": 1, "rga_stages": [1, 2, 3, 4],
             "backbone_weights": "imagenet", "s1": 8, "s2": 8, "use_relation": True, "use_original": True,
             "embedding": "asymmetric", "relation": "fused", "zero_init_residual": True,
+            # ResNet-50's bottlenecks per stage and widths; other values give smaller networks for experiments and
+            # tests (ImageNet weights exist for ResNet-50's only).
+            "stage_blocks": list(RESNET50_BLOCKS), "stage_widths": list(RESNET50_WIDTHS),
         },
         # The GLOBAL batch, all replicas and machines together: P = num_ids_per_batch identities × K images.
         "sampler": {"num_ids_per_batch": 16, "images_per_id": 4, "augment": True, "cache": False},
@@ -225,6 +228,13 @@ def check_config(config: dict) -> None:
     size = config["model"]["input_size"]
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and min(size) >= 32):
         raise ValueError(f"model.input_size must be [height, width] with both >= 32, found {size!r}")
+    model = config["model"]
+    resnet50 = list(model["stage_blocks"]) == list(RESNET50_BLOCKS) and list(model["stage_widths"]) == list(
+        RESNET50_WIDTHS)
+    if model["backbone_weights"] is not None and not resnet50:
+        raise ValueError(f"model.backbone_weights {model['backbone_weights']!r} are ResNet-50's: they need "
+                         f"model.stage_blocks={list(RESNET50_BLOCKS)} and model.stage_widths={list(RESNET50_WIDTHS)}, "
+                         f"found {model['stage_blocks']} and {model['stage_widths']} (or set model.backbone_weights=null)")
     formats = config["export"]["formats"]
     if not formats or any(f not in FORMATS for f in formats):
         raise ValueError(f"export.formats must be a non-empty list from {list(FORMATS)}, found {formats!r}")

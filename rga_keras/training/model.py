@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from rga_keras.layers import RGA, RelationAttention, RGAOptions
 from rga_keras.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
-from rga_keras.models import RGAResNetBackbone, build_rga_resnet50
+from rga_keras.models import RGAReID, RGAResNetBackbone
 from rga_keras.optimizers import WarmupCosineSchedule, WarmupMultiStepSchedule, make_optimizer
 
 _POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -114,14 +114,15 @@ def explain_oom(hint: str = "") -> Iterator[None]:
 
 
 def build_model(config: dict, num_classes: int) -> keras.Model:
-    """`build_rga_resnet50` from the config's model section."""
+    """The `RGAReID` network of the config's model section (`build_rga_resnet50` where the stages are ResNet-50's)."""
     m = config["model"]
     options = RGAOptions(**{field.name: m[field.name] for field in dataclasses.fields(RGAOptions)})
-    return build_rga_resnet50(
-        num_classes, m["attention"], input_shape=(*m["input_size"], 3), last_stride=m["last_stride"],
-        rga_stages=m["rga_stages"], backbone_weights=m["backbone_weights"], rga_options=options,
-        zero_init_residual=m["zero_init_residual"],
-    )
+    backbone = RGAResNetBackbone(m["attention"], (*m["input_size"], 3), m["last_stride"], m["rga_stages"], options,
+                                 zero_init_residual=m["zero_init_residual"], stage_blocks=m["stage_blocks"],
+                                 stage_widths=m["stage_widths"])
+    if m["backbone_weights"] is not None:
+        backbone.load_pretrained(m["backbone_weights"])
+    return RGAReID(backbone, num_classes)
 
 
 def compiled_model(config: dict, num_classes: int, steps: int, lr_factor: float) -> keras.Model:

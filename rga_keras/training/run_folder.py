@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from rga_keras.files import check_folder
+from rga_keras.training.config import default_config
 
 # Every file or folder a run writes into run_dir (backup-worker<i>/ of other workers matched separately).
 RUN_FILES = ("config.yaml", "summary.json", "history.json", "history.csv", "training_curves.png", "last.keras",
@@ -34,8 +35,12 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(recorded: dict, config: dict) -> list[str]:
-    """``key: recorded → now`` for every dotted key whose value differs (``run_dir`` ignored)."""
+    """``key: recorded → now`` for every dotted key whose value differs (``run_dir`` ignored). A key the recorded
+    config lacks (written by an older version) differs only where it is now set to something else than its
+    default, so a run started before a new option existed resumes under the new version."""
     old, new = _flatten(recorded), _flatten(config)
+    defaults = _flatten(default_config())
+    old.update({k: v for k, v in new.items() if k not in old and k in defaults and v == defaults[k]})
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in _NOT_IDENTITY and old.get(k) != new.get(k)]
     return [f"{k}: {old.get(k, '(absent)')!r} → {new.get(k, '(absent)')!r}" for k in keys]
 
