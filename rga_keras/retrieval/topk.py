@@ -52,23 +52,29 @@ def search(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     nq, ng = len(query), len(gallery)
     k = min(int(top_k), ng)
-    neg_inverse_norms = -1.0 / np.maximum(feature_norms(gallery, "cosine"), _EPS)  # no (g, d) temporary
+    scale = negative_inverse_norms(gallery)
     reranked = _rerank_order(query, gallery, k) if rerank else None
     rows = max(1, int(max_block_bytes) // (BYTES_PER_ENTRY * ng))
     indices, similarities = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
     for start in range(0, nq, rows):
         stop = start + rows
         indices[start:stop], similarities[start:stop] = _block_top(
-            query[start:stop], gallery, neg_inverse_norms, k, None if reranked is None else reranked[start:stop])
+            query[start:stop], gallery, scale, k, None if reranked is None else reranked[start:stop])
     return indices, similarities
 
 
-def _block_top(query: np.ndarray, gallery: np.ndarray, neg_inverse_norms: np.ndarray, k: int,
+def negative_inverse_norms(gallery: np.ndarray) -> np.ndarray:
+    """-1 / |row| per gallery row: dot products with unit queries times this are minus the cosine similarity,
+    so that ascending order is best first (no (g, d) temporary)."""
+    return -1.0 / np.maximum(feature_norms(gallery, "cosine"), _EPS)
+
+
+def _block_top(query: np.ndarray, gallery: np.ndarray, scale: np.ndarray, k: int,
                order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k indices and similarities of a chunk of queries (or their similarities at ``order``). A function
     of its own so that the chunk's block and sort keys are freed before the next chunk's are made."""
     block = query @ gallery.T
-    block *= neg_inverse_norms  # minus the cosine similarity: ascending order is best first
+    block *= scale  # minus the cosine similarity: ascending order is best first
     top = stable_argsort_rows(block, k) if order is None else order
     return top, -np.take_along_axis(block, top, axis=1)
 

@@ -1,0 +1,228 @@
+"""One interface over every kind of gallery: a features file searched exactly (`FileGallery`, here), the same
+file through a faiss index (`rga_keras.retrieval.index.IndexedGallery`) and a Milvus collection
+(`rga_keras.retrieval.milvus.MilvusGallery`).
+
+A gallery holds L2-normalised embeddings under int64 ids (a features file's row numbers; Milvus' primary
+keys), what made them (``source``: `rga_keras.retrieval.features.SOURCE_KEYS`) and, per id, a `Crop`: the
+image path and, where known, camera, time and identity. Every search returns `Hits` ranked the same way:
+cosine similarity, best first, equal similarities in id order. The approximate backends find a shortlist
+and re-rank it exactly (`rerank_shortlist`), so what they return are exact similarities of stored vectors;
+only which vectors make the shortlist is approximate.
+"""
+from __future__ import annotations
+
+import abc
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rga_keras.retrieval.crops import Crop, crops_of
+from rga_keras.retrieval.features import FeatureSet, check_same_source, open_features, write_feature_chunks
+from rga_keras.retrieval.topk import negative_inverse_norms, search, unit_rows
+
+RERANK_ROWS = 1 << 14  # shortlisted vectors gathered at once when re-ranking (128 MiB at 2,048-d)
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Search results: ``ids`` int64 (q, k) and cosine ``similarities`` float32 (q, k), best first."""
+
+    ids: np.ndarray
+    similarities: np.ndarray
+
+
+class Gallery(abc.ABC):
+    """A searchable set of embeddings (see the module doc). ``name`` says where it is, ``method`` which search
+    runs (as programs print them); ``source`` is what made the embeddings."""
+
+    name: str
+    source: dict
+    method: str
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """The embeddings' dimension."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """How many embeddings the gallery holds."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line: where the gallery is, its size and what made it."""
+
+    @abc.abstractmethod
+    def search(self, query: np.ndarray, top_k: int = 10) -> Hits:
+        """The ``top_k`` most similar embeddings per query row (cosine; ties in id order)."""
+
+    @abc.abstractmethod
+    def ids(self, start: int, count: int) -> list[int]:
+        """Up to ``count`` ids from position ``start`` of the gallery's order (for browsing it)."""
+
+    @abc.abstractmethod
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored embeddings (len(ids), dim) float32 of ``ids``; KeyError naming an unknown id."""
+
+    @abc.abstractmethod
+    def crops(self, ids: Sequence[int]) -> list[Crop]:
+        """The `Crop` of each id."""
+
+    @abc.abstractmethod
+    def append(self, data: FeatureSet) -> None:
+        """Add embeddings made by the gallery's model (ValueError otherwise)."""
+
+    def check_query(self, query: np.ndarray, what: str = "the query") -> np.ndarray:
+        """``query`` as unit float32 rows (q, dim); ValueError for another dimension or an empty query."""
+        query = np.asarray(query, np.float32)
+        if query.ndim != 2 or not len(query):
+            raise ValueError(f"{what} must be a non-empty (n, {self.dim}) array, got shape {query.shape}")
+        if query.shape[1] != self.dim:
+            raise ValueError(f"query and gallery dimensions differ: {query.shape[1]} vs {self.dim}")
+        return unit_rows(query)
+
+    def check_appended(self, data: FeatureSet) -> None:
+        """ValueError unless ``data`` can join this gallery: the same model and settings, the same dimension."""
+        check_same_source(self.source, data.source, "the data to append", against=self.name)
+        if data.features.ndim != 2 or data.features.shape[1] != self.dim:
+            raise ValueError(f"the data to append is {data.features.shape[1]}-d, {self.name} is {self.dim}-d")
+
+    def close(self) -> None:
+        """Release files and connections (a closed gallery cannot be searched)."""
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_top_k(top_k: int) -> int:
+    """``top_k`` as an int >= 1 (ValueError otherwise)."""
+    if int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    return int(top_k)
+
+
+def rerank_shortlist(query: np.ndarray, candidates: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray],
+                     top_k: int) -> Hits:
+    """Exact top-``top_k`` of each query among its shortlisted ``candidates`` (q, r) int64, -1 = none.
+
+    ``fetch(ids)`` returns the stored vectors of sorted unique ids. Each query is compared with its own
+    candidates only (one matrix-vector product per query, not the whole block), by the cosine similarity
+    `rga_keras.retrieval.search` computes — equal up to float32 rounding, the same products summed in another
+    order — and equal similarities rank in id order, so a shortlist holding the exact top-k gives the exact
+    search's result. Rows with fewer than ``top_k`` candidates are padded with id -1 and similarity -inf.
+    """
+    from rga_keras.evaluation import stable_argsort_rows
+
+    query = unit_rows(query)
+    padding = np.iinfo(np.int64).max
+    ordered = np.sort(np.where(candidates < 0, padding, candidates), axis=1)  # id order: ties resolve by it
+    valid = ordered != padding
+    unique, columns = np.unique(ordered[valid], return_inverse=True)
+    distances = np.full(ordered.shape, np.inf, np.float32)
+    if len(unique):
+        vectors = fetch(unique)
+        positions = np.zeros(ordered.shape, np.int64)
+        positions[valid] = columns
+        dots = np.matmul(vectors[positions], query[:, :, None])[:, :, 0]  # (q, r): each query's candidates
+        distances[valid] = (dots * negative_inverse_norms(vectors)[positions])[valid]
+    k = min(top_k, ordered.shape[1])
+    top = stable_argsort_rows(distances, k)
+    ids, similarities = np.take_along_axis(ordered, top, axis=1), -np.take_along_axis(distances, top, axis=1)
+    missing = ids == padding
+    ids[missing], similarities[missing] = -1, -np.inf
+    if k < top_k:
+        ids = np.pad(ids, ((0, 0), (0, top_k - k)), constant_values=-1)
+        similarities = np.pad(similarities, ((0, 0), (0, top_k - k)), constant_values=-np.inf)
+    return Hits(ids, similarities.astype(np.float32))
+
+
+def search_by_shortlist(query: np.ndarray, top_k: int, shortlist: int, rows: int,
+                        find: Callable[[np.ndarray, int], tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]]) -> Hits:
+    """Search through a shortlist: for each chunk of unit ``query`` rows, ``find(chunk, r)`` gives r = max(top_k,
+    ``shortlist``) candidates per row and a ``fetch`` of their vectors, and `rerank_shortlist` ranks them exactly.
+    Chunks hold at most `RERANK_ROWS` candidates, so the vectors gathered stay small. ``rows``: the gallery size
+    (at most that many results per query, as exact search gives)."""
+    wanted = max(top_k, shortlist)
+    step = max(1, RERANK_ROWS // wanted)
+    parts = []
+    for start in range(0, len(query), step):
+        chunk = query[start:start + step]
+        candidates, fetch = find(chunk, wanted)
+        parts.append(rerank_shortlist(chunk, candidates, fetch, min(top_k, rows)))
+    return Hits(np.concatenate([p.ids for p in parts]), np.concatenate([p.similarities for p in parts]))
+
+
+class FileGallery(Gallery):
+    """A features file searched exactly (`rga_keras.retrieval.search`): every query against every row of the
+    memory-mapped features, in chunks. Ids are row numbers."""
+
+    method = "exact"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.name = str(self.path)
+        self._file = open_features(self.path)
+        self.source = self._file.source
+
+    @property
+    def features(self) -> np.ndarray:
+        """The features, memory-mapped (read-only) where the file allows it."""
+        return self._file.features
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def describe(self) -> str:
+        return f"{self.path}: {self._file.describe()}"
+
+    def search(self, query: np.ndarray, top_k: int = 10) -> Hits:
+        indices, similarities = search(self.check_query(query), self.features, check_top_k(top_k))
+        return Hits(indices, similarities)
+
+    def ids(self, start: int, count: int) -> list[int]:
+        return list(range(max(0, start), min(len(self), max(0, start) + max(0, count))))
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        ids = self._checked(ids)
+        order = np.argsort(ids, kind="stable")
+        rows = np.empty((len(ids), self.dim), np.float32)
+        rows[order] = self.features[ids[order]]  # increasing rows: a forward pass over the memory map
+        return rows
+
+    def paths(self, ids: Sequence[int]) -> list[str]:
+        """The image paths of ``ids``."""
+        return self._file.paths_at(self._checked(ids))
+
+    def crops(self, ids: Sequence[int]) -> list[Crop]:
+        return crops_of(self.paths(ids))
+
+    def append(self, data: FeatureSet) -> None:
+        """Rewrite the file with ``data``'s rows added, atomically: the old rows are copied in chunks, not
+        recomputed nor held in memory all at once."""
+        self.check_appended(data)
+        rows = len(self) + len(data.features)
+        chunks = itertools.chain(self._file.chunks(), [(data.features, data.paths)])
+        write_feature_chunks(self.path, self.source, chunks, (rows, self.dim))
+        self.close()
+        self._file = open_features(self.path)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _checked(self, ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        bad = (ids < 0) | (ids >= len(self))
+        if bad.any():
+            raise KeyError(f"no gallery image {int(ids[bad][0])} (ids are 0 to {len(self) - 1})")
+        return ids
