@@ -11,7 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,7 +28,8 @@ class Embedder:
     """A loaded model: ``embedder(images)`` gives L2-normalised float32 embeddings (n, d).
 
     ``feature`` is "after_bn"/"before_bn", or None where the file does not say (TFLite, an ONNX file not
-    written by rga-export).
+    written by rga-export). ``keras_model``: the re-id model itself for a ``.keras`` file (attention maps are
+    drawn from it), None for the other formats.
     """
 
     path: Path
@@ -36,6 +37,7 @@ class Embedder:
     input_size: tuple[int, int]
     feature: str | None
     run: Callable[[np.ndarray], np.ndarray]
+    keras_model: Any = None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Embeddings of raw RGB pixels 0-255 (n, H, W, 3); a batch whose pixels are all <= 1 is refused as
@@ -110,4 +112,4 @@ def _load_keras(path: Path, feature: str | None) -> Embedder:
     feature = feature or "after_bn"
     embed = embedding_model(model, feature)
     size = tuple(int(d) for d in model.input.shape[1:3])
-    return Embedder(path, "keras", size, feature, embed.predict_on_batch)
+    return Embedder(path, "keras", size, feature, embed.predict_on_batch, model)
