@@ -19,13 +19,14 @@ setup(
     python_requires=">=3.10",
     # One top-level package; the recipes (train/configs in the repository) travel inside it.
     packages=find_packages(include=["rga_keras", "rga_keras.*"]),
-    package_data={"rga_keras.training": ["configs/*.yaml"]},
+    package_data={"rga_keras.training": ["configs/*.yaml"], "rga_keras.retrieval": ["page.html"]},
     install_requires=REQUIREMENTS,
     extras_require={
         # Only needed to read PyTorch .pth files; .npz state dicts need nothing extra.
         "torch": ["torch>=2.0"],
-        # jax: the backend-neutral tests also run on JAX (CPU).
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "jax>=0.4.34"],
+        # jax: the backend-neutral tests also run on JAX (CPU). httpx: FastAPI's TestClient; playwright: the
+        # rga-serve page in Debian's Chromium (apt-get install chromium; the test skips without it).
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "jax>=0.4.34", "httpx>=0.29", "playwright>=1.65"],
     },
     entry_points={
         "console_scripts": [
