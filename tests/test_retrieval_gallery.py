@@ -16,7 +16,19 @@ from rga_keras.retrieval.crops import UNKNOWN_TIME, name_labels
 from rga_keras.retrieval.gallery import rerank_shortlist
 from tests.test_retrieval_search import brute_force, feature_set, grid_vectors
 
-SMALL = dict(factory="IVF4,PQ8x4", nprobe=4, shortlist=2000, train_rows=700, verbose=0)  # visits every list
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Tiny indexes gain nothing from threads, and OpenMP's spin against pytest-xdist's other worker on two cores
+    (this file: 5 s on one thread, 11-28 s on two, on the loaded development machine)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+SMALL = dict(factory="IVF4,PQ8x4fs", nprobe=4, shortlist=2000, train_rows=700, verbose=0)  # visits every list
 
 
 def grid_set(rng, n, **source):
@@ -56,6 +68,7 @@ def test_features_file_gallery_is_exact_and_memory_mapped(gallery_file):
         assert_exact(hits, query, data.features, 12)
         assert list(hits.ids[0, :3]) == [3, 10, 40]
         np.testing.assert_array_equal(gallery.vectors([7, 2, 7]), data.features[[7, 2, 7]])
+        assert gallery.known_paths([data.paths[7], "/new/x.jpg"]) == {data.paths[7]}
         crops = gallery.crops([5, 1])
         assert [c.path for c in crops] == [data.paths[5], data.paths[1]]
         assert (crops[0].identity, crops[0].camera, crops[0].time) == ("0005", "3", UNKNOWN_TIME)
@@ -66,7 +79,7 @@ def test_features_file_gallery_is_exact_and_memory_mapped(gallery_file):
             gallery.search(np.ones((1, 8)))
 
 
-@pytest.mark.parametrize("factory", ["IVF4,PQ8x4", "PCA16,IVF4,SQ8"])
+@pytest.mark.parametrize("factory", ["IVF4,PQ8x4fs", "PCA16,IVF4,SQ8"])
 def test_index_search_equals_exact_search_with_ties(gallery_file, factory, monkeypatch):
     path, data, query = gallery_file
     monkeypatch.setattr(index_module, "ADD_ROWS", 300)  # filled in four chunks
@@ -83,8 +96,9 @@ def test_a_short_shortlist_still_returns_exact_similarities(gallery_file):
     """With 2 of 16 lists visited the shortlist misses some neighbours, but what is returned is ranked by the
     exact similarities of the stored vectors."""
     path, data, query = gallery_file
-    retrieval.build_index(path, **{**SMALL, "factory": "IVF16,PQ8x4", "nprobe": 2, "shortlist": 30})
+    retrieval.build_index(path, **{**SMALL, "factory": "IVF16,PQ8x4fs", "nprobe": None, "shortlist": 30})
     with retrieval.IndexedGallery(path) as gallery:
+        assert gallery.nprobe == 2  # by default an eighth of the lists
         hits = gallery.search(query, 10)
     _, _, all_sims = brute_force(query, data.features, 10)
     found = hits.ids >= 0
@@ -164,7 +178,7 @@ def test_an_interrupted_index_write_keeps_the_old_index(gallery_file, monkeypatc
 
     monkeypatch.setattr(faiss, "write_index", fail)
     with pytest.raises(KeyboardInterrupt):
-        retrieval.build_index(path, **{**SMALL, "factory": "IVF8,PQ8x4"})
+        retrieval.build_index(path, **{**SMALL, "factory": "IVF8,PQ8x4fs"})
     assert retrieval.index_path(path).read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["gallery.h5", "gallery.h5.faiss"]
 
@@ -176,8 +190,8 @@ def test_bad_index_settings(gallery_file):
     with pytest.raises(ValueError, match="nprobe must be >= 1"):
         retrieval.build_index(path, **{**SMALL, "nprobe": 0})
     assert retrieval.index_status(path) == "none"
-    assert index_module.default_factory(100_000, 2048) == "PCA256,IVF1024,SQ8"
-    assert index_module.default_factory(10**6, 128) == "IVF4096,SQ8"
+    assert index_module.default_factory(100_000, 2048) == "PCA256,IVF256,PQ128x4fs"
+    assert index_module.default_factory(10**6, 128) == "IVF1024,PQ64x4fs"
 
 
 def test_open_gallery_picks_the_search(gallery_file, monkeypatch):
@@ -204,6 +218,7 @@ def test_open_gallery_picks_the_search(gallery_file, monkeypatch):
 def test_milvus_gallery_equals_exact_search_and_keeps_the_metadata(tmp_path):
     rng = np.random.default_rng(2)
     data = grid_set(rng, 300)
+    data.paths[1] = '/crops/caf\u00e9 "1" \\ x.jpg'  # quotes, a backslash and UTF-8 in filter expressions
     query = grid_vectors(rng, 20)
     query[0] = data.features[3]
     uri = str(tmp_path / "milvus.db")
@@ -223,6 +238,7 @@ def test_milvus_gallery_equals_exact_search_and_keeps_the_metadata(tmp_path):
         assert list(hits.ids[0, :3]) == [ids[3], ids[10], ids[40]]
         np.testing.assert_array_equal(gallery.vectors([ids[7], ids[2]]), data.features[[7, 2]])
         assert gallery.crops([ids[5]]) == [crops[5]] and gallery.ids(0, 3) == ids[:3]
+        assert gallery.known_paths([data.paths[1], "/new/x.jpg", data.paths[299]]) == {data.paths[1], data.paths[299]}
         with pytest.raises(KeyError, match="no gallery image -5"):
             gallery.crops([-5])
 

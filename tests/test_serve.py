@@ -13,7 +13,7 @@ from PIL import Image
 from rga_keras import retrieval
 from rga_keras.retrieval.web import create_app
 from tests.test_export import SIZE, tiny_reid_model
-from tests.test_retrieval_gallery import SMALL
+from tests.test_retrieval_gallery import SMALL, one_faiss_thread  # noqa: F401 (autouse)
 from tests.test_retrieval_search import brute_force
 
 PAGE = 4

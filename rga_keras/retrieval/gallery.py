@@ -73,6 +73,10 @@ class Gallery(abc.ABC):
         """The `Crop` of each id."""
 
     @abc.abstractmethod
+    def known_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of ``paths`` the gallery holds already (appending skips them)."""
+
+    @abc.abstractmethod
     def append(self, data: FeatureSet) -> None:
         """Add embeddings made by the gallery's model (ValueError otherwise)."""
 
@@ -206,6 +210,9 @@ class FileGallery(Gallery):
 
     def crops(self, ids: Sequence[int]) -> list[Crop]:
         return crops_of(self.paths(ids))
+
+    def known_paths(self, paths: Sequence[str]) -> set[str]:
+        return set(paths).intersection(self._file.paths_at(np.arange(len(self))))
 
     def append(self, data: FeatureSet) -> None:
         """Rewrite the file with ``data``'s rows added, atomically: the old rows are copied in chunks, not

@@ -3,9 +3,10 @@ finds a shortlist per query, and the shortlist is re-ranked exactly against the 
 (`rga_keras.retrieval.gallery.rerank_shortlist`), so the similarities returned are exact and only the
 shortlist is approximate.
 
-The index (`default_factory`: PCA to `PCA_DIM` dimensions, an inverted file of ``nlist`` lists, 8-bit scalar
-quantised codes; measured against the alternatives in docs/BENCHMARKS.md) is trained on a sample of the
-features and filled in chunks, so memory stays bounded by the sample and the codes, never the features. It
+The index (`default_factory`: PCA to `PCA_DIM` dimensions, an inverted file of ``nlist`` lists, 4-bit
+fast-scan product-quantised codes; measured against the alternatives in docs/BENCHMARKS.md) is trained on a
+sample of the features and filled in chunks, so memory stays bounded by the sample and the codes, never the
+features. A query visits an eighth of the lists (``nprobe``) and re-ranks `SHORTLIST` candidates. It
 is saved atomically as ``<features file>.faiss``: a header line, a JSON line (the factory, search settings,
 and the rows and fingerprint of the features it indexes), then faiss' own serialisation.
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
 import numpy as np
 
 from rga_keras.files import atomic_write
@@ -30,7 +32,7 @@ from rga_keras.retrieval.gallery import FileGallery, Hits, check_top_k, search_b
 INDEX_FORMAT = b"rga-keras faiss index\n"
 INDEX_VERSION = 1
 PCA_DIM = 256
-NPROBE = 32          # lists visited per query
+PROBED = 8           # by default a query visits 1/PROBED of the lists (nprobe = nlist / 8)
 SHORTLIST = 200      # candidates per query re-ranked exactly
 TRAIN_ROWS = 40_000  # sample the index is trained on (at most)
 ADD_ROWS = 20_000    # rows read from the memory map and added per chunk
@@ -44,10 +46,14 @@ def index_path(features_path: str | os.PathLike) -> Path:
 
 
 def default_factory(rows: int, dim: int) -> str:
-    """The faiss factory string for a gallery of ``rows`` × ``dim``: ``PCA256,IVF<nlist>,SQ8`` with nlist
-    ≈ 4·√rows (a power of two, 16 to 65,536); galleries of at most `PCA_DIM` dimensions skip the PCA."""
-    nlist = int(np.clip(2 ** round(np.log2(4 * np.sqrt(max(rows, 1)))), 16, 65536))
-    return f"{'' if dim <= PCA_DIM else f'PCA{PCA_DIM},'}IVF{nlist},SQ8"
+    """The faiss factory string for a gallery of ``rows`` × ``dim``: ``PCA256,IVF<nlist>,PQ128x4fs`` — a PCA to
+    `PCA_DIM` dimensions (none for galleries of at most that many), an inverted file of nlist ≈ √rows lists (a
+    power of two, 16 to 65,536), and 4-bit fast-scan product-quantised codes of 64 bytes. Chosen by
+    bench/bench_gallery.py (docs/BENCHMARKS.md): the shortlist's recall is set by the lists visited, hardly by
+    the codes, and fast-scan codes are the quickest to train, fill and scan."""
+    nlist = int(np.clip(2 ** round(np.log2(np.sqrt(max(rows, 1)))), 16, 65536))
+    reduced = min(dim, PCA_DIM)
+    return f"{'' if dim <= PCA_DIM else f'PCA{PCA_DIM},'}IVF{nlist},PQ{reduced // 2}x4fs"
 
 
 def fingerprint(file: FeaturesFile, rows: int | None = None) -> str:
@@ -64,34 +70,38 @@ def fingerprint(file: FeaturesFile, rows: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def build_index(features_path: str | os.PathLike, *, factory: str | None = None, nprobe: int = NPROBE,
+def build_index(features_path: str | os.PathLike, *, factory: str | None = None, nprobe: int | None = None,
                 shortlist: int = SHORTLIST, train_rows: int = TRAIN_ROWS, seed: int = 0, verbose: int = 1) -> Path:
     """Build the index of a features file and save it beside it (atomically); returns its path.
 
-    Trained on ``train_rows`` rows sampled at random (all of a smaller file), filled `ADD_ROWS` at a time from
-    the memory-mapped features. ``factory`` is any faiss factory string for inner-product search (default
-    `default_factory`); ``nprobe`` and ``shortlist`` are the search settings saved with it. ``verbose``: a
-    progress bar over the rows added.
+    Trained on ``train_rows`` rows sampled at random (all of a smaller file), filled `ADD_ROWS` rows at a time.
+    ``factory`` is any faiss factory string (default `default_factory`); the index measures L2 distance, which
+    ranks unit vectors as cosine similarity does and, unlike the inner product, is unchanged by a PCA's
+    centring. ``nprobe`` (default: an eighth of the lists) and ``shortlist`` are the search settings saved with
+    it. ``verbose``: a progress bar over the rows added.
     """
     import faiss
 
-    for name, value in (("nprobe", nprobe), ("shortlist", shortlist), ("train_rows", train_rows)):
+    for name, value in (("nprobe", 1 if nprobe is None else nprobe), ("shortlist", shortlist),
+                        ("train_rows", train_rows)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     with open_features(features_path) as file:
         rows, dim = file.features.shape
         factory = factory or default_factory(rows, dim)
         try:
-            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
         except RuntimeError as err:
             raise ValueError(f"faiss cannot make index {factory!r} for {dim}-d vectors: "
                              f"{str(err).strip().splitlines()[-1]}") from None
         sample = np.sort(np.random.default_rng(seed).choice(rows, min(rows, int(train_rows)), replace=False))
         index.train(np.ascontiguousarray(file.features[sample]))
+        _drop_training_state(index)
         _add_rows(index, file, 0, rows, verbose)
         header = {"version": INDEX_VERSION, "features": file.path.name, "rows": rows, "dim": dim,
                   "fingerprint": fingerprint(file), "source": file.source, "factory": factory,
-                  "nprobe": int(nprobe), "shortlist": int(shortlist), "train_rows": len(sample)}
+                  "nprobe": int(nprobe or _default_nprobe(index)), "shortlist": int(shortlist),
+                  "train_rows": len(sample)}
     return _save(index_path(features_path), header, index)
 
 
@@ -200,6 +210,26 @@ def _add_rows(index, file: FeaturesFile, start: int, stop: int, verbose: int) ->
     for first in range(start, stop, ADD_ROWS):
         index.add(file.rows(first, min(first + ADD_ROWS, stop)))
         progbar.update(min(first + ADD_ROWS, stop) - start)
+
+
+def _default_nprobe(index) -> int:
+    """An eighth of an inverted file's lists (1 for an index without lists)."""
+    import faiss
+
+    inverted = faiss.try_extract_index_ivf(index)
+    return max(1, inverted.nlist // PROBED) if inverted is not None else 1
+
+
+def _drop_training_state(index) -> None:
+    """Free what only training needs: a PCA keeps its full d × d eigenvector matrix (16 MiB at 2,048-d, more
+    than the codes of 60,000 vectors), of which searching uses the first rows, kept apart."""
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        for position in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(position))
+            if isinstance(transform, faiss.PCAMatrix):
+                transform.PCAMat.clear()
 
 
 def _save(path: Path, header: dict, index) -> Path:

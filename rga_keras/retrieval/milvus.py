@@ -31,6 +31,7 @@ SOURCE_PROPERTY = "rga_keras.source"
 SHORTLIST = 200
 MAX_LIMIT = 16384      # Milvus' largest top-k
 INSERT_ROWS = 1000     # rows per insert request (a 2,048-d batch is ~16 MB on the wire)
+QUERY_PATHS = 500      # paths per "path in [...]" query
 TEXT_LENGTH = {"path": 4096, "camera": 256, "identity": 256}
 _FIELDS = ("path", "camera", "identity", "time")
 
@@ -112,6 +113,14 @@ class MilvusGallery(Gallery):
     def crops(self, ids: Sequence[int]) -> list[Crop]:
         return [Crop(**{name: row[name] for name in _FIELDS}) for row in self._rows(ids, list(_FIELDS))]
 
+    def known_paths(self, paths: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(paths), QUERY_PATHS):
+            listed = ", ".join(_literal(p) for p in paths[start:start + QUERY_PATHS])
+            found.update(row["path"] for row in self._client.query(self.collection, filter=f"path in [{listed}]",
+                                                                   output_fields=["path"]))
+        return found
+
     def append(self, data: FeatureSet, crops: Sequence[Crop] | None = None) -> list[int]:
         """Insert ``data``'s embeddings with their `Crop` (default: from the paths and the files' times);
         returns the new ids, in order."""
@@ -135,7 +144,7 @@ class MilvusGallery(Gallery):
         how many were deleted."""
         conditions = []
         if camera is not None:
-            conditions.append(f"camera == {json.dumps(str(camera), ensure_ascii=False)}")
+            conditions.append(f"camera == {_literal(str(camera))}")
         if day is not None:
             start = int(datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc).timestamp())
             conditions.append(f"time >= {start} and time < {start + 86400}")
@@ -174,3 +183,9 @@ class MilvusGallery(Gallery):
         self._client.create_collection(self.collection, schema=schema, index_params=index,
                                        consistency_level="Strong",
                                        properties={SOURCE_PROPERTY: json.dumps(source, sort_keys=True)})
+
+
+def _literal(text: str) -> str:
+    """``text`` as a string literal of Milvus' filter language (double quotes, backslash escapes; Milvus reads
+    UTF-8 as it is, not \\u escapes)."""
+    return json.dumps(text, ensure_ascii=False)
