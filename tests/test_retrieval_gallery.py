@@ -93,12 +93,12 @@ def test_index_search_equals_exact_search_with_ties(gallery_file, factory, monke
 
 
 def test_a_short_shortlist_still_returns_exact_similarities(gallery_file):
-    """With 2 of 16 lists visited the shortlist misses some neighbours, but what is returned is ranked by the
+    """With 4 of 16 lists visited the shortlist misses some neighbours, but what is returned is ranked by the
     exact similarities of the stored vectors."""
     path, data, query = gallery_file
     retrieval.build_index(path, **{**SMALL, "factory": "IVF16,PQ8x4fs", "nprobe": None, "shortlist": 30})
     with retrieval.IndexedGallery(path) as gallery:
-        assert gallery.nprobe == 2  # by default an eighth of the lists
+        assert gallery.nprobe == 4  # by default a quarter of the lists
         hits = gallery.search(query, 10)
     _, _, all_sims = brute_force(query, data.features, 10)
     found = hits.ids >= 0

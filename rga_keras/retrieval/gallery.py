@@ -24,7 +24,7 @@ from rga_keras.retrieval.crops import Crop, crops_of
 from rga_keras.retrieval.features import FeatureSet, check_same_source, open_features, write_feature_chunks
 from rga_keras.retrieval.topk import negative_inverse_norms, search, unit_rows
 
-RERANK_ROWS = 1 << 14  # shortlisted vectors gathered at once when re-ranking (128 MiB at 2,048-d)
+RERANK_ROWS = 1 << 11  # shortlisted vectors gathered at once when re-ranking (16 MiB at 2,048-d)
 
 
 @dataclass(frozen=True)
@@ -148,19 +148,24 @@ def rerank_shortlist(query: np.ndarray, candidates: np.ndarray, fetch: Callable[
 
 
 def search_by_shortlist(query: np.ndarray, top_k: int, shortlist: int, rows: int,
-                        find: Callable[[np.ndarray, int], tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]]) -> Hits:
-    """Search through a shortlist: for each chunk of unit ``query`` rows, ``find(chunk, r)`` gives r = max(top_k,
-    ``shortlist``) candidates per row and a ``fetch`` of their vectors, and `rerank_shortlist` ranks them exactly.
-    Chunks hold at most `RERANK_ROWS` candidates, so the vectors gathered stay small. ``rows``: the gallery size
-    (at most that many results per query, as exact search gives)."""
+                        find: Callable[[np.ndarray, int], tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]],
+                        block: int) -> Hits:
+    """Search through a shortlist: for each ``block`` of unit ``query`` rows, ``find(queries, r)`` gives
+    r = max(top_k, ``shortlist``) candidates per row and a ``fetch`` of their vectors; `rerank_shortlist` ranks
+    them exactly, `RERANK_ROWS` candidates at a time (small gathers stay in cache and reuse memory). ``rows``:
+    the gallery size (at most that many results per query, as exact search gives)."""
     wanted = max(top_k, shortlist)
     step = max(1, RERANK_ROWS // wanted)
-    parts = []
-    for start in range(0, len(query), step):
-        chunk = query[start:start + step]
-        candidates, fetch = find(chunk, wanted)
-        parts.append(rerank_shortlist(chunk, candidates, fetch, min(top_k, rows)))
-    return Hits(np.concatenate([p.ids for p in parts]), np.concatenate([p.similarities for p in parts]))
+    ids, similarities = [], []
+    for start in range(0, len(query), block):
+        queries = query[start:start + block]
+        candidates, fetch = find(queries, wanted)
+        for first in range(0, len(queries), step):
+            hits = rerank_shortlist(queries[first:first + step], candidates[first:first + step], fetch,
+                                    min(top_k, rows))
+            ids.append(hits.ids)
+            similarities.append(hits.similarities)
+    return Hits(np.concatenate(ids), np.concatenate(similarities))
 
 
 class FileGallery(Gallery):

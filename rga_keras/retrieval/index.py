@@ -6,7 +6,7 @@ shortlist is approximate.
 The index (`default_factory`: PCA to `PCA_DIM` dimensions, an inverted file of ``nlist`` lists, 4-bit
 fast-scan product-quantised codes; measured against the alternatives in docs/BENCHMARKS.md) is trained on a
 sample of the features and filled in chunks, so memory stays bounded by the sample and the codes, never the
-features. A query visits an eighth of the lists (``nprobe``) and re-ranks `SHORTLIST` candidates. It
+features. A query visits a quarter of the lists (``nprobe``) and re-ranks `SHORTLIST` candidates. It
 is saved atomically as ``<features file>.faiss``: a header line, a JSON line (the factory, search settings,
 and the rows and fingerprint of the features it indexes), then faiss' own serialisation.
 
@@ -32,10 +32,11 @@ from rga_keras.retrieval.gallery import FileGallery, Hits, check_top_k, search_b
 INDEX_FORMAT = b"rga-keras faiss index\n"
 INDEX_VERSION = 1
 PCA_DIM = 256
-PROBED = 8           # by default a query visits 1/PROBED of the lists (nprobe = nlist / 8)
+PROBED = 4           # by default a query visits 1/PROBED of the lists (nprobe = nlist / 4)
 SHORTLIST = 200      # candidates per query re-ranked exactly
 TRAIN_ROWS = 40_000  # sample the index is trained on (at most)
-ADD_ROWS = 20_000    # rows read from the memory map and added per chunk
+ADD_ROWS = 20_000    # rows read and added per chunk
+SEARCH_ROWS = 4096   # queries sent to faiss at once (their shortlists: 6.3 MiB of ids)
 FINGERPRINT_ROWS = 64
 
 
@@ -77,7 +78,7 @@ def build_index(features_path: str | os.PathLike, *, factory: str | None = None,
     Trained on ``train_rows`` rows sampled at random (all of a smaller file), filled `ADD_ROWS` rows at a time.
     ``factory`` is any faiss factory string (default `default_factory`); the index measures L2 distance, which
     ranks unit vectors as cosine similarity does and, unlike the inner product, is unchanged by a PCA's
-    centring. ``nprobe`` (default: an eighth of the lists) and ``shortlist`` are the search settings saved with
+    centring. ``nprobe`` (default: a quarter of the lists) and ``shortlist`` are the search settings saved with
     it. ``verbose``: a progress bar over the rows added.
     """
     import faiss
@@ -188,7 +189,8 @@ class IndexedGallery(FileGallery):
         def find(chunk: np.ndarray, wanted: int):
             return self.index.search(chunk, wanted)[1], self._fetch
 
-        return search_by_shortlist(self.check_query(query), check_top_k(top_k), self.shortlist, len(self), find)
+        return search_by_shortlist(self.check_query(query), check_top_k(top_k), self.shortlist, len(self), find,
+                                   block=SEARCH_ROWS)
 
     def append(self, data: FeatureSet) -> None:
         """Rewrite the features file with ``data``'s rows added, then add them to the index (no rebuild)."""
@@ -213,7 +215,7 @@ def _add_rows(index, file: FeaturesFile, start: int, stop: int, verbose: int) ->
 
 
 def _default_nprobe(index) -> int:
-    """An eighth of an inverted file's lists (1 for an index without lists)."""
+    """A quarter of an inverted file's lists (1 for an index without lists)."""
     import faiss
 
     inverted = faiss.try_extract_index_ivf(index)

@@ -23,7 +23,7 @@ import numpy as np
 
 from rga_keras.retrieval.crops import Crop, crops_of
 from rga_keras.retrieval.features import FeatureSet, describe
-from rga_keras.retrieval.gallery import Gallery, Hits, check_top_k, search_by_shortlist
+from rga_keras.retrieval.gallery import RERANK_ROWS, Gallery, Hits, check_top_k, search_by_shortlist
 from rga_keras.retrieval.topk import unit_rows
 
 DEFAULT_COLLECTION = "rga_gallery"
@@ -98,7 +98,8 @@ class MilvusGallery(Gallery):
                     stored[hit["id"]] = hit["entity"]["vector"]
             return candidates, lambda ids: np.asarray([stored[i] for i in ids], np.float32)
 
-        return search_by_shortlist(query, top_k, self.shortlist, len(self), find)
+        return search_by_shortlist(query, top_k, self.shortlist, len(self), find,
+                                   block=max(1, RERANK_ROWS // max(top_k, self.shortlist)))
 
     def ids(self, start: int, count: int) -> list[int]:
         if count < 1:
