@@ -217,12 +217,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="searches timed as the best of this many runs")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rga_bench_gallery"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.child:
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
+        if args.prepare:
+            features_file(args.work, args.rows, args.hard)
+            return
         print(json.dumps({"search": run_search, "build": run_build, "milvus": run_milvus}[args.mode](args)))
         return
     # OMP_WAIT_POLICY: OpenMP threads sleep rather than spin while waiting, which on a shared machine keeps faiss
@@ -232,6 +236,11 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, load average "
           f"{os.getloadavg()[0]:.1f} at the start, Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
     start = time.perf_counter()
+    # the features file is written by a process of its own, so that the measuring one's peak memory is its own
+    prepare = subprocess.run([sys.executable, __file__, "--child", "--prepare", *sys.argv[1:]], env=env,
+                             capture_output=True, text=True)
+    if prepare.returncode != 0:
+        sys.exit(f"writing the gallery failed: {prepare.stderr.strip()[-2000:]}")
     out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{args.mode} failed: {out.stderr.strip()[-2000:]}")
