@@ -192,15 +192,20 @@ def test_bad_index_settings(gallery_file):
     assert retrieval.index_status(path) == "none"
     assert index_module.default_factory(100_000, 2048) == "PCA256,IVF256,PQ128x4fs"
     assert index_module.default_factory(10**6, 128) == "IVF1024,PQ64x4fs"
+    assert index_module.default_factory(999, 2048) == "Flat"
+    assert index_module.default_factory(1000, 32) == "IVF16,PQ16x4fs"  # 39 training rows per list at least
+    assert index_module.default_factory(10**8, 2048) == "PCA256,IVF1024,PQ128x4fs"  # as many as 40,000 rows train
 
 
 def test_open_gallery_picks_the_search(gallery_file, monkeypatch):
     path, _, _ = gallery_file
     with retrieval.open_gallery(path) as gallery:
         assert type(gallery) is retrieval.FileGallery
-    retrieval.build_index(path, **SMALL)
+    retrieval.build_index(path, verbose=0)  # the defaults for 1,000 rows
     with retrieval.open_gallery(path) as gallery:  # an index, but a small gallery: exact
         assert type(gallery) is retrieval.FileGallery
+    with retrieval.open_gallery(path, search="index") as gallery:
+        assert gallery.method == "faiss IVF16,PQ16x4fs, nprobe 4, top 200 re-ranked exactly"
     with retrieval.open_gallery(path, search="index", nprobe=2) as gallery:
         assert type(gallery) is retrieval.IndexedGallery and gallery.nprobe == 2
     monkeypatch.setattr("rga_keras.retrieval.galleries.INDEX_MIN_ROWS", 1000)

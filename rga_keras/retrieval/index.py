@@ -38,6 +38,7 @@ TRAIN_ROWS = 40_000  # sample the index is trained on (at most)
 ADD_ROWS = 20_000    # rows read and added per chunk
 SEARCH_ROWS = 4096   # queries sent to faiss at once (their shortlists: 6.3 MiB of ids)
 FINGERPRINT_ROWS = 64
+MIN_TRAIN_ROWS = 1000  # fewer rows than this: too few to train quantisers on
 
 
 def index_path(features_path: str | os.PathLike) -> Path:
@@ -49,12 +50,15 @@ def index_path(features_path: str | os.PathLike) -> Path:
 def default_factory(rows: int, dim: int) -> str:
     """The faiss factory string for a gallery of ``rows`` × ``dim``: ``PCA256,IVF<nlist>,PQ128x4fs`` — a PCA to
     `PCA_DIM` dimensions (none for galleries of at most that many), an inverted file of nlist ≈ √rows lists (a
-    power of two, 16 to 65,536), and 4-bit fast-scan product-quantised codes of 64 bytes. Chosen by
+    power of two, at most one per 39 training rows, faiss' minimum), and 4-bit fast-scan product-quantised codes
+    of 64 bytes. Chosen by
     bench/bench_gallery.py (docs/BENCHMARKS.md): the shortlist's recall is set by the lists visited, hardly by
-    the codes, and fast-scan codes are the quickest to train, fill and scan."""
-    nlist = int(np.clip(2 ** round(np.log2(np.sqrt(max(rows, 1)))), 16, 65536))
-    reduced = min(dim, PCA_DIM)
-    return f"{'' if dim <= PCA_DIM else f'PCA{PCA_DIM},'}IVF{nlist},PQ{reduced // 2}x4fs"
+    the codes, and fast-scan codes are the quickest to train, fill and scan. Below `MIN_TRAIN_ROWS` rows there
+    is too little to train on: "Flat", the vectors themselves (an exact shortlist)."""
+    if rows < MIN_TRAIN_ROWS:
+        return "Flat"
+    nlist = min(2 ** round(np.log2(np.sqrt(rows))), 2 ** int(np.log2(min(rows, TRAIN_ROWS) / 39)))
+    return f"{'' if dim <= PCA_DIM else f'PCA{PCA_DIM},'}IVF{nlist},PQ{min(dim, PCA_DIM) // 2}x4fs"
 
 
 def fingerprint(file: FeaturesFile, rows: int | None = None) -> str:
