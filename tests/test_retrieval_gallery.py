@@ -59,6 +59,27 @@ def gallery_file(tmp_path):
     return retrieval.write_features(tmp_path / "gallery.h5", data), data, query
 
 
+def test_features_files_read_in_parts(gallery_file, tmp_path):
+    """A features file's rows by id (pread), by range and in chunks; a compressed one (not memory-mappable)
+    is read into memory and gives the same."""
+    import h5py
+
+    path, data, _ = gallery_file
+    compressed = tmp_path / "compressed.h5"
+    with h5py.File(path, "r") as source, h5py.File(compressed, "w") as out:
+        out.create_dataset("features", data=source["features"][()], compression="gzip")
+        out.create_dataset("paths", data=source["paths"][()])
+        out.attrs.update(source.attrs)
+    for name in (path, compressed):
+        with retrieval.open_features(name) as file:
+            assert isinstance(file.features, np.memmap) == (name == path)
+            np.testing.assert_array_equal(file.take([7, 2, 7, 999]), data.features[[7, 2, 7, 999]])
+            np.testing.assert_array_equal(file.rows(990, 1000), data.features[990:])
+            assert file.paths_at([3, 1, 3]) == [data.paths[3], data.paths[1], data.paths[3]]
+            chunks = list(file.chunks(400))
+            assert [len(c[0]) for c in chunks] == [400, 400, 200] and sum((c[1] for c in chunks), []) == data.paths
+
+
 def test_features_file_gallery_is_exact_and_memory_mapped(gallery_file):
     path, data, query = gallery_file
     with retrieval.FileGallery(path) as gallery:

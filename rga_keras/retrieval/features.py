@@ -103,10 +103,11 @@ class FeaturesFile:
             self.source = _checked_source(path, self._file)
             self._data = data = self._file["features"]
             self._paths = self._file["paths"]
-            offset = data.id.get_offset()
-            if offset is not None and data.dtype == np.dtype("<f4") and data.compression is None and data.size:
-                self.features = np.memmap(path, np.float32, "r", offset=offset, shape=data.shape)
+            self._offset = data.id.get_offset()  # None unless contiguous (h5py: never for compressed data)
+            if self._offset is not None and data.dtype == np.dtype("<f4") and data.size:
+                self.features = np.memmap(path, np.float32, "r", offset=self._offset, shape=data.shape)
             else:
+                self._offset = None
                 self.features = data[()].astype(np.float32, copy=False)
         except BaseException:
             self._file.close()
@@ -130,6 +131,20 @@ class FeaturesFile:
         for start in range(0, len(self.features), rows):
             stop = min(start + rows, len(self.features))
             yield self.rows(start, stop), self.paths_at(np.arange(start, stop))
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (any order) read with one ``pread`` each rather than through the memory map: gathering
+        rows spread over a large file through the map would map far more of it than it reads (the kernel maps
+        the pages around each fault: a 40,000-row sample of a 7.6 GiB file mapped 5.2 GiB)."""
+        ids = np.asarray(ids, np.int64)
+        if self._offset is None:
+            return np.asarray(self.features[ids])
+        out = np.empty((len(ids), self.features.shape[1]), np.float32)
+        size = out.shape[1] * 4
+        with open(self.path, "rb", buffering=0) as handle:
+            for i, row in enumerate(ids):
+                out[i] = np.frombuffer(os.pread(handle.fileno(), size, self._offset + int(row) * size), np.float32)
+        return out
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` read into memory (through HDF5, not the memory map: a pass over a large file then

@@ -100,7 +100,7 @@ def build_index(features_path: str | os.PathLike, *, factory: str | None = None,
             raise ValueError(f"faiss cannot make index {factory!r} for {dim}-d vectors: "
                              f"{str(err).strip().splitlines()[-1]}") from None
         sample = np.sort(np.random.default_rng(seed).choice(rows, min(rows, int(train_rows)), replace=False))
-        index.train(np.ascontiguousarray(file.features[sample]))
+        index.train(file.take(sample))
         _drop_training_state(index)
         _add_rows(index, file, 0, rows, verbose)
         header = {"version": INDEX_VERSION, "features": file.path.name, "rows": rows, "dim": dim,
