@@ -186,22 +186,18 @@ def run_milvus(args) -> dict:
 
     path = features_file(args.work, args.rows, args.hard)
     _, _, query = clustered(args.rows, args.queries, args.hard)
-    with retrieval.FileGallery(path) as gallery:
-        start = time.perf_counter()
-        exact = gallery.search(query, 10)
-        exact_s = time.perf_counter() - start
+    with retrieval.FileGallery(path) as gallery, retrieval.open_features(path) as features:
+        exact, exact_s = timed(lambda: gallery.search(query, 10), args.repeat)
         uri = args.work / f"milvus_{args.rows}.db"
         shutil.rmtree(uri, ignore_errors=True)
         start = time.perf_counter()
         with retrieval.MilvusGallery(uri, create_for=(SOURCE, DIM), index_type=args.milvus_index) as milvus:
             ids = []
-            for vectors, paths in gallery._file.chunks(CHUNK):
+            for vectors, paths in features.chunks(CHUNK):
                 ids += milvus.append(retrieval.FeatureSet(vectors, paths, SOURCE),
                                      [retrieval.Crop(p) for p in paths])
             load_s = time.perf_counter() - start
-            start = time.perf_counter()
-            hits = milvus.search(query, 10)
-            search_s = time.perf_counter() - start
+            hits, search_s = timed(lambda: milvus.search(query, 10), args.repeat)
             method = milvus.method
     rows_of = {milvus_id: row for row, milvus_id in enumerate(ids)}
     found = np.vectorize(lambda i: rows_of.get(int(i), -1))(hits.ids)
