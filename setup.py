@@ -37,6 +37,8 @@ setup(
             "rga-visualize=rga_keras.cli.visualize:main",
             "rga-embed=rga_keras.cli.embed:main",
             "rga-search=rga_keras.cli.search:main",
+            "rga-gallery=rga_keras.cli.gallery:main",
+            "rga-serve=rga_keras.cli.serve:main",
         ]
     },
 )

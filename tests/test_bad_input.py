@@ -15,7 +15,7 @@ import yaml
 from rga_keras.cli.export import main as rga_export
 from rga_keras.cli import common as cli
 from rga_keras.training import config as training_config
-from rga_keras.cli import embed, evaluate, search, synth, visualize
+from rga_keras.cli import embed, evaluate, gallery, search, serve, synth, visualize
 from rga_keras.cli.train import main as rga_train
 
 TINY = ["--demo", "--quiet", "-o", "dataset.num_ids=8", "-o", "dataset.images_per_id=4",
@@ -88,6 +88,14 @@ CASES = {  # program: [(argv builder, exit status, pieces of the message)]
         (lambda t: [str(t), "--gallery", str(t / "missing.h5")], 2, ["missing.h5"]),
         (lambda t: [str(t), "--gallery", str(t / "g.h5"), "--json", str(t)], 2, ["--json", "is a folder"]),
         (lambda t: [str(t), "--gallery", "g.h5", "--top-k", "0"], 2, ["--top-k must be positive"]),
+    ]),
+    "rga-gallery": (gallery.main, [
+        (lambda t: ["index", str(t / "missing.h5")], 2, ["missing.h5 does not exist"]),
+        (lambda t: ["delete", "--milvus", str(t / "m.db")], 2, ["say what to delete"]),
+    ]),
+    "rga-serve": (serve.main, [
+        (lambda t: ["--gallery", str(t / "missing.h5")], 2, ["missing.h5 does not exist"]),
+        (lambda t: ["--gallery", "g.h5", "--port", "70000"], 2, ["--port must be 1 to 65535"]),
     ]),
 }
 
@@ -286,7 +294,7 @@ def test_every_program_module_imports_without_tensorflow():
 
     setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
     modules = re.findall(r'"rga-[a-z]+=([\w.]+):main"', setup)
-    assert len(modules) == 7, modules
+    assert len(modules) == 9, modules
     code = (f"import os, sys; import {', '.join(modules)}; "
             "print('tensorflow' in sys.modules, os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}

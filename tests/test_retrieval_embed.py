@@ -15,6 +15,7 @@ import sys
 
 import keras
 import numpy as np
+import pymilvus  # noqa: F401 (imported while collecting: its log handler keeps pytest's stderr, not a test's capsys)
 import pytest
 from PIL import Image
 
@@ -125,6 +126,35 @@ def test_rga_embed_writes_the_features_file_and_appends_only_new_images(setup, c
         assert status == 2 and err.count("\n") == 1 and err.startswith("rga-embed: error: "), err
         assert re.search(message, err), err
     assert retrieval.read_features(out).paths == setup["paths"]  # refused runs left the file alone
+
+
+def test_rga_embed_keeps_the_index_and_fills_milvus(setup, capsys, tmp_path):
+    """--index builds the faiss index, --append adds to it (no rebuild), an --overwrite that would orphan it is
+    refused before any work; --milvus fills a Milvus Lite gallery with only the images not in it yet. The
+    TFLite model, as it loads fastest; its vectors are the reference's (tested above)."""
+    model, out, milvus = setup["models"]["tflite"], tmp_path / "gallery.h5", tmp_path / "milvus.db"
+    status, printed, _ = run(rga_embed, [model, setup["tmp"] / "gallery", "--out", out, "--index", "--quiet"], capsys)
+    assert status == 0 and f"index    wrote {out}.faiss: faiss Flat, top 200 re-ranked exactly" in printed
+    status, printed, _ = run(rga_embed, [model, setup["tmp"] / "more", "--out", out, "--append", "--quiet"], capsys)
+    assert status == 0 and f"and to its index {out}.faiss (no rebuild)" in printed
+    assert retrieval.index_status(out) == "current"
+    with retrieval.IndexedGallery(out) as gallery:
+        hits = gallery.search(setup["reference"][[2, 12]], 5)
+    sims = setup["reference"][[2, 12]] @ setup["reference"].T
+    np.testing.assert_array_equal(hits.ids, np.argsort(-sims, axis=1, kind="stable")[:, :5])
+    status, _, err = run(rga_embed, [model, setup["tmp"] / "more", "--out", out, "--overwrite"], capsys)
+    assert status == 2 and "has an index" in err and "add --index to build it again" in err
+
+    status, printed, _ = run(rga_embed, [model, setup["tmp"] / "gallery", "--milvus", milvus, "--quiet"], capsys)
+    assert status == 0 and "embedded 10 images (1 skipped); added them to Milvus collection rga_gallery" in printed
+    status, printed, _ = run(rga_embed, [model, setup["tmp"] / "gallery", setup["tmp"] / "more", "--milvus", milvus,
+                                         "--quiet"], capsys)
+    assert status == 0 and "images   5 new (not in Milvus collection rga_gallery" in printed  # 4, and broken.jpg
+    with retrieval.MilvusGallery(milvus) as gallery:
+        assert len(gallery) == 14 and gallery.source == retrieval.read_features(out).source
+        crops = gallery.crops(gallery.ids(0, 14))
+        assert sorted(c.path for c in crops) == sorted(setup["paths"])
+        assert {c.time for c in crops} != {-1}  # the files' times
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import datetime
 import os
 
 import numpy as np
+import pymilvus  # noqa: F401 (imported while collecting: its log handler keeps pytest's stderr, not a test's capsys)
 import pytest
 
 from rga_keras import retrieval

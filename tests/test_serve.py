@@ -17,7 +17,6 @@ from tests.test_retrieval_gallery import SMALL, one_faiss_thread  # noqa: F401 (
 from tests.test_retrieval_search import brute_force
 
 PAGE = 4
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def test_an_uploaded_crop_is_embedded_as_rga_embed_does_and_pages_by_token(serve
 
 
 def test_attention_maps_are_the_ones_attention_maps_draws(served, client, tmp_path):
-    from rga_keras.attention_maps import attention_maps, plot_attention_maps
+    from rga_keras.visualize.attention_maps import attention_maps, plot_attention_maps
     from rga_keras.retrieval.web import load_query_image
 
     pixels = load_query_image(open(served["paths"][2], "rb").read(), SIZE)

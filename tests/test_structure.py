@@ -126,7 +126,8 @@ def test_the_wheel_installs_only_rga_keras_with_its_recipes(wheel):
     assert recipes == {p.stem for p in (ROOT / "train" / "configs").glob("*.yaml")} and "market1501_rga_sc" in recipes
     programs = dict(line.split(" = ") for line in entry_points.splitlines() if " = " in line)
     assert set(programs) == {"rga-train", "rga-eval", "rga-export", "rga-synth", "rga-visualize", "rga-embed",
-                             "rga-search"}
+                             "rga-search", "rga-gallery", "rga-serve"}
+    assert "rga_keras/retrieval/page.html" in names  # rga-serve's page
     assert all(target.startswith("rga_keras.cli.") for target in programs.values())
 
 
@@ -146,7 +147,7 @@ def test_installed_programs_and_recipes_work_from_another_directory(wheel, tmp_p
         assert done.returncode == 0, (args, done.stderr[-2000:])
         return done.stdout
 
-    programs = ("train", "evaluate", "export", "synth", "visualize", "embed", "search")
+    programs = ("train", "evaluate", "export", "synth", "visualize", "embed", "search", "gallery", "serve")
     assert all((target / "bin" / f"rga-{p if p != 'evaluate' else 'eval'}").is_file() for p in programs)
     assert "usage: rga-synth" in run(str(target / "bin" / "rga-synth"), "--help")
     code = (f"import rga_keras, rga_keras.cli.{', rga_keras.cli.'.join(programs)}; print(rga_keras.__file__); "

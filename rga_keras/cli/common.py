@@ -1,7 +1,7 @@
-"""What the programs (rga-train, rga-eval, rga-export, rga-synth, rga-visualize, rga-embed, rga-search) share:
-their argument parser, their start-up, and one place that turns every way a run can end into one line and an
-exit status. Importing it imports nothing heavy, so ``--help`` and usage errors stay instant; each program imports
-the library (Keras, TensorFlow: seconds) inside ``main``, within `starting`.
+"""What the programs (rga-train, rga-eval, rga-export, rga-synth, rga-visualize, rga-embed, rga-search,
+rga-gallery, rga-serve) share: their argument parser, their start-up, and one place that turns every way a run
+can end into one line and an exit status. Importing it imports nothing heavy, so ``--help`` and usage errors stay
+instant; each program imports the library (Keras, TensorFlow: seconds) inside ``main``, within `starting`.
 
 Exit statuses (docs/RELIABILITY.md):
 
@@ -207,3 +207,54 @@ def report_skipped(skipped: list[str]) -> None:
     """List the images that could not be read (stderr), as rga-embed and rga-search do."""
     for path in skipped:
         print(f"skipped unreadable image: {path}", file=sys.stderr)
+
+
+# ---- what rga-search, rga-serve and rga-gallery share: the gallery they name ----------------------------------
+
+def add_gallery_arguments(parser: argparse.ArgumentParser, *, search: bool = True) -> None:
+    """``--gallery FILE`` or ``--milvus URI`` (with ``--collection``), and with ``search`` the search options
+    (call inside `starting`, as it imports the library)."""
+    from rga_keras.retrieval.galleries import SEARCHES
+    from rga_keras.retrieval.milvus import DEFAULT_COLLECTION
+
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gallery", type=Path, help="gallery features file written by rga-embed")
+    where.add_argument("--milvus", metavar="URI", help="a Milvus gallery: a Milvus Lite folder (gallery.db) or a "
+                       "server, http://HOST:19530 (token in $MILVUS_TOKEN)")
+    parser.add_argument("--collection", default=DEFAULT_COLLECTION,
+                        help=f"the Milvus collection (default {DEFAULT_COLLECTION})")
+    if search:
+        parser.add_argument("--search", choices=SEARCHES, default="auto",
+                            help="a features file's search: exact, its faiss index (index), or auto (default): the "
+                                 "index when there is one and the gallery is large")
+        parser.add_argument("--nprobe", type=int, help="index lists visited per query (default: saved with it)")
+        parser.add_argument("--shortlist", type=int,
+                            help="candidates re-ranked exactly per query (default: the index's, 200 for Milvus)")
+
+
+def open_named_gallery(args: argparse.Namespace):
+    """The `rga_keras.retrieval.Gallery` the options of `add_gallery_arguments` name."""
+    from rga_keras import retrieval
+
+    for name in ("nprobe", "shortlist"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise CommandError(f"--{name} must be positive")
+    return retrieval.open_gallery(args.gallery, milvus=args.milvus, collection=args.collection,
+                                  search=getattr(args, "search", "exact"), nprobe=getattr(args, "nprobe", None),
+                                  shortlist=getattr(args, "shortlist", None))
+
+
+def load_gallery_model(model: Path | None, gallery):
+    """The gallery's model as an `rga_keras.retrieval.Embedder` with the gallery's feature, and the source of its
+    embeddings: ``model`` (--model: the same file moved elsewhere) or the path the gallery records; CommandError
+    when the recorded file is gone, ValueError when the file is not the gallery's model (by hash) or its settings
+    differ."""
+    from rga_keras import retrieval
+
+    path = model or Path(gallery.source["model"])
+    if model is None and not path.exists():
+        raise CommandError(f"the gallery's model {path} does not exist (moved?); pass its location with --model")
+    embedder = retrieval.load_embedder(path, gallery.source["feature"])
+    source = retrieval.feature_source(embedder, gallery.source["flip"])
+    retrieval.check_same_source(gallery.source, source, "--model" if model else "the model at the recorded path")
+    return embedder, source

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rga_keras.evaluation.distances import stable_argsort_rows
 from rga_keras.retrieval.crops import Crop, crops_of
 from rga_keras.retrieval.features import FeatureSet, check_same_source, open_features, write_feature_chunks
 from rga_keras.retrieval.topk import negative_inverse_norms, search, unit_rows
@@ -122,8 +123,6 @@ def rerank_shortlist(query: np.ndarray, candidates: np.ndarray, fetch: Callable[
     order — and equal similarities rank in id order, so a shortlist holding the exact top-k gives the exact
     search's result. Rows with fewer than ``top_k`` candidates are padded with id -1 and similarity -inf.
     """
-    from rga_keras.evaluation import stable_argsort_rows
-
     query = unit_rows(query)
     padding = np.iinfo(np.int64).max
     ordered = np.sort(np.where(candidates < 0, padding, candidates), axis=1)  # id order: ties resolve by it

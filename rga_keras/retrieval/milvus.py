@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 from typing import Sequence
 
@@ -36,6 +37,11 @@ TEXT_LENGTH = {"path": 4096, "camera": 256, "identity": 256}
 _FIELDS = ("path", "camera", "identity", "time")
 
 
+class MilvusError(ConnectionError):
+    """What Milvus answered to a request it refused, or that it could not be reached (an environment fault,
+    so programs report it as bad input: one line, status 2)."""
+
+
 class MilvusGallery(Gallery):
     """The Milvus collection ``collection`` at ``uri`` (see the module doc).
 
@@ -48,27 +54,32 @@ class MilvusGallery(Gallery):
     def __init__(self, uri: str | os.PathLike, collection: str = DEFAULT_COLLECTION, *, token: str = "",
                  create_for: tuple[dict, int] | None = None, index_type: str = "AUTOINDEX",
                  index_params: dict | None = None, shortlist: int = SHORTLIST) -> None:
-        from pymilvus import MilvusClient
+        from pymilvus import MilvusClient, MilvusException
 
         self.uri, self.collection = str(uri), collection
         self.name = f"Milvus collection {collection} at {self.uri}"
         if not 1 <= int(shortlist) <= MAX_LIMIT:
             raise ValueError(f"shortlist must be 1 to {MAX_LIMIT}, got {shortlist}")
         self.shortlist = int(shortlist)
-        self._client = MilvusClient(self.uri, token=token or os.environ.get("MILVUS_TOKEN", ""))
+        _quiet_logs(self.uri)
         try:
-            if not self._client.has_collection(collection):
+            self._client = MilvusClient(self.uri, token=token or os.environ.get("MILVUS_TOKEN", ""))
+        except MilvusException as err:
+            raise MilvusError(f"cannot reach Milvus at {self.uri}: {err.message}") from None
+        try:
+            if not self._call("has_collection", collection):
                 if create_for is None:
                     raise FileNotFoundError(f"Milvus at {self.uri} has no gallery {collection!r} (rga-embed "
                                             "--milvus makes one)")
                 self._create(*create_for, index_type, index_params or {})
-            info = self._client.describe_collection(collection)
+            info = self._call("describe_collection", collection)
             if SOURCE_PROPERTY not in info.get("properties", {}):
                 raise ValueError(f"Milvus collection {collection!r} at {self.uri} is not an rga-keras gallery "
                                  f"(no {SOURCE_PROPERTY} property)")
             self.source = json.loads(info["properties"][SOURCE_PROPERTY])
             self._dim = next(int(f["params"]["dim"]) for f in info["fields"] if f["name"] == "vector")
             self.method = f"milvus {self._index_type()}, top {self.shortlist} re-ranked exactly"
+            self._call("load_collection", collection)  # a collection is "released" in a new client's eyes
         except BaseException:
             self._client.close()
             raise
@@ -78,7 +89,7 @@ class MilvusGallery(Gallery):
         return self._dim
 
     def __len__(self) -> int:
-        return int(self._client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+        return int(self._call("query", self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     def describe(self) -> str:
         return f"{self.name}: {describe(len(self), self.dim, self.source)}"
@@ -89,7 +100,7 @@ class MilvusGallery(Gallery):
             raise ValueError(f"top_k must be at most {MAX_LIMIT} for a Milvus gallery, got {top_k}")
 
         def find(chunk: np.ndarray, wanted: int):
-            found = self._client.search(self.collection, chunk.tolist(), limit=wanted, output_fields=["vector"])
+            found = self._call("search", self.collection, chunk.tolist(), limit=wanted, output_fields=["vector"])
             stored: dict[int, list[float]] = {}
             candidates = np.full((len(chunk), wanted), -1, np.int64)
             for row, hits in enumerate(found):
@@ -104,7 +115,7 @@ class MilvusGallery(Gallery):
     def ids(self, start: int, count: int) -> list[int]:
         if count < 1:
             return []
-        rows = self._client.query(self.collection, filter="id >= 0", output_fields=["id"], offset=max(0, start),
+        rows = self._call("query", self.collection, filter="id >= 0", output_fields=["id"], offset=max(0, start),
                                   limit=count)
         return sorted(int(row["id"]) for row in rows)
 
@@ -118,7 +129,7 @@ class MilvusGallery(Gallery):
         found: set[str] = set()
         for start in range(0, len(paths), QUERY_PATHS):
             listed = ", ".join(_literal(p) for p in paths[start:start + QUERY_PATHS])
-            found.update(row["path"] for row in self._client.query(self.collection, filter=f"path in [{listed}]",
+            found.update(row["path"] for row in self._call("query", self.collection, filter=f"path in [{listed}]",
                                                                    output_fields=["path"]))
         return found
 
@@ -137,7 +148,7 @@ class MilvusGallery(Gallery):
         for start in range(0, len(vectors), INSERT_ROWS):
             rows = [{"vector": v.tolist(), **{name: getattr(c, name) for name in _FIELDS}}
                     for v, c in zip(vectors[start:start + INSERT_ROWS], crops[start:start + INSERT_ROWS])]
-            ids.extend(int(i) for i in self._client.insert(self.collection, rows)["ids"])
+            ids.extend(int(i) for i in self._call("insert", self.collection, rows)["ids"])
         return ids
 
     def delete(self, *, camera: str | None = None, day: datetime.date | None = None) -> int:
@@ -151,15 +162,24 @@ class MilvusGallery(Gallery):
             conditions.append(f"time >= {start} and time < {start + 86400}")
         if not conditions:
             raise ValueError("say what to delete: a camera, a day or both")
-        deleted = self._client.delete(self.collection, filter=" and ".join(f"({c})" for c in conditions))
+        deleted = self._call("delete", self.collection, filter=" and ".join(f"({c})" for c in conditions))
         return len(deleted) if isinstance(deleted, list) else int(deleted.get("delete_count", 0))
 
     def close(self) -> None:
         self._client.close()
 
+    def _call(self, method: str, *args, **kwargs):
+        """``self._client.method(*args, **kwargs)``, Milvus' errors raised as one-line `MilvusError`."""
+        from pymilvus import MilvusException
+
+        try:
+            return getattr(self._client, method)(*args, **kwargs)
+        except MilvusException as err:
+            raise MilvusError(f"{self.name}: {' '.join(str(err.message).split())}") from None
+
     def _rows(self, ids: Sequence[int], fields: list[str]) -> list[dict]:
         ids = [int(i) for i in np.asarray(ids, np.int64).reshape(-1)]
-        found = {row["id"]: row for row in self._client.get(self.collection, ids=sorted(set(ids)),
+        found = {row["id"]: row for row in self._call("get", self.collection, ids=sorted(set(ids)),
                                                             output_fields=fields)} if ids else {}
         missing = [i for i in ids if i not in found]
         if missing:
@@ -167,7 +187,7 @@ class MilvusGallery(Gallery):
         return [found[i] for i in ids]
 
     def _index_type(self) -> str:
-        index = self._client.describe_index(self.collection, "vector")
+        index = self._call("describe_index", self.collection, "vector")
         return index.get("index_type", "index")
 
     def _create(self, source: dict, dim: int, index_type: str, index_params: dict) -> None:
@@ -181,7 +201,7 @@ class MilvusGallery(Gallery):
         schema.add_field("time", DataType.INT64)
         index = self._client.prepare_index_params()
         index.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=index_params)
-        self._client.create_collection(self.collection, schema=schema, index_params=index,
+        self._call("create_collection", self.collection, schema=schema, index_params=index,
                                        consistency_level="Strong",
                                        properties={SOURCE_PROPERTY: json.dumps(source, sort_keys=True)})
 
@@ -190,3 +210,12 @@ def _literal(text: str) -> str:
     """``text`` as a string literal of Milvus' filter language (double quotes, backslash escapes; Milvus reads
     UTF-8 as it is, not \\u escapes)."""
     return json.dumps(text, ensure_ascii=False)
+
+
+def _quiet_logs(uri: str) -> None:
+    """pymilvus logs every failed request with its traceback, and Milvus Lite's in-process server logs that
+    pymilvus asks it for timestamps it does not serve (and pymilvus ignores); `MilvusGallery` reports errors
+    itself, once."""
+    logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
+    if not uri.startswith(("http://", "https://", "tcp://", "unix:")):  # a local path: Milvus Lite
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)

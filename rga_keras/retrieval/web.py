@@ -176,9 +176,9 @@ def load_query_image(data: bytes, size: tuple[int, int], max_bytes: int = MAX_UP
 
 
 def attention_png(embedder: Embedder, pixels: np.ndarray) -> bytes:
-    """PNG of the spatial attention of each RGA stage over the query (`rga_keras.attention_maps`);
+    """PNG of the spatial attention of each RGA stage over the query (`rga_keras.visualize.attention_maps`);
     `Refused` when the model has no spatial attention."""
-    from rga_keras.attention_maps import attention_maps, plot_attention_maps
+    from rga_keras.visualize.attention_maps import attention_maps, plot_attention_maps
 
     maps = attention_maps(embedder.keras_model, pixels[None])
     if not any("spatial_attention" in stage for stage in maps.values()):
