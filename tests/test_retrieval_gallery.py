@@ -258,6 +258,8 @@ def test_milvus_gallery_equals_exact_search_and_keeps_the_metadata(tmp_path):
         ids += gallery.append(retrieval.FeatureSet(data.features[200:], data.paths[200:], data.source), crops[200:])
         assert ids == sorted(ids) and len(set(ids)) == 300  # ids grow with insertion: ties in insertion order
         assert gallery.method.startswith("milvus ") and gallery.method.endswith("top 300 re-ranked exactly")
+    with retrieval.open_gallery(milvus=uri, collection="people", nprobe=8) as gallery:
+        assert gallery.method.endswith(", nprobe 8, top 50 re-ranked exactly")
     with retrieval.open_gallery(milvus=uri, collection="people", shortlist=300) as gallery:  # reopened
         assert (len(gallery), gallery.dim, gallery.source) == (300, 32, data.source)
         hits = gallery.search(query, 12)

@@ -227,9 +227,10 @@ def add_gallery_arguments(parser: argparse.ArgumentParser, *, search: bool = Tru
         parser.add_argument("--search", choices=SEARCHES, default="auto",
                             help="a features file's search: exact, its faiss index (index), or auto (default): the "
                                  "index when there is one and the gallery is large")
-        parser.add_argument("--nprobe", type=int, help="index lists visited per query (default: saved with it)")
+        parser.add_argument("--nprobe", type=int, help="index lists visited per query (default: saved with the "
+                            "faiss index; Milvus: its own)")
         parser.add_argument("--shortlist", type=int,
-                            help="candidates re-ranked exactly per query (default: the index's, 200 for Milvus)")
+                            help="candidates re-ranked exactly per query (default: the faiss index's, 50 for Milvus)")
 
 
 def open_named_gallery(args: argparse.Namespace):

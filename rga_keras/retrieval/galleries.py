@@ -20,7 +20,7 @@ def open_gallery(features: str | os.PathLike | None = None, *, milvus: str | Non
     For a features file, ``search`` picks the search: "exact"; "index" (its faiss index, which must be
     current: a stale one is refused, saying why); "auto" (default): the index when the file has one and at
     least `INDEX_MIN_ROWS` rows, else exact. ``nprobe``/``shortlist`` override the index's saved settings
-    (``shortlist`` also applies to Milvus)."""
+    (for Milvus: the candidates re-ranked, and the lists an IVF index visits)."""
     if (features is None) == (milvus is None):
         raise ValueError("name one gallery: a features file or a Milvus URI")
     if search not in SEARCHES:
@@ -29,7 +29,8 @@ def open_gallery(features: str | os.PathLike | None = None, *, milvus: str | Non
         if search == "index":
             raise ValueError("a Milvus gallery is searched through Milvus' own index; --search index is for a "
                              "features file's faiss index")
-        return MilvusGallery(milvus, collection, **({"shortlist": shortlist} if shortlist else {}))
+        return MilvusGallery(milvus, collection, **({"shortlist": shortlist} if shortlist else {}),
+                             search_params={"nprobe": nprobe} if nprobe else None)
     if search == "index" or (search == "auto" and index_path(features).is_file()):
         gallery = IndexedGallery(features, nprobe=nprobe, shortlist=shortlist)
         if search == "index" or len(gallery) >= INDEX_MIN_ROWS:
