@@ -113,7 +113,9 @@ def run_copy(args: argparse.Namespace) -> int:
                 if keep:
                     gallery.append(retrieval.FeatureSet(vectors[keep], [paths[i] for i in keep], file.source))
                     added += len(keep)
-            print(f"copied   {added} of {len(file.features)} images (the others were there); {gallery.describe()}")
+            there = len(file.features) - added
+            print(f"copied   {added} of {len(file.features)} images{f' ({there} were there)' if there else ''}; "
+                  f"{gallery.describe()}")
     return 0
 
 

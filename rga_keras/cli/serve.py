@@ -8,7 +8,7 @@ or --model where it has moved; without it the page searches only by gallery imag
 --root are shown (default: the folder holding all of a features file's images). The server listens on
 127.0.0.1, this machine only, unless --host says otherwise; it has no login, so put it behind something that
 has one before exposing it. The work is `rga_keras.retrieval.web`; bad input (a port in use too) exits with
-status 2 and a one-line message; Ctrl-C stops the server (status 0).
+status 2 and a one-line message; Ctrl-C stops the server (status 130, as for every program).
 """
 from __future__ import annotations
 
