@@ -124,12 +124,13 @@ def test_attention_maps_are_the_ones_attention_maps_draws(served, client, tmp_pa
 
     pixels = load_query_image(open(served["paths"][2], "rb").read(), SIZE)
     model = served["embedder"].keras_model
-    expected = plot_attention_maps(pixels[None], attention_maps(model, pixels[None]), tmp_path / "a.png").read_bytes()
+    expected = plot_attention_maps(pixels[None], attention_maps(model, pixels[None]), tmp_path / "a.png",
+                                   cell_size=(128, 256)).read_bytes()  # 64x32 enlarged 4 times: 110+ pixels wide
     response = client.get("/api/attention?id=2")
     assert response.headers["content-type"] == "image/png" and response.content == expected
     token = client.post("/api/search", files={"file": ("x.png", open(served["paths"][2], "rb").read())}).json()
     assert client.get(f"/api/attention?token={token['query']['token']}").content == expected
-    assert Image.open(io.BytesIO(expected)).size[1] > SIZE[0]  # the image and one map per stage
+    assert Image.open(io.BytesIO(expected)).size[1] > 256  # the image and one map per stage
 
 
 def test_bad_uploads_get_a_clear_message(served, tmp_path):

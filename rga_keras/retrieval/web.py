@@ -35,6 +35,7 @@ MAX_PIXELS = 25_000_000  # a 5000 x 5000 photo; person crops are far smaller
 PAGE_SIZE = 24
 MAX_RESULTS = 480        # deepest rank the page can reach (20 pages)
 UPLOADS_KEPT = 64        # recent uploaded queries kept for paging and their attention map
+ATTENTION_CELL_WIDTH = 110  # pixels: room for a map's label ("rga1 0.36-0.62")
 PAGE_FILE = Path(__file__).with_name("page.html")
 
 
@@ -175,16 +176,24 @@ def load_query_image(data: bytes, size: tuple[int, int], max_bytes: int = MAX_UP
     return resize_image(image, *size).numpy()
 
 
+def attention_cell_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a cell of the attention picture: the input size enlarged by a whole factor until a cell
+    is `ATTENTION_CELL_WIDTH` wide, so the maps stay sharp and their labels fit under them."""
+    scale = max(1, math.ceil(ATTENTION_CELL_WIDTH / input_size[1]))
+    return input_size[1] * scale, input_size[0] * scale
+
+
 def attention_png(embedder: Embedder, pixels: np.ndarray) -> bytes:
-    """PNG of the spatial attention of each RGA stage over the query (`rga_keras.visualize.attention_maps`);
-    `Refused` when the model has no spatial attention."""
+    """PNG of the spatial attention of each RGA stage over the query (`rga_keras.visualize.attention_maps`),
+    cells of `attention_cell_size`; `Refused` when the model has no spatial attention."""
     from rga_keras.visualize.attention_maps import attention_maps, plot_attention_maps
 
     maps = attention_maps(embedder.keras_model, pixels[None])
     if not any("spatial_attention" in stage for stage in maps.values()):
         raise Refused(409, f"{embedder.path.name} has no spatial attention (no RGA-S module) to show")
     with tempfile.TemporaryDirectory() as tmp:
-        return plot_attention_maps(pixels[None], maps, Path(tmp) / "attention.png").read_bytes()
+        return plot_attention_maps(pixels[None], maps, Path(tmp) / "attention.png",
+                                   cell_size=attention_cell_size(embedder.input_size)).read_bytes()
 
 
 def _attention_note(embedder: Embedder | None, no_embedder: str) -> str:
