@@ -234,7 +234,7 @@ def test_program_help_and_argument_errors(capsys):
         (rga_embed, ["m.keras", "x", "--out", "o.h5", "--append", "--overwrite"], "--append and --overwrite exclude"),
         (rga_embed, ["m.keras", "x", "--out", "o.h5", "--batch-size", "0"], "--batch-size must be positive"),
         (rga_search, ["q.png", "--gallery", "g.h5", "--top-k", "0"], "--top-k must be positive"),
-        (rga_search, ["q.png"], "the following arguments are required: --gallery"),
+        (rga_search, ["q.png"], "one of the arguments --gallery --milvus is required"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             program.main(argv)

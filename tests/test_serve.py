@@ -235,8 +235,9 @@ def test_the_page_in_chromium(served, server, tmp_path):
         assert page.inner_text("#results .cell >> nth=0 >> .score") == "1: 1.0000"
         assert page.inner_text("#results .cell >> nth=0 >> .info") == "id 0000 · cam 2"
         page.wait_for_function("document.querySelector('#attention img').complete")
-        sizes = page.eval_on_selector_all("#results img, #attention img", "imgs => imgs.map(i => i.naturalWidth)")
-        assert min(sizes) > 0  # every thumbnail and the attention maps loaded
+        sizes = page.eval_on_selector_all("#results img[src], #attention img",
+                                          "imgs => imgs.map(i => i.complete ? i.naturalWidth : -1)")
+        assert len(sizes) >= 2 and min(sizes) > 0, sizes  # every thumbnail shown and the attention maps loaded
 
         page.click("#next")
         page.wait_for_selector("text=page 2 of 4 (top 14)")

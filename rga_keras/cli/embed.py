@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--overwrite and --index apply to --out; a Milvus gallery is appended to and indexed by Milvus")
 
     def work() -> int:
-        paths = retrieval.list_images(args.images)
         gallery = open_gallery(args)  # None: a new features file or Milvus gallery
         try:
+            paths = retrieval.list_images(args.images)
             embedder = retrieval.load_embedder(args.model, args.feature)
             source = retrieval.feature_source(embedder, args.flip)
             if gallery is not None:
