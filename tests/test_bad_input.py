@@ -18,9 +18,12 @@ from rga_keras.training import config as training_config
 from rga_keras.cli import embed, evaluate, gallery, search, serve, synth, visualize
 from rga_keras.cli.train import main as rga_train
 
+# A small ResNet (one bottleneck per stage, widths 8–64): these runs check the program's answers, not the network.
+SMALL = ["-o", "model.stage_blocks=[1, 1, 1, 1]", "-o", "model.stage_widths=[8, 16, 32, 64]",
+         "-o", "model.backbone_weights=null"]
 TINY = ["--demo", "--quiet", "-o", "dataset.num_ids=8", "-o", "dataset.images_per_id=4",
         "-o", "sampler.num_ids_per_batch=2", "-o", "sampler.images_per_id=2", "-o", "training.epochs=1",
-        "-o", "training.steps_per_epoch=1", "-o", "training.tensorboard=false", "-o", "export.enabled=false"]
+        "-o", "training.steps_per_epoch=1", "-o", "training.tensorboard=false", "-o", "export.enabled=false", *SMALL]
 
 
 def one_line(capsys, prog: str, *expected: str) -> str:
@@ -261,7 +264,8 @@ def test_imagenet_weights_offline_is_one_line(monkeypatch, capsys, tmp_path):
         raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(keras.utils, "get_file", offline)
-    assert rga_train(TINY + ["--run-dir", str(tmp_path / "run"), "-o", "model.backbone_weights=imagenet"]) == 2
+    resnet50 = ["-o", "model.stage_blocks=[3, 4, 6, 3]", "-o", "model.stage_widths=[64, 128, 256, 512]"]
+    assert rga_train(TINY + resnet50 + ["--run-dir", str(tmp_path / "run"), "-o", "model.backbone_weights=imagenet"]) == 2
     one_line(capsys, "rga-train", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
              "-o model.backbone_weights=null")
 

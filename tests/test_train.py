@@ -71,7 +71,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     args = ["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16", "-o", "dataset.images_per_id=8",
             "-o", "model.input_size=[64, 32]", "-o", "training.epochs=2", "-o", "training.steps_per_epoch=2",
             "-o", "training.eval_every=1", "-o", "sampler.num_ids_per_batch=4", "-o", "training.tensorboard=false",
-            "-o", "export.enabled=false"]
+            "-o", "export.enabled=false", "-o", "model.stage_blocks=[1, 1, 1, 1]",
+            "-o", "model.stage_widths=[8, 16, 32, 64]"]  # a small ResNet: resuming is logic, not the network's size
     evaluate, calls, first_batches = features.evaluate_model, [], []
 
     def interrupt_third(*a, **k):  # untrained, epoch 1, then SIGTERM in epoch 2's evaluation
