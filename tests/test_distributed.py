@@ -254,7 +254,7 @@ def test_rga_train_two_workers_shared_folder_killed_and_resumed(cache, tmp_path)
 
 
 def test_pipeline_threads_follow_available_cores(tmp_path):
-    from rga_keras.data.pipeline import available_cores
+    from rga_keras.cores import available_cores
 
     generate(tmp_path, num_ids=8, images_per_id=4, num_cameras=2, image_size=(32, 16))
     cores = available_cores()
