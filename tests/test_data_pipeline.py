@@ -15,33 +15,11 @@ from rga_keras.data import (
     steps_per_epoch,
 )
 from rga_keras.data.sampling import erasing_boxes
-
-SIZE = (16, 8)
-NO_AUG = {"translate_prob": 0.0, "flip_prob": 0.0, "erase_prob": 0.0}
-
-
-def colour(index):
-    return np.array([index % 251, (index // 251) * 40 + 3, 200], np.uint8)
-
-
-def index_of(image):
-    """Sample index encoded in a constant image (after resizing, values stay within rounding)."""
-    r, g = np.round(image[0, 0, :2]).astype(int)
-    return int(r + 251 * ((g - 3) // 40))
-
+from tests.pipeline_images import SIZE, index_of, noise_samples, traced_samples, with_unreadable
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    """12 identities (ids 3, 6, ..., 36) with 1..7 images each, constant-colour 10×6 PNGs."""
-    root = tmp_path_factory.mktemp("images")
-    counts = [1, 2, 3, 4, 5, 6, 7, 3, 2, 5, 4, 6]
-    items = []
-    for person, count in enumerate(counts):
-        for shot in range(count):
-            path = root / f"{len(items):03d}.png"
-            Image.fromarray(np.tile(colour(len(items)), (10, 6, 1))).save(path)
-            items.append(Sample(str(path), 3 * (person + 1), shot % 3))
-    return items
+    return traced_samples(tmp_path_factory.mktemp("images"))
 
 
 def batches(ds, n):
@@ -194,18 +172,10 @@ def test_train_argument_errors(samples):
 # ---------------------------------------------------------------------------------------- augmentation
 
 
-@pytest.fixture(scope="module")
-def noise_samples(tmp_path_factory):
+@pytest.fixture(scope="module", name="noise_samples")
+def noise_samples_fixture(tmp_path_factory):
     """8 identities × 2 random-noise PNGs of 18×9, i.e. exactly 1.125 × the 16×8 output size."""
-    root = tmp_path_factory.mktemp("noise")
-    rng = np.random.default_rng(0)
-    items, pictures = [], []
-    for i in range(16):
-        picture = rng.integers(0, 256, (18, 9, 3), dtype=np.uint8)
-        Image.fromarray(picture).save(root / f"{i}.png")
-        items.append(Sample(str(root / f"{i}.png"), i // 2, 1))
-        pictures.append(picture)
-    return items, pictures
+    return noise_samples(tmp_path_factory.mktemp("noise"))
 
 
 def crop_offset(out, picture):
@@ -327,18 +297,7 @@ def test_eval_order_metadata_and_flip(samples, noise_samples):
 @pytest.fixture()
 def with_corrupt(samples, tmp_path):
     """The samples with three files made unreadable: truncated, garbage in the middle, not an image."""
-    items = list(samples)
-    data = open(samples[5].path, "rb").read()
-    bad = {
-        1: data[: len(data) // 2],
-        9: data[:40] + bytes(range(256))[: len(data) - 52] + data[-12:],
-        len(items) - 1: b"hello",
-    }
-    for index, content in bad.items():
-        path = tmp_path / f"bad{index}.png"
-        path.write_bytes(content)
-        items[index] = items[index]._replace(path=str(path))
-    return items, sorted(items[i].path for i in bad)
+    return with_unreadable(samples, tmp_path)
 
 
 def test_corrupt_files_skipped_and_counted_in_training(with_corrupt):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 _log = logging.getLogger("rga_keras.data.pipeline")  # the logger docs/DATA.md names, whichever pipeline skips
 
@@ -59,3 +60,12 @@ def check_some_decode(paths: Sequence[str], decodes: Callable[[str], bool], trie
     if not any(decodes(paths[i]) for i in picks):
         raise ValueError(f"none of {len(picks)} images tried could be read as JPEG/PNG/BMP/GIF "
                          f"(e.g. {paths[picks[0]]})")
+
+
+def read_or_empty(path: str) -> bytes:
+    """The file's bytes, or b"" when it cannot be read: it then fails to decode and is skipped and recorded like
+    any bad file (the pipelines' ``cache`` reads every file up front this way)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""

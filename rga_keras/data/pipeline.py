@@ -18,57 +18,42 @@ whole K-image group in training, so batches stay whole), and the bad file is rec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from rga_keras.cores import available_cores
-from rga_keras.data.corrupt import CorruptImages, check_some_decode, corrupt_images
+from rga_keras.data.corrupt import CorruptImages, check_some_decode, corrupt_images, read_or_empty
 from rga_keras.data.samples import spread_indices
 from rga_keras.data.sampling import IMAGENET_MEAN_255, TRANSLATE_SCALE, PKPlan, check_size
 
 
-def make_train_dataset(
-    samples: Sequence,
-    *,
-    num_ids_per_batch: int = 16,
-    images_per_id: int = 4,
-    image_size: tuple[int, int] = (256, 128),
-    augment: bool = True,
-    seed: int = 0,
-    num_replicas: int = 1,
-    cache: bool = False,
-    translate_prob: float = 0.5,
-    flip_prob: float = 0.5,
-    erase_prob: float = 0.5,
-    corrupt_log: CorruptImages | None = None,
-    first_batch: int = 0,
-    replicas: tuple[int, int] | None = None,
-) -> tf.data.Dataset:
+def make_train_dataset(samples: Sequence, *, cache: bool = False, corrupt_log: CorruptImages | None = None,
+                       **plan: Any) -> tf.data.Dataset:
     """Infinite dataset of ``(images, labels)``: float32 (P·K, H, W, 3) in 0–255, int32 (P·K,).
 
     samples: (path, person_id, camera_id) items, e.g. ``ReidDataset.train``; labels are the person ids.
-    num_replicas: the number of replicas the global batch will be split over; P must divide by it.
+    plan: `rga_keras.data.sampling.PKPlan`'s keyword arguments (num_ids_per_batch=16, images_per_id=4,
+    image_size=(256, 128), augment=True, seed=0, num_replicas=1, replicas=None, first_batch=0, and the
+    augmentations' probabilities translate_prob, flip_prob, erase_prob, 0.5 each).
     replicas: ``(first, count)`` yields, instead of each global batch, the slices of replicas first, …,
     first + count − 1 in turn (P / num_replicas identities × K images each): one worker's input for
     ``strategy.distribute_datasets_from_function`` (see `rga_keras.training.distribute_pk_dataset`). Only
     that worker's images are read; the slices equal those of the global batch, augmentations included.
     cache: read every file once into memory (saves file-system reads; decoding still happens per use).
-    augment=False gives plain resized images (the probabilities are then ignored).
     first_batch: start the stream there. A run resumed after ``n`` steps passes ``n`` and trains on the
     batches the uninterrupted run would have seen (the same ones, unless unreadable files were skipped
     before that point, which shifts the batch boundaries).
     """
-    plan = PKPlan(samples, num_ids_per_batch=num_ids_per_batch, images_per_id=images_per_id,
-                  image_size=image_size, augment=augment, seed=seed, num_replicas=num_replicas, replicas=replicas,
-                  first_batch=first_batch, translate_prob=translate_prob, flip_prob=flip_prob, erase_prob=erase_prob)
+    plan = PKPlan(samples, **plan)
+    first_batch, augment = plan.first_batch, plan.augment
     k, (height, width) = plan.k, plan.image_size
     n, per_element = plan.groups_per_batch, plan.groups_per_element
     log = corrupt_log or corrupt_images
     check_some_decode(plan.paths, _decodes)
     paths_t = tf.constant(plan.paths)
-    contents = tf.constant([_read_or_empty(x) for x in plan.paths]) if cache else None
+    contents = tf.constant([read_or_empty(x) for x in plan.paths]) if cache else None
 
     def plan_batch(batch):
         """Stream positions, labels, image indices and augmentation parameters of one batch's groups."""
@@ -238,10 +223,3 @@ def _decodes(path: str) -> bool:
         return True
     except (tf.errors.OpError, ValueError):
         return False
-
-
-def _read_or_empty(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError:
-        return b""  # fails to decode later, and is then skipped and recorded like any bad file

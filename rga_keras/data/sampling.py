@@ -75,7 +75,8 @@ class PKPlan:
     replicas: ``(first, count)``: the stream holds, instead of each global batch, the slices of replicas
     first … first + count − 1 (P / num_replicas identities each), e.g. one worker's share.
     first_batch: the stream starts at that global batch (a resumed run).
-    augment=False: every parameter row is zero (plain resized images).
+    augment=False: every parameter row is zero (plain resized images; the probabilities are then ignored).
+    translate_prob, flip_prob, erase_prob: each augmentation's probability.
     """
 
     def __init__(self, samples: Sequence, *, num_ids_per_batch: int = 16, images_per_id: int = 4,
@@ -97,7 +98,7 @@ class PKPlan:
         self._offset = first * share  # the first of them within the global batch
         self._groups_per_pass = len(self._ids) // p * p  # a pass never splits a batch: its identities differ
         self._seed = int(seed) % 2 ** 64
-        self._augment = augment
+        self.augment = augment
         self._probabilities = (translate_prob, flip_prob, erase_prob)
 
     def group_number(self, position: int) -> int:
@@ -114,7 +115,7 @@ class PKPlan:
         chunks = max(n // self.k, 1)  # groups of K distinct images per cycle through the identity's images
         place = ((visit % chunks) * self.k + np.arange(self.k)) % n
         order = _generator(self._seed, _IMAGES, ident, visit // chunks).permutation(n)[place]
-        if self._augment:
+        if self.augment:
             u = _generator(self._seed, _AUGMENT, g).random((self.k, NUM_UNIFORMS))
             params = augment_parameters(u, self.image_size, *self._probabilities)
         else:
