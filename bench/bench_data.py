@@ -189,9 +189,9 @@ def measure(args) -> str:
         + "; ".join(f"{c} core{'s' if c > 1 else ''} ×{median[GRAIN_FULL, c] / median[FULL, c]:.2f} the images/s "
                     f"(median) at ×{cpu[GRAIN_FULL, c] / cpu[FULL, c]:.2f} the CPU time per image"
                     for c in args.cores)
-        + ". Both pipelines follow one plan (`rga_keras.data.sampling`) and give the same batches; Grain decodes "
-        "with libjpeg-turbo (`simplejpeg`) and resizes with Pillow's float bilinear filter, one channel at a "
-        "time, which is where its extra CPU time goes (docs/DATA.md).",
+        + ". Both pipelines follow one plan (`rga_keras.data.sampling`) and give the same batches; Grain's workers "
+        "decode with libjpeg-turbo (`simplejpeg`), resize with Pillow's bilinear weights as sparse products, and "
+        "write every batch into fresh shared memory for the main process (docs/DATA.md).",
         "",
     ])
 
