@@ -16,7 +16,8 @@ from rga_keras import build_rga_resnet50
 from rga_keras.optimizers import SGDL2, WarmupMultiStepSchedule, make_optimizer
 from rga_keras.training import callbacks
 from rga_keras.training.callbacks import AtomicBackupAndRestore, AtomicCheckpoint, completed_epochs, make_callbacks
-from rga_keras.training.distribution import get_strategy, is_chief
+from rga_keras.training.cluster import is_chief
+from rga_keras.training.distribution import get_strategy
 from rga_keras.training.model import compile_reid, explain_oom, set_precision, to_reid_targets, use_sync_batchnorm
 
 from tests.numpy_reference import ref_batch_hard, ref_label_smoothing_ce

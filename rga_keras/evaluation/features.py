@@ -1,49 +1,46 @@
 """Embeddings of a dataset's query and gallery images, and a model's retrieval metrics on them.
 
-`extract_features` runs any inference model over a ``tf.data`` evaluation dataset; `evaluate_model` is what
-training (periodic evaluation), rga-eval and the export checks use: both retrieval features from one forward
-pass, each ranked by `rga_keras.evaluation.metrics.evaluate` (docs/DESIGN.md §4).
+`extract_features` runs any inference model over an evaluation dataset (tf.data or Grain); `evaluate_model` is
+what training (periodic evaluation), rga-eval and the export checks use: both retrieval features from one forward
+pass, each ranked by `rga_keras.evaluation.metrics.evaluate` (docs/DESIGN.md §4). The images come through tf.data
+on the TensorFlow backend and through Grain on the others.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 import numpy as np
 
 from rga_keras.evaluation.metrics import evaluate
 from rga_keras.models import FEATURES, embedding_model
+from rga_keras.undistributed import undistributed
 
 def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: int = 1,
                      num_batches: int | None = None) -> tuple[np.ndarray | dict[str, np.ndarray], dict]:
-    """Run an inference model (images → embeddings) over a ``tf.data`` dataset.
+    """Run an inference model (images → embeddings) over an evaluation dataset.
 
-    ``dataset`` yields ``(images, {"person_id", "camera_id", "path"})`` batches. A model with a dict of
-    embedding outputs (e.g. ``{"after_bn": ..., "before_bn": ...}``) gives a dict of features keyed the same,
-    all from one forward pass per batch. With ``flip=True`` the feature is the mean of the image's and its
-    horizontal mirror's (``tf.image.flip_left_right`` on the batch), the usual flip test-time augmentation.
-    A ``keras.utils.Progbar`` shows progress (``verbose=0`` hides it); its length is the dataset's
-    cardinality or, where that is unknown (e.g. after the pipeline's corrupt-image filter), ``num_batches``.
+    ``dataset`` (a ``tf.data.Dataset`` or any iterable, e.g. `rga_keras.data.make_grain_eval_dataset`'s) yields
+    ``(images, {"person_id", "camera_id", "path"})`` batches. A model with a dict of embedding outputs (e.g.
+    ``{"after_bn": ..., "before_bn": ...}``) gives a dict of features keyed the same, all from one forward pass
+    per batch. With ``flip=True`` the feature is the mean of the image's and its horizontal mirror's, the usual
+    flip test-time augmentation. A ``keras.utils.Progbar`` shows progress (``verbose=0`` hides it); its length is
+    the dataset's cardinality or, where that is unknown (e.g. after the pipeline's corrupt-image filter),
+    ``num_batches``.
 
     Returns ``(features (n, d) float32 (or a dict of them), {"person_id": int64 (n,), "camera_id": int64 (n,),
     "path": str (n,)})``.
     """
-    import tensorflow as tf
-
     spec = getattr(dataset, "element_spec", None)
-    if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict)):
-        raise TypeError(
-            "dataset must be a tf.data.Dataset yielding (images, {'person_id', 'camera_id', 'path'}), "
-            f"got element_spec {spec!r}"
-        )
-    missing = {"person_id", "camera_id", "path"} - set(spec[1])
-    if missing:
-        raise ValueError(f"dataset metadata lacks keys {sorted(missing)}; it has {sorted(spec[1])}")
-    if len(spec[0].shape) != 4:
-        raise ValueError(f"dataset images must be batched (batch, height, width, channels), got {spec[0].shape}")
-
-    cardinality = int(dataset.cardinality())
+    if spec is not None:  # tf.data: its structure is known before the first batch
+        if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict)):
+            raise TypeError("dataset must yield (images, {'person_id', 'camera_id', 'path'}), "
+                            f"got element_spec {spec!r}")
+        if len(spec[0].shape) != 4:
+            raise ValueError(f"dataset images must be batched (batch, height, width, channels), got {spec[0].shape}")
+    cardinality = int(dataset.cardinality()) if spec is not None else -1
     progbar = keras.utils.Progbar(cardinality if cardinality >= 0 else num_batches, verbose=verbose,
                                   unit_name="batch")
 
@@ -60,14 +57,18 @@ def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: i
 
     batches, ids, cams, paths = [], [], [], []
     for images, meta in dataset:
+        missing = {"person_id", "camera_id", "path"} - set(meta)
+        if missing:
+            raise ValueError(f"dataset metadata lacks keys {sorted(missing)}; it has {sorted(meta)}")
+        images = np.asarray(images)
         feature = embed(images)
         if flip:
-            mirror = embed(tf.image.flip_left_right(images))
+            mirror = embed(images[:, :, ::-1])
             feature = {k: (v + mirror[k]) / 2.0 for k, v in feature.items()}
         batches.append(feature)
-        ids.append(meta["person_id"].numpy())
-        cams.append(meta["camera_id"].numpy())
-        paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in meta["path"].numpy())
+        ids.append(np.asarray(meta["person_id"]))
+        cams.append(np.asarray(meta["camera_id"]))
+        paths.extend(p.decode() if isinstance(p, bytes) else str(p) for p in np.asarray(meta["path"]))
         progbar.add(1)
     progbar.update(len(batches), finalize=True)
     if not batches:
@@ -81,6 +82,36 @@ def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: i
     return features.get(None, features), meta  # a single-output model: the array itself
 
 
+def eval_dataset(samples, image_size: tuple[int, int], batch_size: int, workers: int | None = None) -> Any:
+    """Evaluation batches of ``samples`` (`rga_keras.data.make_eval_dataset`'s) through tf.data on the TensorFlow
+    backend, through Grain with ``workers`` processes (default: one per core) on the others."""
+    if keras.backend.backend() == "tensorflow":
+        from rga_keras.data.pipeline import make_eval_dataset
+
+        return make_eval_dataset(samples, image_size=image_size, batch_size=batch_size)
+    from rga_keras.data.grain_pipeline import make_grain_eval_dataset
+
+    return make_grain_eval_dataset(samples, image_size=image_size, batch_size=batch_size, workers=workers)
+
+
+@contextlib.contextmanager
+def on_one_device(model: keras.Model) -> Iterator[keras.Model]:
+    """The model to run inference with: ``model`` itself, or, while a Keras distribution is set (several devices
+    or processes on JAX), a copy of it with the same weights, run with no distribution set
+    (`rga_keras.undistributed`). So any batch size runs, in this process alone, and nothing of the training model
+    changes. The copy is made once per model; its weights are refreshed at each use."""
+    if keras.distribution.distribution() is None:
+        yield model
+        return
+    with undistributed():
+        copy = _ONE_DEVICE.get(model)
+        if copy is None:
+            copy = _ONE_DEVICE[model] = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        yield copy
+
+
+_ONE_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INFERENCE_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -101,8 +132,6 @@ def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: i
 
     The features are the config's ``eval.feature`` as an (n, d) array, or with ``features`` (names from
     ``after_bn``, ``before_bn``) a dict {name: (n, d) array}, all from one forward pass per batch."""
-    from rga_keras.data.pipeline import make_eval_dataset
-
     ev = config["eval"]
     # One inference model per (model, features), reused by every evaluation of a training run: Keras traces
     # its predict step once per batch shape instead of on every evaluation (TF warned about the retracing).
@@ -111,15 +140,15 @@ def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: i
     if key not in cached:
         cached[key] = embedding_model(model, key) if features is None else keras.Model(
             model.input, {f: embedding_model(model, f).output for f in features}, name=f"{model.name}_embeddings")
-    embed = cached[key]
     size = tuple(config["model"]["input_size"])
 
-    def extract(samples):
-        ds = make_eval_dataset(samples, image_size=size, batch_size=ev["batch_size"])
+    def extract(embed, samples):
+        ds = eval_dataset(samples, size, ev["batch_size"], workers=config.get("sampler", {}).get("workers"))
         return extract_features(embed, ds, flip=ev["flip"], verbose=verbose,
                                 num_batches=-(-len(samples) // ev["batch_size"]))
 
-    return extract(dataset.query), extract(dataset.gallery)
+    with on_one_device(cached[key]) as embed:
+        return extract(embed, dataset.query), extract(embed, dataset.gallery)
 
 
 

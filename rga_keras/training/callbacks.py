@@ -15,13 +15,15 @@ import numpy as np
 
 from rga_keras.evaluation import features
 from rga_keras.files import atomic_write, write_text_atomic
-from rga_keras.training.distribution import _tf_config, is_chief
+from rga_keras.training.cluster import is_chief, worker_index
+from rga_keras.undistributed import undistributed
 
 def save_model_atomic(model: keras.Model, path: str) -> None:
     """``model.save(path)`` (a .keras file) through a temp file and rename."""
     if not path.endswith(".keras"):
         raise ValueError(f"checkpoint path must end in .keras, found {path!r}")
-    atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
+    with undistributed():  # Keras' saving makes variables: on one process of several, they must be its own
+        atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,11 +70,12 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.probe_images is None:
             return
-        features = keras.ops.convert_to_numpy(self.model(self.probe_images, training=False)["features"])
-        if not np.isfinite(features).all():
+        with features.on_one_device(self.model) as model:  # under a Keras distribution: a copy outside it
+            features_out = keras.ops.convert_to_numpy(model(self.probe_images, training=False)["features"])
+        if not np.isfinite(features_out).all():
             self._stop("the features hold NaN or infinite values")
-        if np.ptp(features, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(features).max())):
-            self._stop(f"the features collapsed: all {len(features)} probe images give the same vector, so "
+        if np.ptp(features_out, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(features_out).max())):
+            self._stop(f"the features collapsed: all {len(features_out)} probe images give the same vector, so "
                        "retrieval would be at chance")
 
 
@@ -112,8 +115,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     makes the resumed run repeat one epoch."""
 
     def _save_model(self):
-        atomic_write(self._weights_path,
-                     lambda tmp: self.model.save_weights(tmp, overwrite=True))
+        with undistributed():  # as in save_model_atomic
+            atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
         write_text_atomic(self._training_metadata_path,
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
@@ -209,9 +212,10 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
     callbacks: list[keras.callbacks.Callback] = []
     chief = is_chief()
     if chief:
-        if tensorboard and importlib.util.find_spec("tensorboard") is None:
-            warnings.warn("tensorboard is not installed (pip install tensorboard): "
-                          "training without TensorBoard logs", stacklevel=2)
+        missing = [name for name in ("tensorboard", "tensorflow") if importlib.util.find_spec(name) is None]
+        if tensorboard and missing:  # Keras writes TensorBoard logs with TensorFlow, whatever the backend
+            warnings.warn(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed (pip install "
+                          f"{' '.join(missing)}): training without TensorBoard logs", stacklevel=2)
         elif tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")))
         callbacks.append(HistoryLog(run_dir))
@@ -226,8 +230,7 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
 
 def _backup_dir(run_dir: str) -> str:
     """This worker's BackupAndRestore folder in ``run_dir``."""
-    index = _tf_config().get("task", {}).get("index", 0)
-    return os.path.join(run_dir, "backup" if is_chief() else f"backup-worker{index}")
+    return os.path.join(run_dir, "backup" if is_chief() else f"backup-worker{worker_index()}")
 
 
 def completed_epochs(run_dir: str) -> int:

@@ -39,7 +39,9 @@ def default_config() -> dict:
             "stage_blocks": list(RESNET50_BLOCKS), "stage_widths": list(RESNET50_WIDTHS),
         },
         # The GLOBAL batch, all replicas and machines together: P = num_ids_per_batch identities × K images.
-        "sampler": {"num_ids_per_batch": 16, "images_per_id": 4, "augment": True, "cache": False},
+        # workers: the processes that build the batches with Grain (backends other than TensorFlow); null: one
+        # per available core, 0: in the training process.
+        "sampler": {"num_ids_per_batch": 16, "images_per_id": 4, "augment": True, "cache": False, "workers": None},
         "optimizer": {
             # base_lr and warmup_start_lr are for a global batch of lr_reference_batch images; another global
             # batch scales both by lr_scaling: "linear" (× batch / reference), "sqrt" or "none".
@@ -51,7 +53,8 @@ def default_config() -> dict:
         "loss": {"margin": 0.3, "epsilon": 0.1, "triplet_weight": 1.0, "ce_weight": 1.0, "soft_margin": False},
         "training": {
             "epochs": 600, "steps_per_epoch": None, "eval_every": 20, "seed": 0, "strategy": "auto",
-            # devices: a list (e.g. ["/gpu:0", "/gpu:1"]) trains with MirroredStrategy on exactly those.
+            # devices: a list (e.g. ["/gpu:0", "/gpu:1"]) trains with MirroredStrategy (on JAX: DataParallel) on
+            # exactly those.
             # join_timeout_s: how long a multi-worker run (TF_CONFIG) waits for every worker before it gives up.
             "devices": None, "join_timeout_s": 300,
             "precision": "float32", "xla": False, "sync_bn": False, "backup": True, "tensorboard": True,
@@ -214,6 +217,9 @@ def check_config(config: dict) -> None:
     if not (isinstance(p, int) and isinstance(k, int) and p >= 2 and k >= 2):
         raise ValueError(f"sampler: need num_ids_per_batch >= 2 and images_per_id >= 2 for the batch-hard triplet "
                          f"loss, found P={p}, K={k}")
+    workers = sampler["workers"]
+    if workers is not None and not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
+        raise ValueError(f"sampler.workers must be null (one per core) or an integer >= 0, found {workers!r}")
     reference = config["optimizer"]["lr_reference_batch"]
     if not (isinstance(reference, int) and reference >= 1):
         raise ValueError(f"optimizer.lr_reference_batch must be a positive number of images, found {reference!r}")

@@ -1,7 +1,8 @@
 """The model to train from a config: built, at the config's precision (with synchronised BatchNorm where
-asked), compiled with the paper's losses and optimiser (docs/DESIGN.md §2–3).
+asked), compiled with the paper's losses and optimiser (docs/DESIGN.md §2–3). Backend-neutral: TensorFlow is
+imported only to map a tf.data stream.
 
-Typical use (the model maps images to {"features": f, "logits": z})::
+Typical use on TensorFlow (the model maps images to {"features": f, "logits": z})::
 
     strategy = get_strategy()                      # before any other TensorFlow work
     set_precision("mixed_float16")                 # before building the model
@@ -17,10 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import keras
-import tensorflow as tf
 
 from rga_keras.layers import RGA, RelationAttention, RGAOptions
 from rga_keras.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
@@ -40,7 +40,7 @@ def set_precision(policy: str = "float32") -> str:
     """
     if policy not in _POLICIES:
         raise ValueError(f"precision policy must be one of {_POLICIES}, found {policy!r}")
-    if policy == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+    if policy == "mixed_float16" and not any(d.lower().startswith("gpu") for d in keras.distribution.list_devices()):
         warnings.warn("mixed_float16 without a GPU is emulated and much slower than float32 on CPU; "
                       "use float32 (or mixed_bfloat16 on CPUs with bfloat16 support)", stacklevel=2)
     keras.mixed_precision.set_global_policy(policy)
@@ -89,23 +89,34 @@ def compile_reid(model: keras.Model, *, optimizer: keras.optimizers.Optimizer,
     return model
 
 
-def to_reid_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """Map a dataset of (images, labels) to (images, {"logits": labels, "features": labels})."""
-    spec = dataset.element_spec
+def to_reid_targets(dataset: Any) -> Any:
+    """Map a tf.data or Grain dataset of (images, labels) to (images, {"logits": labels, "features": labels})."""
+    spec = getattr(dataset, "element_spec", None)
+    if spec is None:  # Grain: its map takes one element at a time
+        return dataset.map(_reid_targets)
     if not (isinstance(spec, tuple) and len(spec) == 2):
         raise ValueError(f"to_reid_targets expects a dataset of (images, labels) pairs, found {spec}")
-    return dataset.map(lambda x, y: (x, {"logits": y, "features": y}),
-                       num_parallel_calls=tf.data.AUTOTUNE)
+    import tensorflow as tf
+
+    return dataset.map(lambda x, y: _reid_targets((x, y)), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _reid_targets(element: tuple) -> tuple:
+    images, labels = element
+    return images, {"logits": labels, "features": labels}
 
 
 @contextlib.contextmanager
 def explain_oom(hint: str = "") -> Iterator[None]:
-    """Turn an out-of-memory error (tf ResourceExhaustedError) inside the block into a short
-    MemoryError saying what to change. Checkpoints are written atomically, so none is left half."""
+    """Turn an out-of-memory error inside the block (TensorFlow's ResourceExhaustedError, XLA's
+    RESOURCE_EXHAUSTED on JAX) into a short MemoryError saying what to change. Checkpoints are written
+    atomically, so none is left half."""
     try:
         yield
-    except tf.errors.ResourceExhaustedError as e:
-        first = (e.message or "").strip().splitlines()[:1]
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the backend's out-of-memory error
+        if type(e).__name__ != "ResourceExhaustedError" and "RESOURCE_EXHAUSTED" not in str(e)[:200]:
+            raise
+        first = (getattr(e, "message", None) or str(e)).strip().splitlines()[:1]
         raise MemoryError(
             "Out of device memory while training"
             + (f" ({first[0][:200]})" if first else "") + ". Reduce the batch (P×K), use "
@@ -130,7 +141,8 @@ def compiled_model(config: dict, num_classes: int, steps: int, lr_factor: float)
     (`rga_keras.training.config.lr_factor`: the scaling for the global batch). Call inside the strategy scope."""
     opt, loss, training = config["optimizer"], config["loss"], config["training"]
     model = build_model(config, num_classes)
-    if training["sync_bn"]:
+    tensorflow = keras.backend.backend() == "tensorflow"
+    if training["sync_bn"] and tensorflow:  # on JAX every BatchNorm sees the whole global batch anyway
         use_sync_batchnorm(model)
     factor = lr_factor
     schedule_args = dict(base_lr=opt["base_lr"] * factor, warmup_start_lr=opt["warmup_start_lr"] * factor,
@@ -141,4 +153,5 @@ def compiled_model(config: dict, num_classes: int, steps: int, lr_factor: float)
                                      **schedule_args))
     return compile_reid(model, optimizer=make_optimizer(opt["name"], schedule, opt["weight_decay"], opt["decoupled"]),
                         triplet_weight=loss["triplet_weight"], ce_weight=loss["ce_weight"], margin=loss["margin"],
-                        epsilon=loss["epsilon"], soft_margin=loss["soft_margin"], jit_compile=training["xla"])
+                        epsilon=loss["epsilon"], soft_margin=loss["soft_margin"],
+                        jit_compile=training["xla"] or not tensorflow)  # JAX runs its steps compiled, always

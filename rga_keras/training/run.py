@@ -1,9 +1,16 @@
 """A training run from a config: dataset → P×K pipeline → `model.fit` with the paper's losses → periodic
 evaluation → checkpoints → summary → export (docs/TRAINING.md). ``rga-train`` is a thin program over `run`.
+
+On the TensorFlow backend the pipeline is tf.data and the devices tf.distribute's; on JAX, Grain and
+keras.distribution (`rga_keras.training.placement`), with the same configs, run folder and callbacks. The export
+needs the TensorFlow backend: elsewhere the run says how to export its model later.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,15 +18,15 @@ from typing import Callable
 import keras
 import yaml
 
-from rga_keras.data import check_enough_identities, corrupt_images, load_dataset, make_eval_dataset
-from rga_keras.data import make_train_dataset, steps_per_epoch
+from rga_keras.data import check_enough_identities, corrupt_images, load_dataset, steps_per_epoch
 from rga_keras.evaluation import features
 from rga_keras.files import write_text_atomic
 from rga_keras.training.callbacks import DivergenceGuard, PeriodicEvaluation, completed_epochs, make_callbacks
 from rga_keras.training.callbacks import results_line
 from rga_keras.training.config import check_replica_split, distribution_line, lr_factor
-from rga_keras.training.distribution import distribute_pk_dataset, get_strategy, is_chief, num_workers
+from rga_keras.training.cluster import is_chief
 from rga_keras.training.model import compiled_model, explain_oom, set_precision, to_reid_targets
+from rga_keras.training.placement import Placement, place
 from rga_keras.training.run_folder import check_run_folder, clear_run_folder
 from rga_keras.visualize.plots import plot_training_curves
 
@@ -38,9 +45,9 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     ``run_dir``; the others keep only their own backup there and return ``{"chief": False, ...}`` without results.
     """
     training, sampler = config["training"], config["sampler"]
-    set_determinism(int(training["seed"]), bool(training["deterministic"]))  # before TensorFlow's first op
-    strategy = get_strategy(training["strategy"], training["devices"], training["join_timeout_s"])
-    replicas, workers = strategy.num_replicas_in_sync, num_workers(strategy)
+    set_determinism(int(training["seed"]), bool(training["deterministic"]))  # before the backend's first op
+    placement = place(training)
+    replicas, workers = placement.replicas, placement.workers
     check_replica_split(config, replicas)
     set_precision(training["precision"])
     run_dir, chief = Path(config["run_dir"]), is_chief()
@@ -60,9 +67,9 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     steps = training["steps_per_epoch"] or steps_per_epoch(data.train, sampler["num_ids_per_batch"])
     epochs = int(training["epochs"])
-    with strategy.scope():
+    with placement.scope():
         model = compiled_model(config, data.num_train_ids, steps, factor)
-    train_ds = _train_input(config, data, strategy, first_batch=resumed * steps)  # continue where it stopped
+    train_ds = _train_input(config, data, placement, first_batch=resumed * steps)  # continue where it stopped
 
     started = time.time()
     untrained = None if resumed or not chief else features.evaluate_model(model, data, config)
@@ -96,7 +103,9 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     }
     if training["tensorboard"] and (run_dir / "tensorboard").is_dir():  # absent when tensorboard is not installed
         summary["artefacts"]["tensorboard"] = str(run_dir / "tensorboard")
-    if config["export"]["enabled"]:
+    if config["export"]["enabled"] and keras.backend.backend() != "tensorflow":
+        log(_export_later(config, run_dir))
+    elif config["export"]["enabled"]:
         summary["export"] = export_model(model, data, config, run_dir / "export", log)
         if summary["export"]["artefacts"]:
             summary["artefacts"]["export"] = str(run_dir / "export")
@@ -116,17 +125,23 @@ def load_data(config: dict):
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and the backend; with ``deterministic`` also make TensorFlow's ops deterministic and
-    run one op at a time, so two runs of the same config give the same losses (docs/TRAINING.md gives the cost).
+    """Seed Python, NumPy and the backend; with ``deterministic`` also make the backend's ops deterministic, so
+    two runs of the same config give the same losses (docs/TRAINING.md gives the cost).
 
-    Op determinism alone is not enough on CPU: with ops running concurrently (inter-op parallelism), eight
-    repeats of one training step from the same state gave three different sets of weights (last-bit differences
-    that grow over the steps); with one inter-op thread every repeat, and every process, gives the same.
-    TensorFlow fixes that thread count when it runs its first op, and offers no way to undo op determinism:
-    both are process-wide, so ``deterministic`` must be chosen before TensorFlow runs anything (as rga-train does).
+    TensorFlow: op determinism, and one op at a time. Op determinism alone is not enough on CPU: with ops running
+    concurrently (inter-op parallelism), eight repeats of one training step from the same state gave three
+    different sets of weights (last-bit differences that grow over the steps); with one inter-op thread every
+    repeat, and every process, gives the same. TensorFlow fixes that thread count when it runs its first op, and
+    offers no way to undo op determinism: both are process-wide, so ``deterministic`` must be chosen before
+    TensorFlow runs anything (as rga-train does). JAX: XLA's deterministic GPU ops (its CPU ops are), asked for
+    through XLA_FLAGS, which JAX reads when it starts its first backend.
     """
     keras.utils.set_random_seed(seed)
-    if deterministic:
+    if deterministic and keras.backend.backend() == "jax":
+        flag = "--xla_gpu_deterministic_ops=true"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    elif deterministic:
         import tensorflow as tf
 
         try:
@@ -138,27 +153,37 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-
 def _probe_images(config: dict, data, count: int = 16):
     """A fixed batch of query images for `DivergenceGuard`'s collapse check."""
-    ds = make_eval_dataset(data.query[:count], image_size=tuple(config["model"]["input_size"]), batch_size=count)
+    ds = features.eval_dataset(data.query[:count], tuple(config["model"]["input_size"]), count, workers=0)
     return next(iter(ds))[0]
 
 
+def _train_input(config: dict, data, placement: Placement, first_batch: int):
+    """The P×K training stream for ``model.fit``, tf.data on TensorFlow, Grain elsewhere: one stream of global
+    batches on one replica; under several, each process reads only its replicas' slices of every global batch
+    (whole identities each)."""
+    sampler = config["sampler"]
+    options = dict(num_ids_per_batch=sampler["num_ids_per_batch"], images_per_id=sampler["images_per_id"],
+                   image_size=tuple(config["model"]["input_size"]), augment=sampler["augment"], cache=sampler["cache"],
+                   seed=int(config["training"]["seed"]), num_replicas=placement.replicas, first_batch=first_batch)
+    if keras.backend.backend() == "tensorflow":
+        from rga_keras.data.pipeline import make_train_dataset as make
+    else:
+        from rga_keras.data.grain_pipeline import make_grain_train_dataset
 
-def _train_input(config: dict, data, strategy, first_batch: int):
-    """The P×K training stream for ``model.fit``: one dataset of global batches on one replica; under several,
-    each worker reads only its replicas' slices of every global batch (whole identities each)."""
-    sampler, replicas = config["sampler"], strategy.num_replicas_in_sync
+        make = functools.partial(make_grain_train_dataset, workers=sampler["workers"])
+    return placement.feed(lambda slices: to_reid_targets(make(data.train, replicas=slices, **options)))
 
-    def stream(slices=None):
-        return to_reid_targets(make_train_dataset(
-            data.train, num_ids_per_batch=sampler["num_ids_per_batch"], images_per_id=sampler["images_per_id"],
-            image_size=tuple(config["model"]["input_size"]), augment=sampler["augment"], cache=sampler["cache"],
-            seed=int(config["training"]["seed"]), num_replicas=replicas, first_batch=first_batch, replicas=slices))
 
-    return stream() if replicas == 1 else distribute_pk_dataset(strategy, stream)
-
+def _export_later(config: dict, run_dir: Path) -> str:
+    """The line that says the export needs the TensorFlow backend, and the command that exports the model later."""
+    ex = config["export"]
+    command = (f"KERAS_BACKEND=tensorflow rga-export --model {run_dir / 'last.keras'} --out {run_dir / 'export'} "
+               f"--formats {','.join(ex['formats'])} --feature {config['eval']['feature']}")
+    missing = "" if importlib.util.find_spec("tensorflow") else " (pip install tensorflow)"
+    return (f"\nexport: skipped, it needs the TensorFlow backend (this run trained on {keras.backend.backend()}); "
+            f"export the trained model later with{missing}: {command}")
 
 
 def export_model(model: keras.Model, data, config: dict, out_dir: Path, log: Log = print) -> dict:
