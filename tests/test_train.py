@@ -81,8 +81,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*a, **k)
 
-    make_train_dataset = training_run.make_train_dataset
-    monkeypatch.setattr(training_run, "make_train_dataset",
+    from rga_keras.data import pipeline
+
+    make_train_dataset = pipeline.make_train_dataset
+    monkeypatch.setattr(pipeline, "make_train_dataset",
                         lambda *a, **k: first_batches.append(k["first_batch"]) or make_train_dataset(*a, **k))
     monkeypatch.setattr(features, "evaluate_model", interrupt_third)
     assert main(args) == 143
