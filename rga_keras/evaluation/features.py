@@ -36,8 +36,8 @@ def extract_features(model: Any, dataset: Any, *, flip: bool = False, verbose: i
     spec = getattr(dataset, "element_spec", None)
     if spec is not None:  # tf.data: its structure is known before the first batch
         if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], dict)):
-            raise TypeError("dataset must yield (images, {'person_id', 'camera_id', 'path'}), "
-                            f"got element_spec {spec!r}")
+            raise TypeError("dataset must be an evaluation dataset yielding (images, {'person_id', 'camera_id', "
+                            f"'path'}}), got element_spec {spec!r}")
         if len(spec[0].shape) != 4:
             raise ValueError(f"dataset images must be batched (batch, height, width, channels), got {spec[0].shape}")
     cardinality = int(dataset.cardinality()) if spec is not None else -1
