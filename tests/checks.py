@@ -6,6 +6,10 @@ import numpy as np
 
 from tests.backend import to_numpy
 
+# rga-train options for a small ResNet (one bottleneck per stage, widths 8–64): for tests whose subject is the
+# program's logic (resuming, distribution, bad input), not the full-size network's numbers.
+SMALL_RESNET = ["-o", "model.stage_blocks=[1, 1, 1, 1]", "-o", "model.stage_widths=[8, 16, 32, 64]"]
+
 
 def unit(x) -> np.ndarray:
     """Rows scaled to unit length, in float64."""

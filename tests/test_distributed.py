@@ -18,14 +18,14 @@ from rga_keras.evaluation import features
 from rga_keras.training import config as training_config
 from rga_keras.training.distribution import distribute_pk_dataset, get_strategy
 from rga_keras.training.run import load_data
+from tests.checks import SMALL_RESNET
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smallest run that still trains, evaluates and checkpoints: 16 synthetic identities (8 to train), a small
 # ResNet (one bottleneck per stage, widths 8–64) with RGA-C on the last stage only, 32×32 input, P×K = 4×2
 # (2 identities per replica on 2 replicas), 2 steps per epoch.
 TINY = ["--quiet", "-o", "dataset.num_ids=16", "-o", "dataset.images_per_id=4", "-o", "model.input_size=[32, 32]",
-        "-o", "model.attention=c", "-o", "model.rga_stages=[4]", "-o", "model.stage_blocks=[1, 1, 1, 1]",
-        "-o", "model.stage_widths=[8, 16, 32, 64]", "-o", "sampler.num_ids_per_batch=4",
+        "-o", "model.attention=c", "-o", "model.rga_stages=[4]", *SMALL_RESNET, "-o", "sampler.num_ids_per_batch=4",
         "-o", "sampler.images_per_id=2", "-o", "training.steps_per_epoch=2", "-o", "training.tensorboard=false",
         "-o", "export.enabled=false", "-o", "eval.batch_size=32"]
 

@@ -11,6 +11,7 @@ from rga_keras.evaluation import features
 from rga_keras.training import config as training_config
 from rga_keras.training import run as training_run
 from rga_keras.training.config import CONFIG_DIR
+from tests.checks import SMALL_RESNET
 
 
 def test_every_bundled_config_loads_and_is_consistent():
@@ -71,8 +72,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     args = ["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16", "-o", "dataset.images_per_id=8",
             "-o", "model.input_size=[64, 32]", "-o", "training.epochs=2", "-o", "training.steps_per_epoch=2",
             "-o", "training.eval_every=1", "-o", "sampler.num_ids_per_batch=4", "-o", "training.tensorboard=false",
-            "-o", "export.enabled=false", "-o", "model.stage_blocks=[1, 1, 1, 1]",
-            "-o", "model.stage_widths=[8, 16, 32, 64]"]  # a small ResNet: resuming is logic, not the network's size
+            "-o", "export.enabled=false", *SMALL_RESNET]  # resuming is logic, not the network's size
     evaluate, calls, first_batches = features.evaluate_model, [], []
 
     def interrupt_third(*a, **k):  # untrained, epoch 1, then SIGTERM in epoch 2's evaluation
