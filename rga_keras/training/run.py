@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 import yaml
@@ -33,7 +33,8 @@ from rga_keras.visualize.plots import plot_training_curves
 Log = Callable[[str], None]
 
 
-def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print) -> dict:
+def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
     """Train as the (checked, `rga_keras.training.config.load_config`) config says and return the summary (also
     written to ``run_dir/summary.json``); what the run has to say on the way (dataset, batch split, evaluations,
     export) goes to ``log``, the progress bar to Keras (``verbose``).
@@ -43,6 +44,7 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     unless ``fresh``, which deletes the run's files first. A diverging run stops with `TrainingDiverged`. Under
     several workers (TF_CONFIG) every worker trains, but only the chief evaluates and writes files into its
     ``run_dir``; the others keep only their own backup there and return ``{"chief": False, ...}`` without results.
+    ``callbacks`` join the run's own, after its divergence guard (e.g. to time the steps: bench/bench_train.py).
     """
     training, sampler = config["training"], config["sampler"]
     set_determinism(int(training["seed"]), bool(training["deterministic"]))  # before the backend's first op
@@ -77,7 +79,7 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
         log(f"untrained: {results_line(untrained)}")
     evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs, log)
     guard = DivergenceGuard(_probe_images(config, data), training["diverge_factor"])  # first: before any file
-    callbacks = [guard] + ([evaluation] if chief else []) + make_callbacks(
+    callbacks = [guard, *callbacks] + ([evaluation] if chief else []) + make_callbacks(
         str(run_dir), backup=training["backup"], tensorboard=training["tensorboard"],
         checkpoint_best_monitor="val_mAP", best_mode="max")
     with explain_oom("lower sampler.num_ids_per_batch or model.input_size, or use training.precision=mixed_float16"):
