@@ -11,12 +11,14 @@ Exit statuses (docs/RELIABILITY.md):
 - 2: bad input or a fault of the environment (a missing or existing file, a bad value, an unknown config
   key, a YAML syntax error, a full disk (also when a library such as h5py or TensorFlow reports it), no network
   for downloads): ``prog: error: …`` on one line.
-- 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM (what schedulers and preemption send):
-  ``prog: interrupted by SIGTERM; …`` saying what was kept.
+- 128 + N: interrupted by signal N: 129 SIGHUP (a closed terminal), 130 SIGINT (Ctrl-C), 131 SIGQUIT (Ctrl-\\),
+  143 SIGTERM (schedulers, preemption): ``prog: interrupted by SIGTERM; …`` saying what was kept; from the start
+  of ``main`` on, the library's import included. 141 (SIGPIPE) and no word when stdout is a pipe that was
+  closed (``rga-search … | head``).
 - 70 (EX_SOFTWARE of sysexits.h): an unexpected error, i.e. a bug: one line naming it and the file its
   traceback was saved to.
 
-Never a traceback on the terminal.
+Never a traceback on the terminal; the library's warnings on one line each, ``prog: warning: …``.
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rga_keras.interrupts import Interrupted, handle_signals
+from rga_keras.interrupts import Interrupted, handle_signals, signal_of
 from rga_keras.native_logs import quiet_native_stderr
 
 # TensorFlow's and LiteRT's native start-up lines stay off the programs' output unless the user chose a level
@@ -60,17 +63,34 @@ class OneLineParser(argparse.ArgumentParser):
 
 @contextlib.contextmanager
 def starting(prog: str) -> Iterator[None]:
-    """Around a program's import of the library (seconds, before `run_command` handles signals): a Ctrl-C there
-    ends the program with one line and status 130 (128 + SIGINT), not an import traceback. Native start-up
-    lines of TensorFlow stay off the terminal (`quiet_native_stderr`), its device probe included."""
+    """Around a program's import of the library (seconds, before `run_command`): a signal there (Ctrl-C, SIGTERM,
+    SIGHUP, SIGQUIT) ends the program with one line and status 128 + N, not an import traceback or a silent
+    death. Native start-up lines of TensorFlow stay off the terminal (`quiet_native_stderr`), its device probe
+    included."""
     try:
-        with quiet_native_stderr():
+        with handle_signals(), quiet_native_stderr():
             yield
             if "tensorflow" in sys.modules:  # where TensorFlow probes for CUDA and logs its absence
                 sys.modules["tensorflow"].config.list_physical_devices()
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted by SIGINT while starting; nothing was done", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted) as err:
+        signum = signal_of(err)
+        say(f"\n{prog}: interrupted by {signal.Signals(signum).name} while starting; nothing was done")
+        sys.exit(128 + signum)
+
+
+def say(line: str) -> None:
+    """Write ``line`` to stderr; quietly nothing when it cannot be written (a terminal closed by SIGHUP)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _one_line_warnings(prog: str):
+    """A `warnings.showwarning` that writes ``prog: warning: message`` on one line (no source line)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        say(f"{prog}: warning: {' '.join(str(message).split())}")
+    return show
 
 
 def disk_full(err: BaseException) -> bool:
@@ -88,6 +108,10 @@ def error_message(err: BaseException) -> str:
         where = f" writing {filename}" if filename else ""
         return (f"no space left on the device{where} ({os.strerror(errno.ENOSPC)}): free some space or write "
                 "elsewhere; nothing half-written was kept")
+    if isinstance(err, OSError) and err.errno is not None and (not err.strerror or str(err).startswith("[Errno")):
+        reason = err.strerror or os.strerror(err.errno)  # "[Errno 2] ...": the reason after the file, as ls says it
+        files = " → ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{files}: {reason}" if files else reason
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(message.split()) or type(err).__name__
 
@@ -106,26 +130,30 @@ def run_command(prog: str, work: Callable[[], int], errors: tuple[type[BaseExcep
                 failures: tuple[type[BaseException], ...] = ()) -> int:
     """Run ``work()`` and return its status, turning every other ending into one line on stderr and the status
     of the module doc: a failed check (``failures``) → 1; bad input (`INPUT_ERRORS`, `CommandError`, ``errors``)
-    → 2; SIGINT → 130, SIGTERM → 143, with ``on_interrupt()`` saying what was kept; anything else → 70 with
-    the saved traceback's path."""
+    → 2; a signal N → 128 + N, with ``on_interrupt()`` saying what was kept; a closed stdout pipe → 141 quietly;
+    anything else → 70 with the saved traceback's path. Warnings on the way are one line each."""
     try:
-        with handle_signals():
+        with handle_signals(), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(prog)
             return work()
+    except BrokenPipeError:  # `prog ... | head` stopped reading: end as a pipe's writer does, without a word
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
     except failures as err:
-        print(f"{prog}: {error_message(err)}", file=sys.stderr)
+        say(f"{prog}: {error_message(err)}")
         return EXIT_CHECK_FAILED
     except (CommandError, *INPUT_ERRORS, *errors) as err:
-        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        say(f"{prog}: error: {error_message(err)}")
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Interrupted) as err:
-        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        signum = signal_of(err)
         kept = on_interrupt() if on_interrupt else ""
-        print(f"\n{prog}: interrupted by {signal.Signals(signum).name}" + (f"; {kept}" if kept else ""),
-              file=sys.stderr)
+        say(f"\n{prog}: interrupted by {signal.Signals(signum).name}" + (f"; {kept}" if kept else ""))
         return 128 + signum
     except Exception as err:  # a full disk seen by a library; else a bug: one line, the traceback kept
         if disk_full(err):
-            print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+            say(f"{prog}: error: {error_message(err)}")
             return EXIT_BAD_INPUT
         try:
             where = f"traceback saved to {save_traceback(prog, err)}"
@@ -133,8 +161,7 @@ def run_command(prog: str, work: Callable[[], int], errors: tuple[type[BaseExcep
             where = f"its traceback could not be saved ({error_message(save_err)})"
         message = error_message(err)
         message = message if len(message) <= 300 else message[:297] + "..."
-        print(f"{prog}: unexpected error (a bug, please report it): {type(err).__name__}: {message} — {where}",
-              file=sys.stderr)
+        say(f"{prog}: unexpected error (a bug, please report it): {type(err).__name__}: {message} — {where}")
         return EXIT_UNEXPECTED
 
 
@@ -185,22 +212,31 @@ def load_model(path: Path, image_size: list[int] | None = None):
     return model, size
 
 
-def load_data(args: argparse.Namespace):
-    """The dataset the options name (`rga_keras.data.load_dataset`; "synthetic": the demo's dataset)."""
+def load_data(args: argparse.Namespace, prog: str):
+    """The dataset the options name (`rga_keras.data.load_dataset`; "synthetic": the demo's dataset), with the
+    query and gallery images ``prog`` needs."""
     from rga_keras.data import load_dataset
     from rga_keras.training.config import demo_config
 
     if args.dataset == "synthetic":
         spec = {k: v for k, v in demo_config()["dataset"].items() if k not in ("name", "root", "split")}
-        return load_dataset("synthetic", args.data_root, **spec)
-    return load_dataset(args.dataset, args.data_root, **({"split": args.split} if args.split else {}))
+        data = load_dataset("synthetic", args.data_root, **spec)
+    else:
+        data = load_dataset(args.dataset, args.data_root, **({"split": args.split} if args.split else {}))
+    data.require(("query", "gallery"), prog)
+    return data
 
 
-def eval_config(args: argparse.Namespace, size: tuple[int, int]) -> dict:
-    """The config sections `rga_keras.evaluation.features.evaluate_model` reads, from the options."""
+def eval_config(args: argparse.Namespace, size: tuple[int, int], data) -> dict:
+    """The config sections `rga_keras.evaluation.features.evaluate_model` reads, from the options; a batch larger
+    than the query or gallery is cut to it, and one that cannot fit in memory is refused."""
+    from rga_keras.memory import check_batch_fits
+
+    batch = min(args.batch_size, max(len(data.query), len(data.gallery)))
+    check_batch_fits(batch, size, "--batch-size")
     return {"model": {"input_size": list(size)},
             "eval": {"feature": args.feature or "after_bn", "metric": getattr(args, "metric", "cosine"),
-                     "flip": args.flip, "rerank": getattr(args, "rerank", False), "batch_size": args.batch_size}}
+                     "flip": args.flip, "rerank": getattr(args, "rerank", False), "batch_size": batch}}
 
 
 def report_skipped(skipped: list[str]) -> None:
