@@ -1,7 +1,10 @@
 """Files written atomically: a temporary file beside the target, renamed over it once complete.
 
 A crash or an error mid-write leaves the target as it was, so a half-written checkpoint, report or
-picture can never be mistaken for a good one.
+picture can never be mistaken for a good one. What is written keeps its owner's intent: a file or folder
+that replaces another gets the permission bits of the one it replaces (a new one follows the umask), and an
+output path that is a symbolic link is written through (the link stays; its target is replaced), as
+``open(path, "w")`` would (`output_target`, `publish`).
 
 Temporary names carry ``<pid>@<host>~``, the process that writes them. A process killed mid-write
 (kill -9, a power cut) leaves its temporary behind; the next write of the same kind in the same folder
@@ -17,10 +20,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from rga_keras.interrupts import deferred, raise_if_interrupted
 
 STALE_AFTER_S = 24 * 3600  # a temporary whose writer cannot be checked is stale after a day
 _TAG = re.compile(r"(\d+)@([^~/]*)~")
@@ -114,26 +120,61 @@ def check_file(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def output_target(path: str | os.PathLike) -> Path:
+    """Where writing ``path`` lands: ``path`` itself, or, where it (or a folder on the way) is a symbolic link,
+    the link's target, which need not exist yet. A link that leads to itself is refused (OSError naming it)."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    try:
+        os.stat(path)
+    except FileNotFoundError:  # a dangling link: its target is made
+        pass
+    except OSError as err:
+        raise OSError(err.errno, f"{path} is a symbolic link that cannot be followed ({err.strerror}): remove it "
+                                 "or point it at a file", str(path)) from None
+    return Path(os.path.realpath(path))
+
+
+def publish(staged: str | os.PathLike, path: str | os.PathLike, aside: str | os.PathLike | None = None) -> Path:
+    """Rename the finished file or folder ``staged`` onto ``path`` (in the same file system): through a link
+    there, with the permission bits of what it replaces. A folder in the way is first moved into the folder
+    ``aside`` (which the caller deletes), as a rename cannot replace a folder that is not empty. Returns where
+    it landed."""
+    target = output_target(path)
+    try:
+        os.chmod(staged, stat.S_IMODE(os.stat(target).st_mode))
+    except FileNotFoundError:
+        pass
+    raise_if_interrupted()  # a signal that native code swallowed on the way: publish nothing
+    if aside is not None and target.is_dir():
+        os.replace(target, Path(aside) / target.name)
+    os.replace(staged, target)
+    return target
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
+    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it to ``path`` (`publish`:
+    through a link, keeping the permission bits of the file it replaces).
 
     The temporary name keeps ``path``'s extension (``.keras``, ``.weights.h5``, ...), which some writers
-    check, and the file gets the permissions of an ordinary new file (mkstemp makes it private).
+    check, and a new file gets the permissions of an ordinary new file (mkstemp makes it private).
     """
     path = check_file(path, "output")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
-    ext = ".weights.h5" if name.endswith(".weights.h5") else path.suffix
+    target = output_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    name = target.name
+    ext = ".weights.h5" if name.endswith(".weights.h5") else target.suffix
     prefix, suffix = f".{name[: len(name) - len(ext)]}.", f".tmp{ext}"
-    remove_stale_temps(path.parent, prefix, suffix)  # left by a writer killed mid-write
-    fd, tmp = tempfile.mkstemp(prefix=prefix + temp_tag(), suffix=suffix, dir=path.parent)
+    remove_stale_temps(target.parent, prefix, suffix)  # left by a writer killed mid-write
+    fd, tmp = tempfile.mkstemp(prefix=prefix + temp_tag(), suffix=suffix, dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
+        publish(tmp, target)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with deferred(), contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     return path

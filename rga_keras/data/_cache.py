@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from rga_keras.files import remove_stale_temps, staging_dir
+from rga_keras.files import output_target, publish, remove_stale_temps, staging_dir
+from rga_keras.interrupts import deferred
 
 MARKER = ".complete.json"
 
@@ -39,31 +40,33 @@ def build_atomically(final: Path, build: Callable[[Path], None], params: dict, *
     names the same ``generator`` (else FileExistsError, raised before building). If another process
     publishes a finished folder with the same parameters first, its result is kept and ours is discarded.
     """
-    final = Path(final)
+    given, final = Path(final), output_target(final)  # a link to the folder stays a link
     if not replace_foreign:
         check_replaceable(final, params)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final.parent, f".{final.name}.old-")  # a replaced folder a killed run had not deleted
     tmp = staging_dir(final.parent, prefix=f".{final.name}.tmp-")
+    old = None
     try:
         build(tmp)
         (tmp / MARKER).write_text(json.dumps(params, sort_keys=True))
         if final.exists():
             if read_marker(final) == params:
-                return final  # someone else finished the same work meanwhile
+                return given  # someone else finished the same work meanwhile
             if not replace_foreign:
                 check_replaceable(final, params)
             old = staging_dir(final.parent, prefix=f".{final.name}.old-")
-            os.replace(final, old / final.name)
-            shutil.rmtree(old, ignore_errors=True)
         try:
-            os.replace(tmp, final)
+            publish(tmp, final, aside=old)  # the folder it replaces keeps its permission bits
         except OSError:  # lost a race: keep the winner's folder if it is the same work
             if read_marker(final) != params:
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        with deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    return given
 
 
 def check_replaceable(folder: Path, params: dict) -> None:
