@@ -15,8 +15,9 @@ Protocol (docs/DESIGN.md §4, the Market-1501 / torchreid convention):
   ties were broken uniformly at random; McSherry & Najork, ECIR 2008). Constant features
   therefore score at chance, not at whatever the gallery's file order gives. `rank_gallery`
   and `stable_argsort_rows`, which return an order, put tied items in gallery order.
-* Features with NaN or Inf are an error; features under which a query sees every gallery
-  item at the same distance (e.g. all equal: a collapsed model) give a `DegenerateFeaturesWarning`.
+* Features with NaN or Inf are an error; all-zero rows, a collapsed set (`rga_keras.evaluation.feature_check`)
+  and features under which a query sees every gallery item at the same distance give a
+  `DegenerateFeaturesWarning`.
 
 Everything is NumPy and chunked over queries: a chunk of the (query × gallery) distance
 matrix is computed, ranked and reduced to per-query numbers before the next chunk, so an
@@ -24,6 +25,7 @@ MSMT17-sized problem never holds the full 11,659 × 82,161 matrix.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from typing import Any, Iterator
@@ -32,11 +34,10 @@ import numpy as np
 
 from rga_keras.evaluation.distances import (CHUNK_ENTRIES, as_features, check_finite, check_metric, distance_from_dot,
                                             feature_norms, key_columns, sort_keys)
+from rga_keras.evaluation.feature_check import DegenerateFeaturesWarning, check_features
 from rga_keras.evaluation.reranking import k_reciprocal_rerank
 
 
-class DegenerateFeaturesWarning(UserWarning):
-    """Features under which distances carry no ranking information (metrics are then at chance)."""
 
 
 def _as_labels(x: Any, n: int, name: str) -> np.ndarray:
@@ -275,8 +276,8 @@ def evaluate(
     check_metric(metric)
     query = as_features(query_features, "query_features")
     gallery = as_features(gallery_features, "gallery_features")
-    check_finite(query, "query_features")
-    check_finite(gallery, "gallery_features")
+    for name, features in (("query_features", query), ("gallery_features", gallery)):
+        _check_rankable(features, name)
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(
             f"query and gallery feature dimensions differ: {query.shape[1]} vs {gallery.shape[1]}"
@@ -295,3 +296,13 @@ def evaluate(
     return _summarise(stats, int(max_rank))
 
 
+def _check_rankable(features: np.ndarray, name: str) -> None:
+    """Refuse rows holding NaN or Inf; warn about all-zero rows and collapse (`check_features`)."""
+    found = check_features(features)
+    if len(found.nonfinite):
+        only_nonfinite = dataclasses.replace(found, zero=found.zero[:0], collapsed=False)
+        raise ValueError(f"{name}: {only_nonfinite.describe('rows')}; these features cannot be ranked "
+                         "(a diverged model or broken input)")
+    if not found.ok:
+        warnings.warn(f"{name}: {found.describe('rows')}; their metrics are at chance level",
+                      DegenerateFeaturesWarning, stacklevel=3)

@@ -1,12 +1,13 @@
 """Embed image files with an `Embedder`: decoded and resized as the evaluation pipeline does, in batches,
 with optional flip test-time augmentation; unreadable files and corrupt JPEGs (`rga_keras.data.image_check`)
-are skipped and reported, never fatal."""
+are skipped and reported, never fatal; embeddings that cannot be used are refused, never written."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
 
+from rga_keras.evaluation.feature_check import refuse_faulty
 from rga_keras.retrieval.models import Embedder
 from rga_keras.retrieval.topk import unit_rows
 
@@ -26,7 +27,8 @@ def embed_images(
     data" warning). flip=True: the normalised mean of the image's and its
     mirror's embeddings. Images are read and resized by parallel `tf.data` workers
     (`rga_keras.data.make_eval_dataset`); a ``keras.utils.Progbar`` counts images (``verbose=0`` hides it).
-    ValueError when no image can be read.
+    ValueError when no image can be read, or when the embeddings are not usable (NaN/Inf or all-zero rows, a
+    collapsed set: `rga_keras.evaluation.feature_check`), naming the first image of each fault.
     """
     import keras
 
@@ -55,5 +57,8 @@ def embed_images(
         progbar.update(len(paths))
     if not embedded:
         raise ValueError(f"none of the {len(paths)} images could be read")
+    features = np.concatenate(features)
+    refuse_faulty(features, "embeddings", embedded, hint=f"the model {embedder.path} does not give usable "
+                  "embeddings (damaged or diverged weights?); nothing was written")
     done = set(embedded)
-    return np.concatenate(features), embedded, [path for path in paths if path not in done]
+    return features, embedded, [path for path in paths if path not in done]

@@ -8,11 +8,13 @@ MSMT17-size gallery (82,161 × 2,048) never needs its 3,368 × 82,161 similarity
 """
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 
 from rga_keras.evaluation.distances import as_features, feature_norms, stable_argsort_rows
+from rga_keras.evaluation.feature_check import DegenerateFeaturesWarning, check_features
 from rga_keras.evaluation.reranking import k_reciprocal_rerank
 
 MAX_BLOCK_BYTES = 256 * 2**20
@@ -36,30 +38,42 @@ def search(
     *,
     rerank: bool = False,
     max_block_bytes: int = MAX_BLOCK_BYTES,
+    query_names: Sequence[str] | None = None,
+    gallery_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``top_k`` gallery rows most similar (cosine) to each query row, best first.
 
     query (q, d), gallery (g, d): features, normalised here (rga-embed's are already). Returns ``indices``
-    int64 (q, k) and ``similarities`` float32 (q, k), k = min(top_k, g); equal similarities rank in gallery
-    order. ``rerank=True`` orders by k-reciprocal re-ranking (`rga_keras.evaluation.reranking.k_reciprocal_rerank`,
-    cosine) instead, which needs the dense (q, g) matrix: allowed up to `RERANK_MAX_ENTRIES` pairs; the
-    similarities returned are still the cosine ones.
+    int64 (q, k) and ``similarities`` float32 (q, k), k = min(top_k, usable gallery rows); equal similarities
+    rank in gallery order. ``rerank=True`` orders by k-reciprocal re-ranking
+    (`rga_keras.evaluation.reranking.k_reciprocal_rerank`, cosine) instead, which needs the dense (q, g) matrix:
+    allowed up to `RERANK_MAX_ENTRIES` pairs; the similarities returned are still the cosine ones.
+
+    Gallery rows that cannot be ranked (NaN/Inf or all zero: `rga_keras.evaluation.check_features`) are left
+    out with a `DegenerateFeaturesWarning` naming how many and the first (by ``gallery_names`` if given); a
+    gallery with no usable row, or a collapsed one, and query rows that cannot be ranked, are a ValueError
+    (``query_names`` name the first).
     """
-    query, gallery = unit_rows(as_features(query, "query")), as_features(gallery, "gallery")
+    query, gallery = as_features(query, "query"), as_features(gallery, "gallery")
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query and gallery dimensions differ: {query.shape[1]} vs {gallery.shape[1]}")
     if int(top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    found = check_features(query)
+    if len(found.unusable):
+        raise ValueError(f"{found.describe('query rows', query_names)}; they cannot be searched with")
+    bad = _gallery_rows_left_out(gallery, gallery_names)
+    query = unit_rows(query)
     nq, ng = len(query), len(gallery)
-    k = min(int(top_k), ng)
+    k = min(int(top_k), ng - len(bad))
     scale = negative_inverse_norms(gallery)
-    reranked = _rerank_order(query, gallery, k) if rerank else None
+    reranked = _rerank_order(query, gallery, k, bad) if rerank else None
     rows = max(1, int(max_block_bytes) // (BYTES_PER_ENTRY * ng))
     indices, similarities = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
     for start in range(0, nq, rows):
         stop = start + rows
         indices[start:stop], similarities[start:stop] = _block_top(
-            query[start:stop], gallery, scale, k, None if reranked is None else reranked[start:stop])
+            query[start:stop], gallery, scale, bad, k, None if reranked is None else reranked[start:stop])
     return indices, similarities
 
 
@@ -69,20 +83,37 @@ def negative_inverse_norms(gallery: np.ndarray) -> np.ndarray:
     return -1.0 / np.maximum(feature_norms(gallery, "cosine"), _EPS)
 
 
-def _block_top(query: np.ndarray, gallery: np.ndarray, scale: np.ndarray, k: int,
+def _gallery_rows_left_out(gallery: np.ndarray, names: Sequence[str] | None) -> np.ndarray:
+    """The indices of the gallery rows to leave out (warned about); ValueError when none is usable or the rows
+    have collapsed."""
+    found = check_features(gallery)
+    if found.collapsed or len(found.unusable) == found.rows:
+        raise ValueError(f"{found.describe('gallery rows', names)}; nothing to search (re-embed the gallery "
+                         "with a working model)")
+    if len(found.unusable):
+        warnings.warn(f"{found.describe('gallery rows', names)}; left out of the search", DegenerateFeaturesWarning,
+                      stacklevel=3)
+    return found.unusable
+
+
+def _block_top(query: np.ndarray, gallery: np.ndarray, scale: np.ndarray, bad: np.ndarray, k: int,
                order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k indices and similarities of a chunk of queries (or their similarities at ``order``). A function
-    of its own so that the chunk's block and sort keys are freed before the next chunk's are made."""
-    block = query @ gallery.T
-    block *= scale  # minus the cosine similarity: ascending order is best first
+    """Top-k indices and similarities of a chunk of queries (or their similarities at ``order``), the ``bad``
+    gallery rows ranked last (past k). A function of its own so that the chunk's block and sort keys are freed
+    before the next chunk's are made."""
+    with np.errstate(invalid="ignore"):  # NaN rows of the gallery: replaced below
+        block = query @ gallery.T
+        block *= scale  # minus the cosine similarity: ascending order is best first
+    block[:, bad] = np.inf
     top = stable_argsort_rows(block, k) if order is None else order
     return top, -np.take_along_axis(block, top, axis=1)
 
 
-def _rerank_order(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` gallery indices per query by k-reciprocal re-ranked distance."""
+def _rerank_order(query: np.ndarray, gallery: np.ndarray, k: int, bad: np.ndarray) -> np.ndarray:
+    """The first ``k`` gallery indices per query by k-reciprocal re-ranked distance (``bad`` rows left out)."""
     if len(query) * len(gallery) > RERANK_MAX_ENTRIES:
         raise ValueError(f"re-ranking holds the dense {len(query):,} x {len(gallery):,} distance matrix, more "
                          f"than the {RERANK_MAX_ENTRIES:,} entries allowed; search without re-ranking, or with fewer "
                          "queries")
-    return stable_argsort_rows(k_reciprocal_rerank(query, gallery, metric="cosine"), k)
+    kept = np.setdiff1d(np.arange(len(gallery)), bad)
+    return kept[stable_argsort_rows(k_reciprocal_rerank(query, gallery[kept], metric="cosine"), k)]
