@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import keras
 import numpy as np
 
+from rga_keras.reading import naming
+
 KERAS_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 KERAS_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + KERAS_NOTOP_FILE
 KERAS_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
@@ -147,7 +149,7 @@ def load_keras_resnet50_h5(model: Any, path: str | os.PathLike) -> None:
     import h5py
 
     path = Path(path)
-    with h5py.File(path, "r") as f:
+    with naming(path, "Keras ResNet-50 weights (HDF5)"), h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
 
         def arrays(name: str) -> list[np.ndarray]:

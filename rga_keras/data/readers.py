@@ -3,12 +3,14 @@
 Every reader returns a :class:`ReidDataset`. Training identities are relabelled 0..K-1 (in the order
 of their original ids); query and gallery keep the original ids, since evaluation only compares them.
 Identity -1 (Market-1501's junk boxes) is dropped everywhere; identity 0 (Market's distractors) stays
-in the gallery (docs/DESIGN.md §4); ids below -1 are not identities and are refused. Camera ids are the
-numbers in the release (Market ``c1`` → 1).
+in the gallery (docs/DESIGN.md §4); ids below -1 are not identities and are refused, as are ids past `ID_MAX`
+(the pipeline carries them as int32). Camera ids are the numbers in the release (Market ``c1`` → 1).
+List files are UTF-8, with or without a byte-order mark (`rga_keras.reading.read_text`).
 """
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import warnings
@@ -19,9 +21,11 @@ from rga_keras.data.cuhk03 import read_cuhk03
 from rga_keras.data.image_check import find_corrupt
 from rga_keras.data.samples import SPLITS, DatasetWarning, ReidDataset, Sample, count_split
 from rga_keras.data.synthetic import ensure_synthetic
+from rga_keras.reading import read_text
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 JUNK_ID = -1
+ID_MAX = 2**31 - 1  # ids travel as int32 through the tf.data pipeline
 
 # Official counts as (identities, images) once junk is dropped; identity 0 counts as one gallery id.
 OFFICIAL_COUNTS = {
@@ -74,7 +78,7 @@ def load_dataset(name: str, root: str | Path | None = None, *, strict: bool = Fa
     if check_images:
         splits = _without_corrupt(splits, skipped)
     return _finish(key if key != "cuhk03" else f"cuhk03-{kwargs.get('split', 'labeled')}",
-                   splits, expected, folder, skipped)
+                   splits, expected, folder, skipped, _SOURCES.get(key, {}))
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -89,12 +93,17 @@ class _Skipped:
         self.first = ""  # the first item with its reason
         self.notes: list[str] = []  # things a reader wants said in the dataset's summary
         self.warnings: list[str] = []  # said once the dataset is known not to be empty
+        self.duplicates: list[str] = []  # list rows naming an image listed before, dropped
 
     def __call__(self, where: str, why: str) -> None:
         if self.strict:
             raise ValueError(f"{where}: {why}")
         self.first = self.first or f"{where}: {why}"
         self.items.append(where)
+
+    def duplicate(self, where: str, line: int) -> None:
+        """A list row naming an image listed before (on ``line``): dropped, counted in one note per dataset."""
+        self.duplicates.append(f"{where} repeats line {line}")
 
 
 def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict[str, list[Sample]]:
@@ -114,7 +123,7 @@ def _without_corrupt(splits: dict[str, list[Sample]], skipped: _Skipped) -> dict
 
 
 def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, folder: Path,
-            skipped: _Skipped) -> ReidDataset:
+            skipped: _Skipped, sources: dict[str, tuple[str, ...]]) -> ReidDataset:
     """Drop junk, relabel training ids, check counts, and collect the notes."""
     notes = []
     junk = sum(s.person_id == JUNK_ID for samples in splits.values() for s in samples)
@@ -134,13 +143,23 @@ def _finish(name: str, splits: dict[str, list[Sample]], expected: dict | None, f
             f"{name}: skipped {len(skipped.items)} files or lines that do not parse or name no image "
             f"(first: {skipped.first}); pass strict=True to fail on them instead",
             DatasetWarning, stacklevel=3)
+    if skipped.duplicates:
+        note = f"dropped {len(skipped.duplicates)} duplicate rows, the first: {skipped.duplicates[0]}"
+        notes.append(note)
+        warnings.warn(f"{name}: {note} (each image is used once)", DatasetWarning, stacklevel=3)
     notes += skipped.notes
     notes.append(_check_counts(name, splits, expected, folder))
     train_ids = sorted({s.person_id for s in splits["train"]})
     relabel = {pid: i for i, pid in enumerate(train_ids)}
     train = [s._replace(person_id=relabel[s.person_id]) for s in splits["train"]]
+    where = {split: _source(folder, names) for split, names in sources.items()}
     return ReidDataset(name, train, splits["query"], splits["gallery"], len(train_ids),
-                       tuple(n for n in notes if n))
+                       tuple(n for n in notes if n), where)
+
+
+def _source(folder: Path, names: tuple[str, ...]) -> str:
+    """The file or folder a split was read from (the first of ``names`` present in ``folder``)."""
+    return str(next((folder / n for n in names if (folder / n).exists()), folder / names[0]))
 
 
 def _check_counts(name: str, splits: dict[str, list[Sample]], expected: dict | None, folder: Path) -> str:
@@ -179,20 +198,46 @@ def _layout_error(name: str, root: Path, expected: str) -> FileNotFoundError:
                              f"found: {listing or '(empty folder)'}")
 
 
+def _market_sample(path: Path) -> Sample | str:
+    """The sample a ``PPPP_cC*`` file name gives, or why it gives none."""
+    match = _MARKET_NAME.match(path.name)
+    if match is None:
+        return "file name does not start with PPPP_cC (person id, camera)"
+    return _id_problem(match[1], match[2]) or Sample(str(path), int(match[1]), int(match[2]))
+
+
+def _id_problem(person_id: str, camera_id: str, names: tuple[str, str] = ("person id", "camera id")) -> str:
+    """What is wrong with the ids as read (integers in text, called ``names``), or ""."""
+    if int(person_id) < JUNK_ID:
+        return f"{names[0]} {person_id} is below -1 (ids are >= 0, or -1 for junk)"
+    for name, value in zip(names, (person_id, camera_id)):
+        if abs(int(value)) > ID_MAX:
+            return f"{name} {value} is out of range (at most {ID_MAX})"
+    return ""
+
+
 def _market_files(folder: Path, skipped: _Skipped) -> list[Sample]:
     """Samples from a flat folder of ``PPPP_cC*`` images (other files, e.g. Thumbs.db, are ignored)."""
     samples = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
-        match = _MARKET_NAME.match(path.name)
-        if match is None:
-            skipped(str(path), "file name does not start with PPPP_cC (person id, camera)")
-        elif int(match[1]) < JUNK_ID:
-            skipped(str(path), f"person id {match[1]} is below -1 (ids are >= 0, or -1 for junk)")
+        sample = _market_sample(path)
+        if isinstance(sample, str):
+            skipped(str(path), sample)
         else:
-            samples.append(Sample(str(path), int(match[1]), int(match[2])))
+            samples.append(sample)
     return samples
+
+
+def _no_images(name: str, folder: Path) -> ValueError:
+    """Why ``folder`` gave no sample: no image files at all, or none whose name could be used (the first's reason)."""
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        return ValueError(f"{name}: no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} files)")
+    return ValueError(f"{name}: none of the {len(images)} images in {folder} could be used; the first, "
+                      f"{images[0].name}: {_market_sample(images[0])} (Market-1501 names look like "
+                      "0002_c1s1_000451_03.jpg)")
 
 
 def _read_market(root: Path, skipped: _Skipped, expected_key: str):
@@ -203,7 +248,7 @@ def _read_market(root: Path, skipped: _Skipped, expected_key: str):
     splits = {split: _market_files(folder / sub, skipped) for split, sub in zip(SPLITS, layout)}
     for split, sub in zip(SPLITS, layout):
         if not splits[split]:
-            raise ValueError(f"{expected_key}: no images in {folder / sub}")
+            raise _no_images(expected_key, folder / sub)
     return splits, OFFICIAL_COUNTS[expected_key], folder
 
 
@@ -242,7 +287,7 @@ def _read_msmt17(root: Path, skipped: _Skipped, include_val: bool = True):
 def _msmt_list(folder: Path, list_name: str, image_dir: str, skipped: _Skipped) -> list[Sample]:
     """Lines ``relative/path pid``; the camera is the third ``_`` field of the file name."""
     samples = []
-    lines = (folder / list_name).read_text().splitlines()
+    lines = read_text(folder / list_name).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -255,8 +300,9 @@ def _msmt_list(folder: Path, list_name: str, image_dir: str, skipped: _Skipped) 
             skipped(f"{folder / list_name}:{number}", f"expected 'path pid' with a name like "
                     f"0000_000_01_0303morning_0015_0.jpg, found {line!r}")
             continue
-        if sample.person_id < JUNK_ID:
-            skipped(f"{folder / list_name}:{number}", f"person id {pid} is below -1 (ids are >= 0, or -1 for junk)")
+        problem = _id_problem(str(sample.person_id), str(sample.camera_id))
+        if problem:
+            skipped(f"{folder / list_name}:{number}", problem)
         else:
             samples.append(sample)
     for sample in samples[:1] + samples[-1:]:
@@ -272,10 +318,9 @@ def _read_csv(root: Path, skipped: _Skipped):
         raise _layout_error("csv", root, "train.csv, query.csv and/or gallery.csv (rows path,person_id,camera_id)")
     files = {split: folder / f"{split}.csv" for split in SPLITS}
     splits = {split: _csv_rows(f, folder, skipped) if f.exists() else [] for split, f in files.items()}
-    outside = sum(not _inside(s.path, folder) for samples in splits.values() for s in samples)
+    outside = [s.path for samples in splits.values() for s in samples if not _inside(s.path, folder)]
     if outside:
-        first = next(s.path for v in splits.values() for s in v if not _inside(s.path, folder))
-        skipped.notes.append(f"{outside} images outside {folder} (absolute paths, e.g. {first})")
+        skipped.notes.append(f"{len(outside)} images outside {folder} (absolute paths or links, e.g. {outside[0]})")
     return splits, None, folder
 
 
@@ -283,24 +328,38 @@ _CSV_HEADER = ["path", "person_id", "camera_id"]
 
 
 def _csv_rows(file: Path, folder: Path, skipped: _Skipped) -> list[Sample]:
-    """Rows ``path,person_id,camera_id`` (an optional header row of those names).
+    """Rows ``path,person_id,camera_id`` (an optional header row of those names), UTF-8 with or without a BOM;
+    empty cells after the third (a spreadsheet's) are ignored.
 
     A relative path is taken from the file's folder and must stay inside ``folder`` (the dataset root);
     images elsewhere need an absolute path. A row that does not parse is an error naming its line (a list
     is written by hand or by a script, so one bad row usually means all are); a row naming a missing
-    image is skipped (an error with ``strict``).
+    image is skipped (an error with ``strict``); a row naming an image already listed (the same file, links
+    followed) is dropped with a note, or an error when it gives the image other ids.
     """
-    samples = []
-    with open(file, newline="", encoding="utf-8") as handle:
-        for number, row in enumerate(csv.reader(handle), 1):
-            cells = [c.strip() for c in row]
-            if not any(cells) or (number == 1 and [c.lower() for c in cells] == _CSV_HEADER):
-                continue
-            sample = _csv_sample(cells, file, folder, f"{file}:{number}")
-            if Path(sample.path).is_file():
-                samples.append(sample)
-            else:
-                skipped(f"{file}:{number}", f"image {sample.path} does not exist")
+    samples, first_line = [], {}
+    for number, row in enumerate(csv.reader(io.StringIO(read_text(file), newline="")), 1):
+        cells = [c.strip() for c in row]
+        while len(cells) > len(_CSV_HEADER) and not cells[-1]:  # the empty cells a spreadsheet adds at the end
+            cells.pop()
+        if not any(cells) or (number == 1 and [c.lower() for c in cells] == _CSV_HEADER):
+            continue
+        where = f"{file}:{number}"
+        sample = _csv_sample(cells, file, folder, where)
+        if not Path(sample.path).is_file():
+            skipped(where, f"image {sample.path} does not exist")
+            continue
+        key = os.path.realpath(sample.path)
+        if key in first_line:
+            line, earlier = first_line[key]
+            if earlier.person_id != sample.person_id or earlier.camera_id != sample.camera_id:
+                raise ValueError(f"{where}: {sample.path} is listed on line {line} already, with other ids "
+                                 f"({earlier.person_id},{earlier.camera_id} there, {sample.person_id},"
+                                 f"{sample.camera_id} here): which is right?")
+            skipped.duplicate(where, line)
+            continue
+        first_line[key] = (number, sample)
+        samples.append(sample)
     return samples
 
 
@@ -315,20 +374,21 @@ def _csv_sample(cells: list[str], file: Path, folder: Path, where: str) -> Sampl
     for name, value in (("person_id", pid), ("camera_id", camera)):
         if not re.fullmatch(r"-?\d+", value):
             raise ValueError(f"{where}: {name} must be an integer, found {value!r}")
-    if int(pid) < JUNK_ID:
-        raise ValueError(f"{where}: person_id {pid} is below -1 (ids are >= 0, or -1 for junk images)")
+    problem = _id_problem(pid, camera, ("person_id", "camera_id"))
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     if not path:
         raise ValueError(f"{where}: the path column is empty")
     full = os.path.normpath(file.parent / path)
-    if not Path(path).is_absolute() and not _inside(full, folder):
+    if not Path(path).is_absolute() and not Path(full).is_relative_to(os.path.normpath(folder)):
         raise ValueError(f"{where}: relative path {path!r} leads outside the dataset folder {folder}; "
                          f"write it as an absolute path to use an image from elsewhere")
     return Sample(full, int(pid), int(camera))
 
 
 def _inside(path: str, folder: Path) -> bool:
-    """Whether ``path`` lies in ``folder``, comparing the normalised paths (not following links)."""
-    return Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder))
+    """Whether ``path`` lies in ``folder`` once links are followed (a link inside leading out is outside)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
 
 
 def _read_cuhk03(root: Path, skipped: _Skipped, split: str = "labeled", cache_dir: str | Path | None = None):
@@ -345,3 +405,12 @@ _READERS = {
     "csv": (_read_csv, ()),
 }
 DATASETS = (*_READERS, "synthetic")  # the names load_dataset reads
+# Where each layout's splits come from, for messages about a split (first name present in the release folder).
+_SOURCES = {
+    "market1501": {"train": ("bounding_box_train",), "query": ("query",), "gallery": ("bounding_box_test",)},
+    "dukemtmc": {"train": ("bounding_box_train",), "query": ("query",), "gallery": ("bounding_box_test",)},
+    "msmt17": {"train": ("list_train.txt",), "query": ("list_query.txt",), "gallery": ("list_gallery.txt",)},
+    "folder": {"train": ("train", "bounding_box_train"), "query": ("query",),
+               "gallery": ("gallery", "bounding_box_test")},
+    "csv": {split: (f"{split}.csv",) for split in SPLITS},
+}

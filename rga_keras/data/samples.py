@@ -1,7 +1,7 @@
 """The sample type of every re-id dataset, the dataset record, and the rule of a P×K training batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -24,7 +24,8 @@ class Sample(NamedTuple):
 
 @dataclass(frozen=True)
 class ReidDataset:
-    """A re-id dataset: training samples (ids 0..num_train_ids-1), query and gallery samples."""
+    """A re-id dataset: training samples (ids 0..num_train_ids-1), query and gallery samples; ``sources``: the
+    file or folder each split was read from, for messages."""
 
     name: str
     train: list[Sample]
@@ -32,6 +33,16 @@ class ReidDataset:
     gallery: list[Sample]
     num_train_ids: int
     notes: tuple[str, ...] = ()
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def require(self, splits: tuple[str, ...], purpose: str) -> None:
+        """A ValueError naming the first empty split of ``splits`` and where it was read from, said before the
+        work of ``purpose`` (e.g. "evaluation") that needs them, not by the pipeline after a model load."""
+        for split in splits:
+            if not getattr(self, split):
+                where = f" ({self.sources[split]} gives no usable image)" if split in self.sources else ""
+                raise ValueError(f"{self.name}: the {split} split is empty{where}; {purpose} needs "
+                                 f"{' and '.join(splits)} images")
 
     def summary(self) -> str:
         """One line: identities and images per split, then the notes (count check, skipped files)."""

@@ -16,6 +16,7 @@ from rga_keras.export.formats import BuildJob, ExportFormat, Runner
 from rga_keras.export.model import embed_function, reid_model_info
 from rga_keras.files import staging_dir
 from rga_keras.models import FEATURES, embedding_model
+from rga_keras.reading import naming, read_json
 
 SERVING_DTYPES = ("float32", "uint8")
 METADATA_FILE = "rga_metadata.json"
@@ -164,7 +165,15 @@ def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: st
             with tf.control_dependencies([check]):
                 return resize_image(image, height, width)
 
-        count = tf.shape(image_bytes)[0]
+        # The signature does not enforce the rank, and its declared shape makes a check of tf.rank constant: the
+        # shape padded with -1s gives -1 first for a single string and a size second for a 2-D input.
+        got = tf.shape(image_bytes)
+        dims = tf.concat([got, [-1, -1]], 0)
+        one_d = tf.debugging.Assert((dims[0] >= 0) & (dims[1] < 0), [
+            "serve_image_bytes: expected a 1-D batch of encoded images (a list of JPEG/PNG byte strings, also for "
+            "one image), got shape", got], summarize=8)
+        with tf.control_dependencies([one_d]):
+            count = tf.maximum(dims[0], 0)
         nonempty = tf.debugging.Assert(count > 0, ["serve_image_bytes: expected at least one image, got none"])
         with tf.control_dependencies([nonempty]):
             items = (tf.range(count), image_bytes)
@@ -274,8 +283,9 @@ def load(path: str | os.PathLike, num_threads: int | None = None) -> Runner:
     (name, spec), = signature.structured_input_signature[1].items()
     metadata = path / "assets" / METADATA_FILE
     if metadata.is_file():  # rga-export's: the input is declared (None, None, None, None) on purpose
-        meta = json.loads(metadata.read_text())
-        size, feature = (meta["input"]["height"], meta["input"]["width"]), meta.get("feature")
+        with naming(metadata, "rga-export's metadata of the SavedModel (JSON with input.height, input.width)"):
+            meta = read_json(metadata)
+            size, feature = (meta["input"]["height"], meta["input"]["width"]), meta.get("feature")
     else:
         size, feature = tuple(spec.shape[1:3]), None
         if len(spec.shape) != 4 or None in size:

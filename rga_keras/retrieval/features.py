@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from rga_keras.files import atomic_write
+from rga_keras.reading import naming
 from rga_keras.retrieval.models import Embedder, model_sha256
 
 FILE_FORMAT = "rga-keras features"
@@ -98,17 +99,19 @@ class FeaturesFile:
         import h5py
 
         self.path = path
-        self._file = h5py.File(path, "r")
+        with naming(path, "an rga-embed features file (HDF5)"):
+            self._file = h5py.File(path, "r")
         try:
-            self.source = _checked_source(path, self._file)
-            self._data = data = self._file["features"]
-            self._paths = self._file["paths"]
-            self._offset = data.id.get_offset()  # None unless contiguous (h5py: never for compressed data)
-            if self._offset is not None and data.dtype == np.dtype("<f4") and data.size:
-                self.features = np.memmap(path, np.float32, "r", offset=self._offset, shape=data.shape)
-            else:
-                self._offset = None
-                self.features = data[()].astype(np.float32, copy=False)
+            with naming(path, "an rga-embed features file (HDF5)"):
+                self.source = _checked_source(path, self._file)
+                self._data = data = self._file["features"]
+                self._paths = self._file["paths"]
+                self._offset = data.id.get_offset()  # None unless contiguous (h5py: never for compressed data)
+                if self._offset is not None and data.dtype == np.dtype("<f4") and data.size:
+                    self.features = np.memmap(path, np.float32, "r", offset=self._offset, shape=data.shape)
+                else:
+                    self._offset = None
+                    self.features = data[()].astype(np.float32, copy=False)
         except BaseException:
             self._file.close()
             raise
@@ -179,14 +182,18 @@ def _checked_source(path: Path, file) -> dict:
     """The ``source`` of an open features file, after checking that it is one."""
     if file.attrs.get("format") != FILE_FORMAT or "features" not in file or "paths" not in file:
         raise ValueError(f"{path} is an HDF5 file but not an rga-embed features file")
-    if file.attrs["version"] > FILE_VERSION:
+    if file.attrs.get("version", 0) > FILE_VERSION:
         raise ValueError(f"{path} is a version {file.attrs['version']} features file; this rga-keras reads "
                          f"version {FILE_VERSION}")
+    keys = ("model", "model_sha256", "model_format", "feature", "input_size", "flip")
+    missing = [key for key in ("version", *keys) if key not in file.attrs]
+    if missing:
+        raise ValueError(f"{path} is an incomplete rga-embed features file: it lacks the attribute(s) "
+                         f"{', '.join(missing)} (written by another program, or damaged)")
     shape = file["features"].shape
     if len(shape) != 2 or shape[0] != len(file["paths"]):
         raise ValueError(f"{path} is damaged: {len(file['paths'])} paths but features of shape {shape}")
-    source = {key: file.attrs[key] for key in ("model", "model_sha256", "model_format", "feature", "input_size",
-                                               "flip")}
+    source = {key: file.attrs[key] for key in keys}
     return {**source, "model": str(source["model"]), "model_sha256": str(source["model_sha256"]),
             "model_format": str(source["model_format"]), "feature": str(source["feature"]) or None,
             "flip": bool(source["flip"]), "input_size": [int(v) for v in source["input_size"]]}

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Iterable
+
+from rga_keras.reading import read_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what the evaluation pipeline decodes
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
@@ -37,10 +40,11 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def _read_list(file: Path) -> list[Path]:
-    with open(file, newline="", encoding="utf-8") as handle:
-        if file.suffix.lower() == ".csv":
-            names = [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
-            names = names[1:] if names and names[0].lower() == "path" else names
-        else:
-            names = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    """The paths a list file names (UTF-8, a byte-order mark accepted: `rga_keras.reading.read_text`)."""
+    text = read_text(file)
+    if file.suffix.lower() == ".csv":
+        names = [row[0].strip() for row in csv.reader(io.StringIO(text, newline="")) if row and row[0].strip()]
+        names = names[1:] if names and names[0].lower() == "path" else names
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return [file.parent / name for name in names]

@@ -11,10 +11,11 @@ import warnings
 from typing import Callable
 
 import keras
-import numpy as np
 
 from rga_keras.evaluation import features
+from rga_keras.evaluation.feature_check import check_features
 from rga_keras.files import atomic_write, write_text_atomic
+from rga_keras.reading import naming, read_json
 from rga_keras.training.cluster import is_chief, worker_index
 from rga_keras.undistributed import undistributed
 
@@ -71,11 +72,12 @@ class DivergenceGuard(keras.callbacks.Callback):
         if self.probe_images is None:
             return
         with features.on_one_device(self.model) as model:  # under a Keras distribution: a copy outside it
-            features_out = keras.ops.convert_to_numpy(model(self.probe_images, training=False)["features"])
-        if not np.isfinite(features_out).all():
+            probe_features = keras.ops.convert_to_numpy(model(self.probe_images, training=False)["features"])
+        found = check_features(probe_features)
+        if len(found.nonfinite):
             self._stop("the features hold NaN or infinite values")
-        if np.ptp(features_out, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(features_out).max())):
-            self._stop(f"the features collapsed: all {len(features_out)} probe images give the same vector, so "
+        if found.collapsed or len(found.zero) == found.rows:
+            self._stop(f"the features collapsed: all {len(probe_features)} probe images give the same vector, so "
                        "retrieval would be at chance")
 
 
@@ -109,10 +111,18 @@ class PeriodicEvaluation(keras.callbacks.Callback):
         self.log(f"\nepoch {epoch + 1}: {results_line(results)}")
 
 
+_START_OVER = ("the run cannot resume from it: pass --fresh to start over (the run's checkpoints and history are "
+               "deleted)")
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore with each backup file (weights, epoch counter) replaced atomically,
     so a kill during a backup leaves the previous one loadable. A kill between the two renames
     makes the resumed run repeat one epoch."""
+
+    def on_train_begin(self, logs=None):
+        with naming(self._weights_path, "the weights of a backup to resume from", _START_OVER):
+            super().on_train_begin(logs)
 
     def _save_model(self):
         with undistributed():  # as in save_model_atomic
@@ -142,9 +152,8 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.monitor and os.path.exists(self.filepath + ".json"):
-            with open(self.filepath + ".json", encoding="utf-8") as f:
-                state = json.load(f)
-            if state.get("monitor") == self.monitor:
+            state = read_json(self.filepath + ".json")
+            if isinstance(state, dict) and state.get("monitor") == self.monitor:
                 self.best = state["value"]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -174,8 +183,8 @@ class HistoryLog(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if os.path.exists(self.json_path):
-            with open(self.json_path, encoding="utf-8") as f:
-                self.rows = {row["epoch"]: row for row in json.load(f)}
+            with naming(self.json_path, "the run's history (a list of epochs)"):
+                self.rows = {row["epoch"]: row for row in read_json(self.json_path)}
 
     def on_epoch_end(self, epoch, logs=None):
         self.rows[epoch + 1] = {"epoch": epoch + 1,
@@ -237,8 +246,9 @@ def completed_epochs(run_dir: str) -> int:
     """Epochs the backup in ``run_dir`` has recorded (0 without one): where re-running the fit resumes.
     The caller starts its training stream after that many epochs' batches, so the resumed run sees what
     the uninterrupted one would have (`rga_keras.data.make_train_dataset`'s ``first_batch``)."""
+    path = os.path.join(_backup_dir(run_dir), "training_metadata.json")
     try:
-        with open(os.path.join(_backup_dir(run_dir), "training_metadata.json"), encoding="utf-8") as f:
-            return int(json.load(f)["epoch"])
+        with naming(path, "a backup's record of its epoch", _START_OVER):
+            return int(read_json(path)["epoch"])
     except (FileNotFoundError, NotADirectoryError):  # no backup; a run_dir that is a file is refused later
         return 0

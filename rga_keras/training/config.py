@@ -7,6 +7,7 @@ only be checked against the devices (the global batch's split over replicas) is 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from rga_keras.checks import check_choice
 from rga_keras.data.samples import check_pk_batch
 from rga_keras.evaluation.distances import METRICS
 from rga_keras.models import FEATURES, RESNET50_BLOCKS, RESNET50_WIDTHS
+from rga_keras.reading import read_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the paper's recipes (train/configs in the repository)
 SCHEDULES = ("multistep", "cosine")
@@ -156,9 +158,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
             raise ValueError(f"override must look like section.key=value, found {item!r}")
         dotted, raw = item.split("=", 1)
         try:
-            value: Any = yaml.safe_load(raw)
+            value: Any = load_yaml(raw)
         except yaml.YAMLError:
             raise ValueError(f"override {item!r}: the value is not valid YAML (quote it, e.g. key='...')") from None
+        except ValueError as err:
+            raise ValueError(f"override {item!r}: {err}") from None
         for part in reversed(dotted.strip().split(".")):
             value = {part: value}
         config = merge(config, value)
@@ -167,17 +171,49 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
 
 
 
+def load_yaml(text: str) -> Any:
+    """YAML ``text`` as Python values (safe: no objects); yaml.YAMLError for bad syntax, ValueError naming the
+    key (dotted) and its lines when a mapping holds a key twice (PyYAML would keep the last silently)."""
+    _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+    return yaml.safe_load(text)
+
+
+def _check_unique_keys(node: Any, prefix: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+            if key in seen:
+                raise ValueError(f"key '{key}' appears twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+            _check_unique_keys(value_node, key + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, prefix)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what, on one line: ``line 3, column 1: expected ',' or ']'``."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + " ".join(str(getattr(err, "problem", None) or err).split())
+
+
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """The YAML document in ``path`` (UTF-8, BOM accepted); ValueError naming the file and the place."""
+    text = read_text(path)
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:  # one line: where, and what the parser expected
-            mark = getattr(err, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            problem = getattr(err, "problem", None) or str(err)
-            raise ValueError(f"{path}: not valid YAML ({where}{' '.join(str(problem).split())})") from None
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     base = data.pop("base", None)
@@ -208,6 +244,9 @@ def check_config(config: dict) -> None:
     from rga_keras.export.formats import FORMATS  # the format names only: no converter is imported
 
     sampler, training = config["sampler"], config["training"]
+    for key, value in _numbers(config):
+        if not math.isfinite(value):
+            raise ValueError(f"config key '{key}' must be a finite number, found {value!r}")
     for key in (*_POSITIVE_KEYS, *_NON_NEGATIVE_KEYS):
         section, name = key.split(".")
         value, positive = config[section][name], key in _POSITIVE_KEYS
@@ -244,6 +283,15 @@ def check_config(config: dict) -> None:
     formats = config["export"]["formats"]
     if not formats or any(f not in FORMATS for f in formats):
         raise ValueError(f"export.formats must be a non-empty list from {list(FORMATS)}, found {formats!r}")
+
+
+def _numbers(config: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float in the config (in lists too) with its dotted key."""
+    if isinstance(config, dict):
+        return [item for key, value in config.items() for item in _numbers(value, f"{prefix}{key}.")]
+    if isinstance(config, (list, tuple)):
+        return [item for value in config for item in _numbers(value, prefix)]
+    return [(prefix[:-1], config)] if isinstance(config, float) else []
 
 
 def check_replica_split(config: dict, num_replicas: int) -> None:

@@ -11,10 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rga_keras.files import check_folder
-from rga_keras.training.config import default_config
+from rga_keras.training.config import default_config, read_yaml_file
 
 # Every file or folder a run writes into run_dir (backup-worker<i>/ of other workers matched separately).
 RUN_FILES = ("config.yaml", "summary.json", "history.json", "history.csv", "training_curves.png", "last.keras",
@@ -60,10 +58,9 @@ def check_run_folder(run_dir: Path, config: dict, resumable: bool, fresh: bool =
         raise FileExistsError(f"{run_dir} holds {', '.join(p.name for p in present)} but no config.yaml, so it is "
                               f"no run this program can continue: choose another --run-dir, {fresh_hint}")
     try:
-        recorded = yaml.safe_load(recorded_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{recorded_path} is not readable YAML ({' '.join(str(err).split())}): {fresh_hint}") \
-            from None
+        recorded = read_yaml_file(recorded_path)
+    except ValueError as err:
+        raise ValueError(f"{err}: {fresh_hint}") from None
     differences = config_differences(recorded if isinstance(recorded, dict) else {}, config)
     said = f"; its config.yaml differs in {len(differences)} key(s): " + "; ".join(differences[:6]) + (
         "; ..." if len(differences) > 6 else "") if differences else ""

@@ -7,7 +7,7 @@ half-written PNG never appears under the final name.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import re
 from pathlib import Path
@@ -18,6 +18,7 @@ import numpy as np
 from rga_keras.data.samples import spread_indices
 from rga_keras.evaluation.metrics import rank_gallery
 from rga_keras.files import atomic_write
+from rga_keras.reading import read_json, read_text
 
 GREEN = (0, 170, 0)  # frame of a true match
 RED = (220, 0, 0)  # frame of a false match
@@ -182,15 +183,14 @@ def read_history(history: dict | str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(history, dict):
         path = Path(history)
         if path.suffix.lower() == ".json":
-            history = json.loads(path.read_text())
-            if isinstance(history, list):
+            history = read_json(path)
+            if isinstance(history, list) and all(isinstance(rec, dict) for rec in history):
                 records = history
                 keys = dict.fromkeys(k for rec in records for k in rec)
                 history = {k: [rec.get(k) for rec in records] for k in keys}
         elif path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
-                records = list(csv.DictReader(f))
-            history = {k: [rec[k] for rec in records] for k in (records[0] if records else {})}
+            records = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+            history = {k: [rec.get(k) for rec in records] for k in (records[0] if records else {})}
         else:
             raise ValueError(f"training log must be a .json or .csv file, got {path}")
         if not isinstance(history, dict):
