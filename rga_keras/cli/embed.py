@@ -17,6 +17,8 @@ from pathlib import Path
 
 from rga_keras.cli.common import CommandError, OneLineParser, report_skipped, run_command, starting
 from rga_keras.files import check_file
+from rga_keras.locks import writer_lock
+from rga_keras.memory import check_batch_fits, explain_oom
 
 
 EPILOG = """examples:
@@ -101,7 +103,7 @@ def finish_index(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     with starting("rga-embed"):
-        from rga_keras import retrieval
+        from rga_keras import retrieval  # noqa: F401 (TensorFlow's seconds of import, inside `starting`)
         parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -112,42 +114,58 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--overwrite and --index apply to --out; a Milvus gallery is appended to and indexed by Milvus")
 
     def work() -> int:
-        gallery = open_gallery(args)  # None: a new features file or Milvus gallery
-        try:
-            paths = retrieval.list_images(args.images)
-            embedder = retrieval.load_embedder(args.model, args.feature)
-            source = retrieval.feature_source(embedder, args.flip)
-            if gallery is not None:
-                retrieval.check_same_source(gallery.source, source, f"--model {args.model}", against=gallery.name)
-                known = gallery.known_paths(paths)
-                paths = [path for path in paths if path not in known]
-                if not paths:
-                    print(f"nothing to add: all images are already in {gallery.describe()}")
-                    return finish_index(args)
-            print(f"model    {args.model} ({embedder.format}, input {embedder.input_size[0]}x{embedder.input_size[1]}, "
-                  f"feature {embedder.feature or 'unknown'}, flip {'on' if args.flip else 'off'})")
-            print(f"images   {len(paths)}{f' new (not in {gallery.name})' if gallery is not None else ''}", flush=True)
-            features, embedded, skipped = retrieval.embed_images(embedder, paths, batch_size=args.batch_size,
-                                                                 flip=args.flip, verbose=0 if args.quiet else 1)
-            report_skipped(skipped)
-            data = retrieval.FeatureSet(features, embedded, source)
-            if gallery is None and args.milvus:
-                gallery = retrieval.MilvusGallery(args.milvus, args.collection, create_for=(source, features.shape[1]))
-            if gallery is None:
-                retrieval.write_features(args.out, data)
-                done = f"wrote {args.out}: {data.describe()}"
-            else:
-                gallery.append(data)
-                done = f"added them to {gallery.describe()}"
-                if isinstance(gallery, retrieval.IndexedGallery):
-                    done += f", and to its index {retrieval.index_path(args.out)} (no rebuild)"
-            print(f"embedded {len(embedded)} images ({len(skipped)} skipped); {done}")
-        finally:
-            if gallery is not None:
-                gallery.close()
-        return finish_index(args)
+        if args.milvus:  # Milvus orders its own writers
+            return _embed(args)
+        check_file(args.out, "--out")
+        if args.out.exists() and not (args.append or args.overwrite):
+            raise FileExistsError(f"{args.out} exists; --append adds images to it, --overwrite replaces it")
+        with writer_lock(args.out, inside=False):  # from reading the old file (--append) to writing the new one
+            return _embed(args)  # and its index, which the lock of the features file covers
 
-    return run_command("rga-embed", work)
+    return run_command("rga-embed", work, on_interrupt=lambda: f"nothing was written to {args.out}")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    """The work of rga-embed, with the features file locked."""
+    from rga_keras import retrieval  # imported by main already, inside `starting`
+
+    gallery = open_gallery(args)  # None: a new features file or Milvus gallery
+    try:
+        paths = retrieval.list_images(args.images)
+        embedder = retrieval.load_embedder(args.model, args.feature)
+        source = retrieval.feature_source(embedder, args.flip)
+        if gallery is not None:
+            retrieval.check_same_source(gallery.source, source, f"--model {args.model}", against=gallery.name)
+            known = gallery.known_paths(paths)
+            paths = [path for path in paths if path not in known]
+            if not paths:
+                print(f"nothing to add: all images are already in {gallery.describe()}")
+                return finish_index(args)
+        batch = min(args.batch_size, len(paths))  # a larger batch only costs memory
+        check_batch_fits(batch, embedder.input_size, "--batch-size")
+        print(f"model    {args.model} ({embedder.format}, input {embedder.input_size[0]}x{embedder.input_size[1]}, "
+              f"feature {embedder.feature or 'unknown'}, flip {'on' if args.flip else 'off'})")
+        print(f"images   {len(paths)}{f' new (not in {gallery.name})' if gallery is not None else ''}", flush=True)
+        with explain_oom("while embedding", f"lower --batch-size (was {batch})"):
+            features, embedded, skipped = retrieval.embed_images(embedder, paths, batch_size=batch, flip=args.flip,
+                                                                 verbose=0 if args.quiet else 1)
+        report_skipped(skipped)
+        data = retrieval.FeatureSet(features, embedded, source)
+        if gallery is None and args.milvus:
+            gallery = retrieval.MilvusGallery(args.milvus, args.collection, create_for=(source, features.shape[1]))
+        if gallery is None:
+            retrieval.write_features(args.out, data)
+            done = f"wrote {args.out}: {data.describe()}"
+        else:
+            gallery.append(data)
+            done = f"added them to {gallery.describe()}"
+            if isinstance(gallery, retrieval.IndexedGallery):
+                done += f", and to its index {retrieval.index_path(args.out)} (no rebuild)"
+        print(f"embedded {len(embedded)} images ({len(skipped)} skipped); {done}")
+    finally:
+        if gallery is not None:
+            gallery.close()
+    return finish_index(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 from rga_keras.cli.common import (OneLineParser, add_model_and_data_arguments, check_model_and_data_arguments,
                                   eval_config, load_data, load_model, run_command, starting)
 from rga_keras.files import check_file, write_text_atomic
+from rga_keras.memory import explain_oom
 
 EPILOG = """examples:
   rga-eval runs/demo/best.keras --dataset synthetic                # the demo's model on the demo's data, both features
@@ -51,6 +52,15 @@ def format_results(results: dict[str, dict]) -> str:
     ])
 
 
+def images_line(results: dict[str, dict], data) -> str:
+    """``N query and M gallery images`` as evaluated, with the unreadable ones the pipeline left out said."""
+    first = next(iter(results.values()))
+    counts = {"query": int(first["num_query_images"]), "gallery": int(first["num_gallery_images"])}
+    left = sum(len(getattr(data, split)) - n for split, n in counts.items())
+    return (f"{counts['query']} query and {counts['gallery']} gallery images"
+            + (f" ({left} unreadable images left out)" if left else ""))
+
+
 def write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
@@ -65,25 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         if args.json:
             check_file(args.json, "--json")  # before the evaluation, not when its result is written
-        data = load_data(args)  # before the model: a broken dataset is found in a second, not after a model load
+        data = load_data(args, "rga-eval")  # before the model: a broken dataset is found in a second
         model, size = load_model(args.model, args.image_size)
         print(f"model    {args.model} ({model.name}, input {size[0]}x{size[1]})")
         print(f"dataset  {data.summary()}")
-        config = eval_config(args, size)
+        config = eval_config(args, size, data)
         features = eval_features(config, args.feature)
         print(f"feature  {', '.join(features)}; {args.metric} distance, flip {'on' if args.flip else 'off'}, "
               f"re-ranking {'on' if args.rerank else 'off'}", flush=True)
         started = time.time()
-        results = evaluate_model(model, data, config, verbose=0 if args.quiet else 1, features=features)
+        with explain_oom("while evaluating", f"lower --batch-size (was {config['eval']['batch_size']})"):
+            results = evaluate_model(model, data, config, verbose=0 if args.quiet else 1, features=features)
         seconds = round(time.time() - started, 1)
         print(format_results(results))
-        print(f"{len(data.query)} query and {len(data.gallery)} gallery images in {seconds} s")
+        print(f"{images_line(results, data)} in {seconds} s")
         if args.json:
             write_json(args.json, _json_record(args, model, size, data, results, seconds))
             print(f"wrote {args.json}")
         return 0
 
-    return run_command("rga-eval", work)
+    return run_command("rga-eval", work, on_interrupt=lambda: "nothing was written")
 
 
 def _json_record(args, model, size, data, results: dict[str, dict], seconds: float) -> dict[str, Any]:
@@ -97,7 +108,8 @@ def _json_record(args, model, size, data, results: dict[str, dict], seconds: flo
         "model": str(args.model), "model_name": model.name, "input_size": list(size),
         "dataset": args.dataset, "data_root": args.data_root, "dataset_summary": data.summary(),
         "features": list(results), "metric": args.metric, "flip": args.flip, "rerank": args.rerank,
-        "num_query": len(data.query), "num_gallery": len(data.gallery), "seconds": seconds,
+        "num_query": int(next(iter(results.values()))["num_query_images"]),
+        "num_gallery": int(next(iter(results.values()))["num_gallery_images"]), "seconds": seconds,
         **{name: metrics(m) for name, m in results.items()},
     }
 

@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         data = None
         if args.data_root is not None:
             data = load_dataset(args.dataset, args.data_root)
+            if not args.skip_parity_check:
+                data.require(("query", "gallery"), "rga-export's parity checks")
             print(data.summary())
         calibration = _calibration_images(args.calibration_dir) if args.calibration_dir else (data and data.train)
         if args.untrained:

@@ -25,6 +25,7 @@ from pathlib import Path
 from rga_keras.cli.common import (CommandError, OneLineParser, add_gallery_arguments, load_gallery_model,
                                   open_named_gallery, report_skipped, run_command, starting)
 from rga_keras.files import check_file, write_text_atomic
+from rga_keras.memory import check_batch_fits, explain_oom
 
 
 EPILOG = """examples:
@@ -68,9 +69,12 @@ def load_queries(args: argparse.Namespace, gallery):
         return query
     paths = retrieval.list_images(args.query)
     embedder, source = load_gallery_model(args.model, gallery)
-    features, embedded, skipped = retrieval.embed_images(embedder, paths, batch_size=args.batch_size,
-                                                         flip=gallery.source["flip"],
-                                                         verbose=0 if args.quiet else 1)
+    batch = min(args.batch_size, len(paths))  # a larger batch only costs memory
+    check_batch_fits(batch, embedder.input_size, "--batch-size")
+    with explain_oom("while embedding the queries", f"lower --batch-size (was {batch})"):
+        features, embedded, skipped = retrieval.embed_images(embedder, paths, batch_size=batch,
+                                                             flip=gallery.source["flip"],
+                                                             verbose=0 if args.quiet else 1)
     report_skipped(skipped)
     return retrieval.FeatureSet(features, embedded, source)
 
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.picture}")
         return 0
 
-    return run_command("rga-search", work)
+    return run_command("rga-search", work, on_interrupt=lambda: "nothing was written")
 
 
 def picture_lists(query_paths, rows):

@@ -21,6 +21,7 @@ import numpy as np
 from rga_keras.cli.common import (CommandError, OneLineParser, add_model_and_data_arguments,
                                   check_model_and_data_arguments, eval_config, load_data, load_model, run_command,
                                   starting)
+from rga_keras.locks import writer_lock
 
 EPILOG = """examples:
   rga-visualize runs/demo/best.keras --dataset synthetic --out pictures --run-dir runs/demo
@@ -75,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         if args.out.exists() and not args.out.is_dir():
             raise CommandError(f"--out {args.out} is a file; expected a folder for the pictures (made if missing)")
+        with writer_lock(args.out, inside=True):  # one set of pictures, not two runs' mixed
+            return draw()
+
+    def draw() -> int:
         history = _history_file(args.run_dir) if args.run_dir else None
         model, size = load_model(args.model, args.image_size)
         target = tuple(args.target) if args.target else (int(0.35 * size[0]), size[1] // 2)
         if not (0 <= target[0] < size[0] and 0 <= target[1] < size[1]):
             raise CommandError(f"--target {target[0]} {target[1]} lies outside the model's {size[0]}x{size[1]} input")
-        data = load_data(args)
+        data = load_data(args, "rga-visualize")
         print(data.summary(), flush=True)
         written = _pictures(args, model, size, data, target, verbose=0 if args.quiet else 1)
         if history is not None:
@@ -104,7 +109,7 @@ def _pictures(args, model, size, data, target, verbose: int) -> list[Path]:
     from rga_keras.visualize import attention_maps as am
     from rga_keras.visualize.plots import plot_ranked_lists, spread_indices
 
-    config = eval_config(args, size)
+    config = eval_config(args, size, data)
     print(f"features of {len(data.query)} query and {len(data.gallery)} gallery images", flush=True)
     (qf, q), (gf, g) = query_gallery_features(model, data, config, verbose)
     rows = spread_indices(len(qf), args.num_queries)

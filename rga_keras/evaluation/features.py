@@ -143,10 +143,11 @@ def query_gallery_features(model: keras.Model, dataset, config: dict, verbose: i
     size = tuple(config["model"]["input_size"])
 
     def extract(embed, samples):
-        ds = eval_dataset(samples, size, ev["batch_size"], workers=config.get("sampler", {}).get("workers"))
-        return extract_features(embed, ds, flip=ev["flip"], verbose=verbose,
-                                num_batches=-(-len(samples) // ev["batch_size"]))
+        batch = min(int(ev["batch_size"]), len(samples))  # a larger batch only costs memory
+        ds = eval_dataset(samples, size, batch, workers=config.get("sampler", {}).get("workers"))
+        return extract_features(embed, ds, flip=ev["flip"], verbose=verbose, num_batches=-(-len(samples) // batch))
 
+    dataset.require(("query", "gallery"), "evaluation")
     with on_one_device(cached[key]) as embed:
         return extract(embed, dataset.query), extract(embed, dataset.gallery)
 
@@ -156,7 +157,8 @@ def evaluate_model(model: keras.Model, dataset, config: dict, verbose: int = 0,
                    features: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Rank-1/5/10, mAP and mINP of ``model`` on the dataset's query/gallery split (docs/DESIGN.md §4), per
     retrieval feature: ``{feature: evaluate()'s dict}`` for ``features`` (default `eval_features`: both,
-    ``eval.feature`` first). One forward pass serves every feature; each costs only its ranking."""
+    ``eval.feature`` first). One forward pass serves every feature; each costs only its ranking. Each result also
+    counts the images evaluated (``num_query_images``, ``num_gallery_images``: unreadable ones are left out)."""
     ev = config["eval"]
     features = features or eval_features(config)
     (qf, q), (gf, g) = query_gallery_features(model, dataset, config, verbose, features)
@@ -165,5 +167,6 @@ def evaluate_model(model: keras.Model, dataset, config: dict, verbose: int = 0,
         result = evaluate(qf[name], gf[name], q["person_id"], g["person_id"], q["camera_id"], g["camera_id"],
                           metric=ev["metric"], rerank=ev["rerank"])
         results[name] = {k: (float(v) if np.isscalar(v) else v) for k, v in result.items()}
+        results[name].update(num_query_images=len(q["path"]), num_gallery_images=len(g["path"]))
     return results
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import keras
+import numpy as np
 
 from rga_keras.checks import check_choice
 from rga_keras.data import load_dataset, load_images
+from rga_keras.evaluation.feature_check import refuse_faulty
 from rga_keras.export.formats import DEFAULT_FORMATS, FORMATS, BuildJob
 from rga_keras.export.model import ParityError, check_percentile, reid_model_info
 from rga_keras.export.parity import check_artefacts
@@ -20,9 +22,10 @@ from rga_keras.export.report import (describe_settings, failed_checks, format_ta
                                      write_reports)
 from rga_keras.export.saved_model import SERVING_DTYPES
 from rga_keras.export.tflite import INT8_FLOAT_OPS
-from rga_keras.files import remove_stale_temps, staging_dir
-from rga_keras.interrupts import raise_if_interrupted
-from rga_keras.models import FEATURES
+from rga_keras.files import output_target, publish, remove_stale_temps, staging_dir
+from rga_keras.interrupts import deferred, raise_if_interrupted
+from rga_keras.locks import writer_lock
+from rga_keras.models import FEATURES, embedding_model
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -89,63 +92,75 @@ def export_all(
         raise ValueError(f"version must be a positive integer (TF Serving's version folder), got {version!r}")
     info = reid_model_info(model)
     size = info["input_size"]
+    check_embeddings(model, feature, size)
     out_dir = Path(out_dir).expanduser()
-    targets = {fmt: FORMATS[fmt].target(out_dir, model_name, version) for fmt in formats}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    published_report = report_paths(out_dir, model_name, version)[0]
-    if is_published(published_report):  # the version exists even where its artefacts were other formats
-        existing.append(str(published_report))
-    if existing and not overwrite:
-        raise FileExistsError(f"already exported: {', '.join(existing)} (use another version, or overwrite)")
-    log = print if verbose else _quiet
-    calibrated = any(FORMATS[fmt].calibrated for fmt in formats)
-    needs_synthetic = (calibrated and calibration_samples is None) or (check and eval_split is None)
-    synthetic = load_dataset("synthetic") if needs_synthetic else None
+    with writer_lock(out_dir, inside=True):  # one export into a folder at a time, taken before anything is written
+        targets = {fmt: FORMATS[fmt].target(out_dir, model_name, version) for fmt in formats}
+        existing = [str(p) for p in targets.values() if p.exists()]
+        published_report = report_paths(out_dir, model_name, version)[0]
+        if is_published(published_report):  # the version exists even where its artefacts were other formats
+            existing.append(str(published_report))
+        if existing and not overwrite:
+            raise FileExistsError(f"already exported: {', '.join(existing)} (use another version, or overwrite)")
+        log = print if verbose else _quiet
+        calibrated = any(FORMATS[fmt].calibrated for fmt in formats)
+        needs_synthetic = (calibrated and calibration_samples is None) or (check and eval_split is None)
+        synthetic = load_dataset("synthetic") if needs_synthetic else None
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir, ".export-")  # staging folders of killed exports, any name or version
-    staging = staging_dir(out_dir, prefix=f".export-{model_name}-v{version}-")
-    try:
-        calibration = None
-        if calibrated:
-            samples = synthetic.train if calibration_samples is None else calibration_samples
-            calibration = load_images(samples, size, num_calibration)
-            log(f"calibration: {len(calibration)} images")
-        options = {"serving_dtype": serving_dtype, "serving_allow_unit_range": serving_allow_unit_range,
-                   "int8_io": int8_io, "int8_float_ops": int8_float_ops, "int8_float_nodes": int8_float_nodes,
-                   "int8_range_percentile": int8_range_percentile}
-        built = _build(formats, BuildJob(model, feature, model_name, version, staging, calibration, options, log))
-        report = {
-            "model": {"name": model_name, "version": version, "feature": feature, **info},
-            "settings": describe_settings(formats, calibration, int8_io, int8_float_ops, int8_float_nodes,
-                                          int8_range_percentile, serving_dtype, num_threads, latency_runs),
-            "checks": {fmt: {"size_bytes": _size(path), **extra} for fmt, (path, extra) in built.items()},
-        }
-        if check:
-            query, gallery = eval_split if eval_split is not None else (synthetic.query, synthetic.gallery)
-            check_artefacts(model, feature, built, report, query, gallery, eval_batch_size, latency_runs,
-                            num_threads, log)
-        report["passed"] = all(c.get("passed", True) for c in report["checks"].values())
-        failures = failed_checks(report)
-        raise_if_interrupted()  # a Ctrl-C/SIGTERM swallowed on the way (e.g. inside a converter): publish nothing
-        publish = report["passed"] or not enforce
-        report["artefacts"] = {fmt: str(targets[fmt]) for fmt in built} if publish else {}
-        report["published"] = publish
-        written = write_reports(report, out_dir, model_name, version)
-        if publish:
-            _publish(built, targets, staging)
-            report["artefacts"].update(report=str(written[1]))
-        log(format_table(report))
-        if failures:
-            log(("published despite failed checks:\n  " if publish else "") + "\n  ".join(failures))
-        if not publish:
-            raise ParityError(
-                "export failed its parity checks, nothing was published (pass enforce=False / "
-                "--allow-failures to publish anyway):\n  " + "\n  ".join(failures)
-                + f"\nfull report: {written[1]}", report)
-        return report
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_stale_temps(out_dir, ".export-")  # staging folders of killed exports, any name or version
+        staging = staging_dir(out_dir, prefix=f".export-{model_name}-v{version}-")
+        try:
+            calibration = None
+            if calibrated:
+                samples = synthetic.train if calibration_samples is None else calibration_samples
+                calibration = load_images(samples, size, num_calibration)
+                log(f"calibration: {len(calibration)} images")
+            options = {"serving_dtype": serving_dtype, "serving_allow_unit_range": serving_allow_unit_range,
+                       "int8_io": int8_io, "int8_float_ops": int8_float_ops, "int8_float_nodes": int8_float_nodes,
+                       "int8_range_percentile": int8_range_percentile}
+            built = _build(formats, BuildJob(model, feature, model_name, version, staging, calibration, options, log))
+            report = {
+                "model": {"name": model_name, "version": version, "feature": feature, **info},
+                "settings": describe_settings(formats, calibration, int8_io, int8_float_ops, int8_float_nodes,
+                                              int8_range_percentile, serving_dtype, num_threads, latency_runs),
+                "checks": {fmt: {"size_bytes": _size(path), **extra} for fmt, (path, extra) in built.items()},
+            }
+            if check:
+                query, gallery = eval_split if eval_split is not None else (synthetic.query, synthetic.gallery)
+                check_artefacts(model, feature, built, report, query, gallery, eval_batch_size, latency_runs,
+                                num_threads, log)
+            report["passed"] = all(c.get("passed", True) for c in report["checks"].values())
+            failures = failed_checks(report)
+            raise_if_interrupted()  # a Ctrl-C/SIGTERM swallowed on the way (e.g. inside a converter): publish nothing
+            publishes = report["passed"] or not enforce
+            report["artefacts"] = {fmt: str(targets[fmt]) for fmt in built} if publishes else {}
+            report["published"] = publishes
+            written = write_reports(report, out_dir, model_name, version)
+            if publishes:
+                _publish(built, targets, staging)
+                report["artefacts"].update(report=str(written[1]))
+            log(format_table(report))
+            if failures:
+                log(("published despite failed checks:\n  " if publishes else "") + "\n  ".join(failures))
+            if not publishes:
+                raise ParityError(
+                    "export failed its parity checks, nothing was published (pass enforce=False / "
+                    "--allow-failures to publish anyway):\n  " + "\n  ".join(failures)
+                    + f"\nfull report: {written[1]}", report)
+            return report
+        finally:
+            with deferred():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_embeddings(model: keras.Model, feature: str, size: Sequence[int], count: int = 8) -> None:
+    """Refuse a model whose embeddings of ``count`` random images cannot be used (NaN/Inf, all zero, collapsed:
+    `rga_keras.evaluation.feature_check`) before anything is built: it would be exported and pass its parity
+    checks, being compared with itself."""
+    images = np.random.default_rng(0).uniform(0, 255, (count, *size, 3)).astype(np.float32)
+    vectors = keras.ops.convert_to_numpy(embedding_model(model, feature)(images, training=False))
+    refuse_faulty(vectors, "embeddings of random test images", hint="the model's weights are damaged or its "
+                  "training diverged; nothing was exported")
 
 
 def _build(formats: list[str], job: BuildJob) -> dict[str, tuple[Path, dict]]:
@@ -161,13 +176,13 @@ def _build(formats: list[str], job: BuildJob) -> dict[str, tuple[Path, dict]]:
 
 
 def _publish(built: dict, targets: dict, staging: Path) -> None:
-    """Move each finished artefact into place (one rename each); an older one is replaced only after."""
+    """Move each finished artefact into place (one rename each, through a link there, keeping the permission
+    bits of what it replaces); an older version folder is moved into the staging folder first."""
     for fmt, (path, _) in built.items():
-        target = targets[fmt]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir():  # overwrite=True: move the old version out first (a rename cannot replace it)
-            os.replace(target, staging / f"old-{fmt}")
-        os.replace(path, target)
+        old = staging / f"old-{fmt}"
+        old.mkdir()
+        output_target(targets[fmt]).parent.mkdir(parents=True, exist_ok=True)
+        publish(path, targets[fmt], aside=old)
 
 
 def _size(path: Path) -> int:

@@ -15,10 +15,9 @@ Typical use on TensorFlow (the model maps images to {"features": f, "logits": z}
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import keras
 
@@ -104,24 +103,6 @@ def to_reid_targets(dataset: Any) -> Any:
 def _reid_targets(element: tuple) -> tuple:
     images, labels = element
     return images, {"logits": labels, "features": labels}
-
-
-@contextlib.contextmanager
-def explain_oom(hint: str = "") -> Iterator[None]:
-    """Turn an out-of-memory error inside the block (TensorFlow's ResourceExhaustedError, XLA's
-    RESOURCE_EXHAUSTED on JAX) into a short MemoryError saying what to change. Checkpoints are written
-    atomically, so none is left half."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is the backend's out-of-memory error
-        if type(e).__name__ != "ResourceExhaustedError" and "RESOURCE_EXHAUSTED" not in str(e)[:200]:
-            raise
-        first = (getattr(e, "message", None) or str(e)).strip().splitlines()[:1]
-        raise MemoryError(
-            "Out of device memory while training"
-            + (f" ({first[0][:200]})" if first else "") + ". Reduce the batch (P×K), use "
-            "set_precision('mixed_float16'), a smaller input size, or more replicas."
-            + (f" {hint}" if hint else "")) from None
 
 
 def build_model(config: dict, num_classes: int) -> keras.Model:

@@ -20,12 +20,15 @@ import yaml
 
 from rga_keras.data import check_enough_identities, corrupt_images, load_dataset, steps_per_epoch
 from rga_keras.evaluation import features
-from rga_keras.files import write_text_atomic
+from rga_keras.files import check_folder, write_text_atomic
+from rga_keras.interrupts import deferred
+from rga_keras.locks import writer_lock
+from rga_keras.memory import check_batch_fits, explain_oom
 from rga_keras.training.callbacks import DivergenceGuard, PeriodicEvaluation, completed_epochs, make_callbacks
 from rga_keras.training.callbacks import results_line
 from rga_keras.training.config import check_replica_split, distribution_line, lr_factor
 from rga_keras.training.cluster import is_chief
-from rga_keras.training.model import compiled_model, explain_oom, set_precision, to_reid_targets
+from rga_keras.training.model import compiled_model, set_precision, to_reid_targets
 from rga_keras.training.placement import Placement, place
 from rga_keras.training.run_folder import check_run_folder, clear_run_folder
 from rga_keras.visualize.plots import plot_training_curves
@@ -39,13 +42,32 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     written to ``run_dir/summary.json``); what the run has to say on the way (dataset, batch split, evaluations,
     export) goes to ``log``, the progress bar to Keras (``verbose``).
 
+    The run folder is locked first (`rga_keras.locks`): a second run into it is refused at once, naming this one.
     Re-running the same config after an interruption resumes from ``run_dir/backup``; a finished run, or an
     unfinished one of another config, is refused before anything is written (`rga_keras.training.run_folder`),
-    unless ``fresh``, which deletes the run's files first. A diverging run stops with `TrainingDiverged`. Under
+    unless ``fresh``, which deletes the run's files first. A run that ends before its first epoch is done leaves
+    no files of its own (no folder recording nothing). A diverging run stops with `TrainingDiverged`. Under
     several workers (TF_CONFIG) every worker trains, but only the chief evaluates and writes files into its
-    ``run_dir``; the others keep only their own backup there and return ``{"chief": False, ...}`` without results.
-    ``callbacks`` join the run's own, after its divergence guard (e.g. to time the steps: bench/bench_train.py).
+    ``run_dir`` (and locks it); the others keep only their own backup there and return ``{"chief": False, ...}``
+    without results. ``callbacks`` join the run's own, after its divergence guard (e.g. to time the steps:
+    bench/bench_train.py).
     """
+    run_dir = check_folder(config["run_dir"], "--run-dir")
+    if not is_chief():
+        return _run(config, verbose, fresh, log, callbacks)
+    started: list[bool] = []  # set once this run has written its config.yaml
+    with writer_lock(run_dir, inside=True):
+        try:
+            return _run(config, verbose, fresh, log, callbacks, started)
+        except BaseException:
+            if started and not any((run_dir / name).exists() for name in ("last.keras", "backup", "summary.json")):
+                with deferred():
+                    clear_run_folder(run_dir)  # no epoch was kept: no record of a run that never ran
+            raise
+
+
+def _run(config: dict, verbose: int, fresh: bool, log: Log, callbacks: Sequence[keras.callbacks.Callback],
+         started: list[bool] | None = None) -> dict:
     training, sampler = config["training"], config["sampler"]
     set_determinism(int(training["seed"]), bool(training["deterministic"]))  # before the backend's first op
     placement = place(training)
@@ -58,6 +80,12 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     folder = check_run_folder(run_dir, config, resumable=resumed > 0, fresh=fresh) if chief else "resume"
     data = load_data(config)  # before anything is written: a wrong dataset path leaves no run folder behind
     check_enough_identities(data.train, sampler["num_ids_per_batch"])  # an empty train split, before the model
+    data.require(("query", "gallery"), "the evaluation of the run")
+    size = config["model"]["input_size"]
+    check_batch_fits(sampler["num_ids_per_batch"] * sampler["images_per_id"], size, "sampler.num_ids_per_batch × "
+                     "sampler.images_per_id =")
+    check_batch_fits(min(config["eval"]["batch_size"], max(len(data.query), len(data.gallery))), size,
+                     "eval.batch_size =")
     factor = lr_factor(config)
     log(data.summary())
     log(distribution_line(config, replicas, workers, factor))
@@ -67,6 +95,8 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     run_dir.mkdir(parents=True, exist_ok=True)
     if chief:
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        if started is not None:
+            started.append(True)
     steps = training["steps_per_epoch"] or steps_per_epoch(data.train, sampler["num_ids_per_batch"])
     epochs = int(training["epochs"])
     with placement.scope():
@@ -74,7 +104,8 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     train_ds = _train_input(config, data, placement, first_batch=resumed * steps)  # continue where it stopped
 
     started = time.time()
-    untrained = None if resumed or not chief else features.evaluate_model(model, data, config)
+    with explain_oom("while evaluating", "lower eval.batch_size"):
+        untrained = None if resumed or not chief else features.evaluate_model(model, data, config)
     if untrained:
         log(f"untrained: {results_line(untrained)}")
     evaluation = PeriodicEvaluation(data, config, training["eval_every"], epochs, log)
@@ -82,7 +113,8 @@ def run(config: dict, *, verbose: int = 1, fresh: bool = False, log: Log = print
     callbacks = [guard, *callbacks] + ([evaluation] if chief else []) + make_callbacks(
         str(run_dir), backup=training["backup"], tensorboard=training["tensorboard"],
         checkpoint_best_monitor="val_mAP", best_mode="max")
-    with explain_oom("lower sampler.num_ids_per_batch or model.input_size, or use training.precision=mixed_float16"):
+    with explain_oom("while training", "lower sampler.num_ids_per_batch (the batch is P×K images), eval.batch_size "
+                     "or model.input_size, or use training.precision=mixed_float16"):
         # shuffle=False: the P×K sampler shuffles; Keras cannot shuffle a tf.data.Dataset (and warns if asked).
         history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps, shuffle=False,
                             callbacks=callbacks, verbose=verbose)
