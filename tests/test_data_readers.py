@@ -405,7 +405,7 @@ def test_csv_junk_kept_out_and_absolute_paths_outside_noted(tmp_path):
     ds = load_dataset("csv", data)
     assert [s.path for s in ds.train] == [str(data / "img" / "a.jpg"), str(tmp_path / "elsewhere" / "c.jpg")]
     assert "dropped 1 junk images (id -1)" in ds.summary()
-    assert f"1 images outside {data} (absolute paths, e.g. {tmp_path / 'elsewhere' / 'c.jpg'})" in ds.summary()
+    assert f"1 images outside {data} (absolute paths or links, e.g. {tmp_path / 'elsewhere' / 'c.jpg'})" in ds.summary()
 
 
 def test_market_names_with_ids_below_minus_one_are_not_identities(tmp_path):

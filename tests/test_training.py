@@ -16,9 +16,10 @@ from rga_keras import build_rga_resnet50
 from rga_keras.optimizers import SGDL2, WarmupMultiStepSchedule, make_optimizer
 from rga_keras.training import callbacks
 from rga_keras.training.callbacks import AtomicBackupAndRestore, AtomicCheckpoint, completed_epochs, make_callbacks
+from rga_keras.memory import explain_oom
 from rga_keras.training.cluster import is_chief
 from rga_keras.training.distribution import get_strategy
-from rga_keras.training.model import compile_reid, explain_oom, set_precision, to_reid_targets, use_sync_batchnorm
+from rga_keras.training.model import compile_reid, set_precision, to_reid_targets, use_sync_batchnorm
 
 from tests.numpy_reference import ref_batch_hard, ref_label_smoothing_ce
 
@@ -274,8 +275,8 @@ def test_precision_and_input_errors():
                      optimizer=make_optimizer())
     with pytest.raises(ValueError, match=r"\(images, labels\)"):
         to_reid_targets(tf.data.Dataset.range(3))
-    with pytest.raises(MemoryError, match="Reduce the batch"):
-        with explain_oom():
+    with pytest.raises(MemoryError, match=r"^out of memory while training \(OOM when allocating tensor\); lower it$"):
+        with explain_oom("while training", "lower it"):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
 
