@@ -1,5 +1,6 @@
 """Bad input, faults and signals for every program: one line on stderr (no traceback) and the documented exit
 status (rga_keras/cli/common.py, docs/RELIABILITY.md). Programs run in-process through their ``main(argv)``."""
+import contextlib
 import errno
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import yaml
 
@@ -50,7 +52,7 @@ CASES = {  # program: [(argv builder, exit status, pieces of the message)]
         (lambda t: ["--config", str(_bad_yaml(t))], 2, ["bad.yaml: not valid YAML (line 3"]),
         (lambda t: ["--config", str(t)], 2, ["neither a file nor a bundled config"]),
         (lambda t: TINY + ["-o", "optimizer.base_lr=-1"], 2, ["optimizer.base_lr must be > 0, found -1"]),
-        (lambda t: TINY + ["-o", "loss.margin=.nan"], 2, ["loss.margin must be >= 0, found nan"]),
+        (lambda t: TINY + ["-o", "loss.margin=.nan"], 2, ["'loss.margin' must be a finite number, found nan"]),
         (lambda t: TINY + ["-o", "training.steps_per_epoch=0"], 2, ["training.steps_per_epoch must be > 0, found 0"]),
         (lambda t: TINY + ["--run-dir", str(_file(t))], 2, ["--run-dir", "a_file is a file, not a folder"]),
         (lambda t: ["--data-root", str(t), "--quiet"], 2, ["the demo config trains on the built-in synthetic"]),
@@ -229,6 +231,7 @@ def test_an_interrupted_export_publishes_nothing(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(models, "load_reid_model", lambda path: object())
     monkeypatch.setattr(exporter, "reid_model_info", lambda model: {"input_size": [64, 32]})
+    monkeypatch.setattr(exporter, "check_embeddings", lambda model, feature, size: None)
     monkeypatch.setattr(exporter, "_build", swallowing_converter)
     out = tmp_path / "out"
     killed = out / f".export-rga-v7-{_dead_pid()}@{socket.gethostname()}~x1"  # a kill -9'd export's staging
@@ -306,3 +309,278 @@ def test_every_program_module_imports_without_tensorflow():
                          capture_output=True, text=True, timeout=120)
     # and each sets the native log level (quiet start-up, native_logs.py) unless the user chose one
     assert run.returncode == 0 and run.stdout.strip() == "False 2", (run.stdout, run.stderr[-2000:])
+
+
+# ---- second round (issue 25): one writer per output, signals, values, errors naming files, run folders ------
+
+def _holder_process(output: Path, inside: bool) -> subprocess.Popen:
+    """Another process holding ``output``'s writer lock until killed (rga_keras.locks imports nothing heavy)."""
+    code = ("import sys, time; from rga_keras.locks import writer_lock\n"
+            f"with writer_lock({str(output)!r}, inside={inside}):\n    print('held', flush=True); time.sleep(600)")
+    process = subprocess.Popen([__import__("sys").executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_writer_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path):
+    """The lock names its holder (pid, host); the OS releases it when the holder dies, even by kill -9."""
+    from rga_keras.locks import OutputLocked, writer_lock
+
+    out = tmp_path / "features.h5"
+    holder = _holder_process(out, inside=False)
+    try:
+        with pytest.raises(OutputLocked, match=rf"features.h5 is being written by another process \(pid "
+                                               rf"{holder.pid} on host {socket.gethostname()}, -c, since "):
+            with writer_lock(out, inside=False):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(out, inside=False) as lock:  # kill -9 left the file, never the lock
+        assert lock.read_text().startswith(f"pid {os.getpid()} on host ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock file goes with its holder
+
+
+@pytest.fixture
+def locked(tmp_path):
+    """Hold an output's writer lock from this process (flock locks per open file, so a second taking conflicts)."""
+    from rga_keras.locks import writer_lock
+
+    with contextlib.ExitStack() as stack:
+        yield lambda output, inside: stack.enter_context(writer_lock(output, inside=inside))
+
+
+def test_rga_train_refuses_a_run_folder_another_run_writes(tmp_path, monkeypatch, capsys, locked):
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    locked(run_dir, True)
+    assert rga_train(TINY + ["--run-dir", str(run_dir)]) == 2
+    one_line(capsys, "rga-train", f"{run_dir} is being written by another process (pid {os.getpid()} on host "
+                                  f"{socket.gethostname()}", "wait for it to end or stop it, or write elsewhere")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".rga-keras.lock"]  # the holder's only
+
+
+def _stub_export(monkeypatch, model_info=None, build=None):
+    """rga-export with no model: loading, its description, its embedding check and the build stubbed."""
+    from rga_keras import models
+    from rga_keras.export import exporter
+
+    monkeypatch.setattr(models, "load_reid_model", lambda path: object())
+    monkeypatch.setattr(exporter, "reid_model_info", model_info or (lambda model: {"input_size": [64, 32]}))
+    monkeypatch.setattr(exporter, "check_embeddings", lambda model, feature, size: None)
+    if build is not None:
+        monkeypatch.setattr(exporter, "_build", build)
+
+
+def test_rga_export_refuses_a_folder_another_export_writes(tmp_path, monkeypatch, capsys, locked):
+    _stub_export(monkeypatch, build=lambda *a: pytest.fail("built while another export held the folder"))
+    out = tmp_path / "out"
+    locked(out, True)
+    assert rga_export(["--model", "m.keras", "--out", str(out), "--formats", "tflite_float32",
+                       "--skip-parity-check"]) == 2
+    one_line(capsys, "rga-export", f"{out} is being written by another process (pid {os.getpid()}")
+    assert sorted(p.name for p in out.iterdir()) == [".rga-keras.lock"]
+
+
+def test_rga_visualize_refuses_a_folder_another_run_draws_into(tmp_path, capsys, locked):
+    out = tmp_path / "pictures"
+    locked(out, True)
+    assert visualize.main([str(tmp_path / "m.keras"), "--dataset", "synthetic", "--out", str(out)]) == 2
+    one_line(capsys, "rga-visualize", f"{out} is being written by another process (pid {os.getpid()}")
+
+
+def test_signals_at_start_up_and_during_the_work_are_one_line_each(capsys):
+    """SIGHUP, SIGQUIT and SIGTERM, while the library imports (`starting`) and during the work (`run_command`):
+    one line each and 128 + N; a signal ignored on entry (nohup's SIGHUP) stays ignored."""
+    from rga_keras.cli.common import starting
+
+    for signum, status in ((signal.SIGHUP, 129), (signal.SIGQUIT, 131), (signal.SIGTERM, 143)):
+        with pytest.raises(SystemExit) as stop:
+            with starting("rga-eval"):
+                os.kill(os.getpid(), signum)
+        assert stop.value.code == status
+        one_line(capsys, "rga-eval", f"interrupted by {signal.Signals(signum).name} while starting; nothing was done")
+        assert cli.run_command("rga-embed", lambda: os.kill(os.getpid(), signum) or 0,
+                               on_interrupt=lambda: "nothing was written") == status
+        one_line(capsys, "rga-embed", f"interrupted by {signal.Signals(signum).name}; nothing was written")
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert cli.run_command("rga-eval", lambda: os.kill(os.getpid(), signal.SIGHUP) or 0) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_sighup_to_a_starting_program_is_one_line_and_129():
+    """A real SIGHUP (a closed terminal) to rga-search while it imports TensorFlow: one line and 129, not a silent
+    death (its start-up: the cheapest phase of a real program)."""
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from rga_keras.cli.search import main; "
+                                "print('main', flush=True); sys.exit(main(['q.jpg', '--gallery', 'g.h5']))"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    assert process.stdout.readline().strip() == "main"
+    time.sleep(0.5)  # inside `starting`: importing the library takes seconds
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 129, err
+    assert err.strip() == "rga-search: interrupted by SIGHUP while starting; nothing was done"
+
+
+def test_sigquit_during_an_export_removes_its_staging_folder(monkeypatch, capsys, tmp_path):
+    def quit_while_building(formats, job):
+        (job.staging / "saved_model").mkdir()
+        (job.staging / "saved_model" / "variables.data").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGQUIT)
+
+    _stub_export(monkeypatch, build=quit_while_building)
+    out = tmp_path / "out"
+    assert rga_export(["--model", "m.keras", "--out", str(out), "--formats", "saved_model",
+                       "--skip-parity-check"]) == 131
+    one_line(capsys, "rga-export", "interrupted by SIGQUIT; nothing was published", "staging folder was removed")
+    assert not out.exists()  # made for this export, left empty: removed with its lock
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_141(capsys):
+    def write_to_closed_pipe():
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    saved = os.dup(1)
+    try:
+        assert cli.run_command("rga-search", write_to_closed_pipe) == 141
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert capsys.readouterr().err == ""
+
+
+def test_rga_train_interrupted_while_reading_data_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    from rga_keras.training import run as training_run
+
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(training_run, "load_data", lambda config: os.kill(os.getpid(), signal.SIGTERM))
+    assert rga_train(TINY + ["--run-dir", str(tmp_path / "runs" / "demo")]) == 143
+    one_line(capsys, "rga-train", "interrupted by SIGTERM")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_start_refused_after_the_config_is_recorded_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    from rga_keras.training import run as training_run
+
+    def refuse(*args, **kwargs):
+        assert (tmp_path / "run" / "config.yaml").is_file()  # recorded by now
+        raise ValueError("model.backbone_weights: not a weights file")
+
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(training_run, "compiled_model", refuse)
+    assert rga_train(TINY + ["--run-dir", str(tmp_path / "run")]) == 2
+    one_line(capsys, "rga-train", "not a weights file")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.base_lr=.inf", "config key 'optimizer.base_lr' must be a finite number, found inf"),
+    ("training.diverge_factor=-.inf", "config key 'training.diverge_factor' must be a finite number, found -inf"),
+])
+def test_non_finite_config_numbers_are_refused_naming_the_key(override, message, capsys, tmp_path):
+    assert rga_train(TINY + ["--run-dir", str(tmp_path / "run"), "-o", override]) == 2
+    one_line(capsys, "rga-train", message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_it(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("base: " + str(training_config.config_path("market1501_rga_sc")) + "\n"
+                      "training:\n  epochs: 3\n  seed: 1\n  epochs: 4\n")
+    assert rga_train(["--config", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    one_line(capsys, "rga-train", "mine.yaml: key 'training.epochs' appears twice (lines 3 and 5); keep one")
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """Said before the work, naming the option (the batch is first cut to the images there are); running out of
+    memory during the work names it too."""
+    from rga_keras import memory, retrieval
+    from tests.test_bad_input_data import stand_in_embedder
+
+    monkeypatch.setattr(retrieval, "load_embedder", lambda path, feature: stand_in_embedder(path))
+    crops = tmp_path / "crops"
+    from tests.bad_images import write_images
+    write_images(crops, ["a.jpg", "b.jpg", "c.jpg"])
+    (tmp_path / "model.keras").write_bytes(b"stand-in")
+    argv = [str(tmp_path / "model.keras"), str(crops), "--out", str(tmp_path / "f.h5"), "--batch-size", "100000000"]
+    monkeypatch.setattr(memory, "physical_memory", lambda: 16 * 1024)
+    assert embed.main(argv) == 2
+    one_line(capsys, "rga-embed", "--batch-size: one batch of 3 images of 64x32 needs 72 KiB for its pixels alone, "
+                                  "more than this machine's 16 KiB of memory; lower --batch-size")
+    monkeypatch.setattr(memory, "physical_memory", lambda: None)
+    monkeypatch.setattr(retrieval, "embed_images", lambda *a, **k: np.zeros((2**25, 2**25)))  # 8 PiB
+    assert embed.main(argv) == 2
+    one_line(capsys, "rga-embed", "out of memory while embedding (Unable to allocate", "lower --batch-size (was 3)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops", "model.keras"]
+
+
+def test_a_damaged_backup_is_named_with_what_to_do(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "backup").mkdir(parents=True)
+    (run_dir / "backup" / "training_metadata.json").write_text('{"epoch": 3,')  # cut short
+    assert rga_train(TINY + ["--run-dir", str(run_dir)]) == 2
+    one_line(capsys, "rga-train", f"{run_dir / 'backup' / 'training_metadata.json'}: not valid JSON (line 1, column 13",
+             "pass --fresh to start over")
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["backup", "training_metadata.json"]  # as it was
+
+
+def test_a_truncated_backup_of_weights_is_named(tmp_path):
+    """Keras' restore reads the weights file with h5py, whose error names no file ("truncated file: eof = …")."""
+    from rga_keras.training.callbacks import AtomicBackupAndRestore
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    backup = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    backup.set_model(model)
+    backup._current_epoch = 1
+    backup._save_model()
+    weights = Path(backup._weights_path)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"^{weights}: cannot be read as the weights of a backup to resume from "
+                                         r"\(.*truncated file: eof = 1000.*pass --fresh to start over"):
+        backup.on_train_begin()
+
+
+def test_a_run_folder_that_cannot_be_made_says_so(capsys):
+    assert rga_train(TINY + ["--run-dir", "/proc/no-such-process/run"]) == 2
+    one_line(capsys, "rga-train", "cannot make the folder /proc/no-such-process to write /proc/no-such-process/run "
+                                  "(No such file or directory): choose a folder you can write to")
+
+
+def test_rga_eval_says_why_no_image_of_a_folder_was_usable(tmp_path, capsys):
+    from tests.bad_images import write_images
+
+    root = tmp_path / "market"
+    write_images(root / "bounding_box_train", ["0001_c1s1_000001_01.jpg", "0002_c1s1_000001_01.jpg"])
+    write_images(root / "query", ["holiday.jpg", "beach.jpg"])
+    write_images(root / "bounding_box_test", ["0001_c2s1_000001_01.jpg"])
+    assert evaluate.main([str(tmp_path / "m.keras"), "--data-root", str(root)]) == 2
+    one_line(capsys, "rga-eval", f"none of the 2 images in {root / 'query'} could be used; the first, beach.jpg: "
+                                 "file name does not start with PPPP_cC (person id, camera)")
+
+
+def test_rga_eval_says_which_split_is_empty(tmp_path, capsys):
+    from tests.bad_images import write_images
+
+    data = tmp_path / "data"
+    write_images(data / "img", ["a.jpg"])
+    (data / "query.csv").write_text("img/a.jpg,1,1\n")
+    (data / "gallery.csv").write_text("path,person_id,camera_id\n")
+    assert evaluate.main([str(tmp_path / "m.keras"), "--dataset", "csv", "--data-root", str(data)]) == 2
+    one_line(capsys, "rga-eval", f"csv: the gallery split is empty ({data / 'gallery.csv'} gives no usable image); "
+                                 "rga-eval needs query and gallery images")
+
+
+def test_rga_eval_counts_the_images_it_evaluated():
+    from types import SimpleNamespace
+
+    results = {"after_bn": {"num_query_images": 3, "num_gallery_images": 9}}
+    data = SimpleNamespace(query=[0] * 4, gallery=[0] * 10)
+    assert evaluate.images_line(results, data) == "3 query and 9 gallery images (2 unreadable images left out)"

@@ -23,6 +23,13 @@ BROKEN_CSVS = {
     "every path missing": ("gone/a.jpg,1,1\ngone/b.jpg,2,1\n",
                            r"no images found under .*all 2 entries were unusable, the first: .*train.csv:1: "
                            r"image .*gone/a.jpg does not exist"),
+    "not UTF-8": ("img/a.jpg,1,1\nimg/caf\xe9.jpg,2,1\n".encode("latin-1"),
+                  r"train.csv: not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8 \(in Excel: \"CSV UTF-8\"\)"),
+    "id of 23 digits": ("img/a.jpg,12345678901234567890123,1\n",
+                        r"train.csv:1: person_id 12345678901234567890123 is out of range \(at most 2147483647\)"),
+    "same image, other ids": ("img/a.jpg,1,1\nimg/b.jpg,2,1\n./img/a.jpg,3,1\n",
+                              r"train.csv:3: .*img/a.jpg is listed on line 1 already, with other ids \(1,1 there, 3,1 "
+                              r"here\)"),
 }
 PROGRAMS = {
     "rga-train": lambda tmp, data: (rga_train, ["--data-root", data, "-o", "dataset.name=csv",
@@ -50,7 +57,7 @@ def test_broken_csv_lists(tmp_path, capsys, prog, case):
     write_images(data / "img", ["a.jpg", "b.jpg"])
     write_images(tmp_path, ["elsewhere.jpg"])
     rows, pattern = BROKEN_CSVS[case]
-    (data / "train.csv").write_text(rows)
+    (data / "train.csv").write_bytes(rows if isinstance(rows, bytes) else rows.encode())
     if case != "every path missing":  # a good query list: the bad row alone must stop the program
         (data / "query.csv").write_text("img/a.jpg,1,1\n")
     program, argv = PROGRAMS[prog](tmp_path, data)
@@ -128,10 +135,10 @@ def _jpeg(image, **options) -> bytes:
     return buffer.getvalue()
 
 
-def test_serve_image_bytes_rejects_corrupt_jpegs_naming_the_item():
+def test_serve_image_bytes_rejects_corrupt_jpegs_naming_the_item(tmp_path):
     """A JPEG with bytes overwritten mid-stream decodes with only libjpeg's unattributed warning: the signature
     must refuse it, naming the item, and accept clean files of every kind (reference: libjpeg-turbo in strict
-    mode, simplejpeg)."""
+    mode, simplejpeg); a single string or a 2-D batch, which a loaded signature lets through, is refused too."""
     import io
 
     import keras
@@ -166,3 +173,229 @@ def test_serve_image_bytes_rejects_corrupt_jpegs_naming_the_item():
         with pytest.raises(tf.errors.InvalidArgumentError,
                            match=rf"serve_image_bytes: item\] \[{index}\] \[of the batch is {why}"):
             serve(tf.constant(batch))
+
+    # A signature of a loaded SavedModel lets a single string or a 2-D batch through its declared [None]: refused.
+    module = tf.Module()
+    module.serve = tf.function(serve.python_function, input_signature=[tf.TensorSpec([None], tf.string)])
+    tf.saved_model.save(module, str(tmp_path / "served"), signatures={"bytes": module.serve.get_concrete_function()})
+    signature = tf.saved_model.load(str(tmp_path / "served")).signatures["bytes"]
+    for wrong, shape in ((tf.constant(clean[0]), r"\[\]"), (tf.constant([clean[:2]]), r"\[1 2\]")):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"serve_image_bytes: expected a 1-D batch of encoded "
+                                                                 rf"images .* got shape\] {shape}"):
+            signature(image_bytes=wrong)
+
+
+# ---- second round (issue 25): CSV lists as people save them, unusable features, outputs, files named ---------
+
+def test_csv_lists_as_excel_saves_them(tmp_path):
+    """A UTF-8 BOM with and without a header, CRLF and trailing empty cells, a repeated row (dropped with a
+    note), and a link inside the root that leads out of it (noted as absolute paths are)."""
+    from rga_keras.data import DatasetWarning, load_dataset
+
+    data = tmp_path / "data"
+    write_images(data / "img", ["a.jpg", "b.jpg", "c.jpg"])
+    write_images(tmp_path / "elsewhere", ["d.jpg"])
+    (data / "img" / "link.jpg").symlink_to(tmp_path / "elsewhere" / "d.jpg")
+    bom = "\ufeff"
+    (data / "train.csv").write_text(f"{bom}path,person_id,camera_id,,\r\nimg/a.jpg,1,1,,\r\nimg/b.jpg,2,1,,\r\n"
+                                    "img/a.jpg,1,1,,\r\n", encoding="utf-8")  # Excel: CRLF, a column per header cell
+    (data / "query.csv").write_text(f"{bom}img/c.jpg,1,2\n", encoding="utf-8")
+    (data / "gallery.csv").write_text(f"{bom}img/link.jpg,1,1\nimg/b.jpg,2,2\n", encoding="utf-8")
+    with pytest.warns(DatasetWarning, match=r"dropped 1 duplicate rows, the first: .*train.csv:4 repeats line 2"):
+        ds = load_dataset("csv", data)
+    assert [s.path for s in ds.train] == [str(data / "img" / "a.jpg"), str(data / "img" / "b.jpg")]
+    assert [s.path for s in ds.query] == [str(data / "img" / "c.jpg")]  # its first row, BOM and all
+    assert len(ds.gallery) == 2
+    assert f"1 images outside {data} (absolute paths or links, e.g. {data / 'img' / 'link.jpg'})" in ds.summary()
+
+
+def test_image_lists_with_a_bom_or_in_another_encoding(tmp_path):
+    from rga_keras.retrieval import list_images
+
+    write_images(tmp_path, ["a.jpg", "b.jpg"])
+    (tmp_path / "list.txt").write_text("\ufeffa.jpg\nb.jpg\n", encoding="utf-8")
+    assert list_images([tmp_path / "list.txt"]) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    (tmp_path / "list.csv").write_bytes("path\na.jpg\nb\xe9.jpg\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"list.csv: not UTF-8 text \(byte 0xe9 on line 3\)"):
+        list_images([tmp_path / "list.csv"])
+
+
+def _features_file(path, features, names=None, model="stand-in"):
+    from pathlib import Path
+
+    from rga_keras.retrieval import FeatureSet, write_features
+
+    source = {"model": model, "model_sha256": "0" * 64, "model_format": "keras", "feature": "after_bn",
+              "input_size": [64, 32], "flip": False}
+    names = names or [f"/g/{i}.jpg" for i in range(len(features))]
+    return write_features(Path(path), FeatureSet(np.asarray(features, np.float32), names, source))
+
+
+def test_rga_embed_refuses_a_model_that_gives_nan(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from rga_keras import retrieval
+    from rga_keras.retrieval.models import Embedder
+
+    write_images(tmp_path / "crops", ["a.jpg", "b.jpg"])
+    (tmp_path / "model.keras").write_bytes(b"stand-in")
+    nan_model = Embedder(Path(tmp_path / "model.keras"), "keras", (64, 32), "after_bn",
+                         lambda x: np.full((len(x), 8), np.nan, np.float32))
+    monkeypatch.setattr(retrieval, "load_embedder", lambda path, feature: nan_model)
+    status, _, err = run(rga_embed, [tmp_path / "model.keras", tmp_path / "crops", "--out", tmp_path / "f.h5",
+                                     "--quiet"], capsys)
+    assert_one_line_error(status, err, "rga-embed", r"2 of 2 embeddings hold NaN or Inf values \(first: row 0, "
+                                                    r".*a.jpg\); the model .*model.keras does not give usable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops", "model.keras"]
+
+
+def test_rga_search_leaves_bad_gallery_rows_out_and_refuses_a_dead_gallery(tmp_path, capsys):
+    from rga_keras.cli import search as rga_search
+
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(6, 8)).astype(np.float32)
+    gallery[1] = np.nan
+    gallery[4] = 0.0
+    query = gallery[[2]] + 0.01
+    _features_file(tmp_path / "g.h5", gallery)
+    _features_file(tmp_path / "q.h5", query, ["/q/0.jpg"])
+    status, out, err = run(rga_search, [tmp_path / "q.h5", "--gallery", tmp_path / "g.h5", "--top-k", "10",
+                                        "--csv", tmp_path / "hits.csv", "--quiet"], capsys)
+    assert status == 0, err
+    assert err.strip() == ("rga-search: warning: 1 of 6 gallery rows hold NaN or Inf values (first: row 1, /g/1.jpg); "
+                           "1 of 6 gallery rows are all zero (first: row 4, /g/4.jpg); left out of the search")
+    hits = (tmp_path / "hits.csv").read_text().splitlines()[1:]
+    with np.errstate(invalid="ignore"):
+        unit = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    reference = [f"/g/{i}.jpg" for i in np.argsort(-(unit @ (query[0] / np.linalg.norm(query[0]))))
+                 if i not in (1, 4)]
+    assert [row.split(",")[2] for row in hits] == reference  # brute force over the usable rows
+    _features_file(tmp_path / "zero.h5", np.zeros((5, 8)))
+    status, _, err = run(rga_search, [tmp_path / "q.h5", "--gallery", tmp_path / "zero.h5"], capsys)
+    assert_one_line_error(status, err, "rga-search", r"5 of 5 gallery rows are all zero \(first: row 0, /g/0.jpg\); "
+                                                     r"nothing to search")
+    _features_file(tmp_path / "same.h5", np.ones((5, 8)))
+    status, _, err = run(rga_search, [tmp_path / "q.h5", "--gallery", tmp_path / "same.h5"], capsys)
+    assert_one_line_error(status, err, "rga-search", r"all 5 usable gallery rows are the same vector")
+
+
+def test_rga_eval_refuses_features_that_hold_nan(tmp_path, capsys, monkeypatch):
+    from rga_keras import models
+    from rga_keras.evaluation import features
+
+    def nan_features(model, data, config, verbose, features=None):
+        meta = lambda samples: {"person_id": np.array([s.person_id for s in samples]),  # noqa: E731
+                                "camera_id": np.array([s.camera_id for s in samples]),
+                                "path": np.array([s.path for s in samples])}
+        nan = {name: np.full((len(data.query), 4), np.nan, np.float32) for name in features}
+        return (nan, meta(data.query)), ({n: np.ones((len(data.gallery), 4), np.float32) for n in features},
+                                        meta(data.gallery))
+
+    class Model:
+        name, input = "stand-in", type("Input", (), {"shape": (None, 64, 32, 3)})
+
+    monkeypatch.setattr(models, "load_reid_model", lambda path: Model())
+    monkeypatch.setattr(features, "query_gallery_features", nan_features)
+    monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+    status, _, err = run(rga_eval, [tmp_path / "m.keras", "--dataset", "synthetic", "--feature", "after_bn",
+                                    "--json", tmp_path / "r.json"], capsys)
+    assert_one_line_error(status, err, "rga-eval", r"query_features: \d+ of \d+ rows hold NaN or Inf values \(first: "
+                                                   r"row 0\); these features cannot be ranked")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_rga_export_refuses_a_model_that_gives_nan(tmp_path, capsys, monkeypatch):
+    from rga_keras import models
+    from rga_keras.cli import export as rga_export
+    from rga_keras.export import exporter
+
+    monkeypatch.setattr(models, "load_reid_model", lambda path: object())
+    monkeypatch.setattr(exporter, "reid_model_info", lambda model: {"input_size": [64, 32]})
+    monkeypatch.setattr(exporter, "embedding_model", lambda model, feature: lambda x, training: x[:, 0, 0] * np.nan)
+    status, _, err = run(rga_export, ["--model", "m.keras", "--out", tmp_path / "out", "--skip-parity-check"], capsys)
+    assert_one_line_error(status, err, "rga-export", r"8 of 8 embeddings of random test images hold NaN or Inf values "
+                                                     r"\(first: row 0\); the model's weights are damaged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_keep_their_permissions_and_are_written_through_links(tmp_path, capsys):
+    """A replaced results file keeps its 0600; an output path that is a link writes its target, the link stays."""
+    import os
+    import stat
+
+    from rga_keras.cli import search as rga_search
+
+    _features_file(tmp_path / "g.h5", np.eye(5, 8))
+    _features_file(tmp_path / "q.h5", np.eye(1, 8), ["/q/0.jpg"])
+    private, target = tmp_path / "private.json", tmp_path / "shared" / "today.csv"
+    private.write_text("old")
+    private.chmod(0o600)
+    target.parent.mkdir()
+    target.write_text("old")
+    (tmp_path / "hits.csv").symlink_to(target)
+    status, _, err = run(rga_search, [tmp_path / "q.h5", "--gallery", tmp_path / "g.h5", "--json", private,
+                                      "--csv", tmp_path / "hits.csv", "--quiet"], capsys)
+    assert status == 0, err
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and '"queries"' in private.read_text()
+    assert (tmp_path / "hits.csv").is_symlink() and target.read_text().startswith("query,rank,path,similarity")
+    umask = os.umask(0)
+    os.umask(umask)
+    status, _, err = run(rga_search, [tmp_path / "q.h5", "--gallery", tmp_path / "g.h5", "--json",
+                                      tmp_path / "new.json", "--quiet"], capsys)
+    assert status == 0 and stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5", "hits.csv", "new.json", "private.json", "q.h5",
+                                                          "shared"]  # no temporaries, no lock files
+
+
+def test_a_replaced_folder_keeps_its_permissions(tmp_path):
+    import stat
+
+    from rga_keras.files import publish, staging_dir
+
+    version = tmp_path / "serving" / "rga" / "1"
+    version.mkdir(parents=True)
+    version.chmod(0o750)
+    staged, aside = staging_dir(tmp_path, ".export-"), staging_dir(tmp_path, ".old-")
+    (staged / "saved_model.pb").write_bytes(b"new")
+    assert publish(staged, version, aside=aside) == version
+    assert stat.S_IMODE(version.stat().st_mode) == 0o750 and (version / "saved_model.pb").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    ("truncate", r"g.h5: cannot be read as an rga-embed features file \(HDF5\) \(.*truncated file: eof = 1000"),
+    ("attribute", r"g.h5 is an incomplete rga-embed features file: it lacks the attribute\(s\) flip"),
+])
+def test_a_damaged_features_file_is_named(tmp_path, capsys, damage, pattern):
+    import h5py
+
+    from rga_keras.cli import search as rga_search
+
+    path = _features_file(tmp_path / "g.h5", np.eye(300, 8))
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        with h5py.File(path, "a") as file:
+            del file.attrs["flip"]
+    status, _, err = run(rga_search, [path, "--gallery", path], capsys)
+    assert_one_line_error(status, err, "rga-search", pattern)
+
+
+@pytest.fixture
+def holds_gallery(tmp_path):
+    from rga_keras.locks import writer_lock
+
+    with writer_lock(tmp_path / "gallery.h5", inside=False):
+        yield tmp_path / "gallery.h5"
+
+
+def test_rga_embed_refuses_a_features_file_another_writes(tmp_path, capsys, monkeypatch, holds_gallery):
+    import os
+
+    from rga_keras import retrieval
+
+    write_images(tmp_path / "crops", ["a.jpg"])
+    monkeypatch.setattr(retrieval, "load_embedder", lambda *a: pytest.fail("loaded a model while locked out"))
+    status, _, err = run(rga_embed, [tmp_path / "model.keras", tmp_path / "crops", "--out", holds_gallery], capsys)
+    assert_one_line_error(status, err, "rga-embed", rf"gallery.h5 is being written by another process \(pid "
+                                                    rf"{os.getpid()} on host ")
+    assert not holds_gallery.exists()
