@@ -1,6 +1,7 @@
 """Bad data given to the programs: broken CSV lists, corrupt JPEGs, images scaled to [0, 1]. Each must end in
 one line on stderr (``prog: error: …`` naming the file, line or item and what is wrong) and exit status 2,
 never a traceback or a silent wrong result. In-process ``main(argv)`` calls: no model is built for these."""
+import json
 import re
 import warnings
 
@@ -399,3 +400,93 @@ def test_rga_embed_refuses_a_features_file_another_writes(tmp_path, capsys, monk
     assert_one_line_error(status, err, "rga-embed", rf"gallery.h5 is being written by another process \(pid "
                                                     rf"{os.getpid()} on host ")
     assert not holds_gallery.exists()
+
+
+# ---- the second round's mechanisms in rga-gallery and the indexed and Milvus galleries (issue 23's programs) ---
+
+@pytest.fixture
+def damaged_gallery(tmp_path):
+    """A 1,000-row features file whose row 5 holds NaN and row 9 is all zero, and a query file of 6 rows."""
+    import faiss
+
+    from rga_keras import retrieval
+    from tests.test_retrieval_gallery import grid_set
+    from tests.test_retrieval_search import grid_vectors
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # tiny indexes: threads only spin
+    rng = np.random.default_rng(0)
+    data = grid_set(rng, 1000)
+    data.features[5], data.features[9] = np.nan, 0.0
+    query = retrieval.FeatureSet(grid_vectors(rng, 6), [f"/q/{i}.jpg" for i in range(6)], data.source)
+    yield (retrieval.write_features(tmp_path / "g.h5", data), retrieval.write_features(tmp_path / "q.h5", query),
+           data, query)
+    faiss.omp_set_num_threads(threads)
+
+
+BAD_ROWS_WARNING = ("warning: 1 of 1000 gallery rows hold NaN or Inf values (first: row 5, /crops/0005_c3s1_000005_01.jpg); "
+                    "1 of 1000 gallery rows are all zero (first: row 9, /crops/0009_c1s1_000009_01.jpg)")
+
+
+def test_an_index_and_its_search_leave_bad_gallery_rows_out(damaged_gallery, capsys, tmp_path):
+    """rga-gallery index trains and searches without the NaN and zero rows (a NaN row made faiss' centroids NaN),
+    warning once each time; what the index returns equals brute force over the usable rows."""
+    from rga_keras.cli import gallery as rga_gallery
+    from rga_keras.cli import search as rga_search
+    from tests.test_retrieval_search import brute_force
+
+    gallery, query, data, queries = damaged_gallery
+    status, out, err = run(rga_gallery, ["index", gallery, "--factory", "IVF4,PQ8x4fs", "--nprobe", "4",
+                                         "--train-rows", "700", "--quiet"], capsys)
+    assert status == 0 and f"index    wrote {gallery}.faiss" in out, err
+    assert err.count("\n") == 1 and err.startswith("rga-gallery: " + BAD_ROWS_WARNING), err
+    usable = np.setdiff1d(np.arange(1000), [5, 9])
+    order, _, _ = brute_force(queries.features, data.features[usable], 998)
+    for search in ("index", "exact"):
+        status, _, err = run(rga_search, [query, "--gallery", gallery, "--search", search, "--shortlist", 1000,
+                                          "--top-k", 1000, "--json", tmp_path / f"{search}.json", "--quiet"], capsys)
+        assert status == 0 and err.count("\n") == 1 and err.startswith("rga-search: " + BAD_ROWS_WARNING), err
+        found = [[r["path"] for r in q["results"]] for q in json.loads((tmp_path / f"{search}.json").read_text())["queries"]]
+        assert found == [[data.paths[usable[j]] for j in row] for row in order]  # 998 each: 5 and 9 never
+
+
+def test_rga_gallery_copy_leaves_bad_rows_out_of_milvus(damaged_gallery, capsys, tmp_path):
+    from rga_keras.cli import gallery as rga_gallery
+
+    gallery = damaged_gallery[0]
+    status, out, err = run(rga_gallery, ["copy", gallery, "--milvus", tmp_path / "m.db"], capsys)
+    assert status == 0 and "copied   998 of 1000 images; " in out and "998 images x 32-d" in out, err
+    assert err == (f"rga-gallery: warning: 2 of 1000 rows of {gallery} hold NaN/Inf values or are all zero (first: row "
+                   "5, /crops/0005_c3s1_000005_01.jpg); not copied\n")
+    status, out, _ = run(rga_gallery, ["copy", gallery, "--milvus", tmp_path / "m.db"], capsys)
+    assert status == 0 and "copied   0 of 1000 images (998 were there); " in out
+
+
+def test_a_query_file_with_nan_rows_is_refused_naming_them(damaged_gallery, capsys, tmp_path):
+    from rga_keras import retrieval
+    from rga_keras.cli import search as rga_search
+
+    gallery, _, data, queries = damaged_gallery
+    bad = retrieval.FeatureSet(np.vstack([queries.features, np.full((1, 32), np.nan, np.float32)]),
+                               queries.paths + ["/q/nan.jpg"], queries.source)
+    query = retrieval.write_features(tmp_path / "bad_q.h5", bad)
+    status, _, err = run(rga_search, [query, "--gallery", gallery, "--json", tmp_path / "r.json"], capsys)
+    assert_one_line_error(status, err, "rga-search", rf"{query}: 1 of 7 query rows hold NaN or Inf values \(first: "
+                                                     r"row 6, /q/nan.jpg\); they cannot be searched with")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_rga_gallery_index_refuses_a_features_file_another_writes(damaged_gallery, capsys):
+    """The features file and its index are one output: rga-gallery takes the lock rga-embed takes."""
+    import os
+    import socket
+
+    from rga_keras.cli import gallery as rga_gallery
+    from rga_keras.locks import writer_lock
+
+    gallery = damaged_gallery[0]
+    with writer_lock(gallery, inside=False):
+        status, _, err = run(rga_gallery, ["index", gallery], capsys)
+    assert_one_line_error(status, err, "rga-gallery", rf"{gallery} is being written by another process \(pid "
+                                                      rf"{os.getpid()} on host {socket.gethostname()}")
+    assert sorted(p.name for p in gallery.parent.iterdir()) == ["g.h5", "q.h5"]  # no index, no lock file left

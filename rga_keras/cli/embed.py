@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         with writer_lock(args.out, inside=False):  # from reading the old file (--append) to writing the new one
             return _embed(args)  # and its index, which the lock of the features file covers
 
-    return run_command("rga-embed", work, on_interrupt=lambda: f"nothing was written to {args.out}")
+    def kept() -> str:
+        if args.milvus:
+            return (f"the Milvus gallery {args.collection} keeps the rows inserted before (1,000 at a time); the same "
+                    "command again embeds only the rest")
+        return f"nothing was written to {args.out}"
+
+    return run_command("rga-embed", work, on_interrupt=kept)
 
 
 def _embed(args: argparse.Namespace) -> int:

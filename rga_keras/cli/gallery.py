@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import sys
+import warnings
 from pathlib import Path
 
 from rga_keras.cli.common import (CommandError, OneLineParser, add_gallery_arguments, open_named_gallery,
                                   run_command, starting)
+from rga_keras.evaluation.feature_check import DegenerateFeaturesWarning, check_features
+from rga_keras.locks import writer_lock
 
 EPILOG = """examples:
   rga-gallery index gallery.h5                          # build, or add what rga-embed --append added
@@ -67,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_index(args: argparse.Namespace) -> int:
+    if not args.features.is_file():
+        raise FileNotFoundError(f"features file {args.features} does not exist")
+    with writer_lock(args.features, inside=False):  # the lock rga-embed takes: the file and its index are one output
+        return _index(args)
+
+
+def _index(args: argparse.Namespace) -> int:
     from rga_keras import retrieval
 
     status = retrieval.index_status(args.features)
@@ -106,14 +117,20 @@ def run_copy(args: argparse.Namespace) -> int:
     with retrieval.open_features(args.features) as file:
         create = (file.source, file.features.shape[1])
         with retrieval.MilvusGallery(args.milvus, args.collection, create_for=create) as gallery:
-            added = 0
-            for vectors, paths in file.chunks():
+            added, unusable = 0, []
+            for start, (vectors, paths) in zip(itertools.count(0, 1 << 14), file.chunks(1 << 14)):
                 known = gallery.known_paths(paths)
-                keep = [i for i, path in enumerate(paths) if path not in known]
+                bad = set(check_features(vectors).unusable.tolist())  # NaN/Inf or all zero: never searchable
+                unusable.extend(start + i for i in sorted(bad))
+                keep = [i for i, path in enumerate(paths) if path not in known and i not in bad]
                 if keep:
                     gallery.append(retrieval.FeatureSet(vectors[keep], [paths[i] for i in keep], file.source))
                     added += len(keep)
-            there = len(file.features) - added
+            if unusable:
+                warnings.warn(f"{len(unusable)} of {len(file.features)} rows of {args.features} hold NaN/Inf values "
+                              f"or are all zero (first: row {unusable[0]}, {file.paths_at([unusable[0]])[0]}); "
+                              "not copied", DegenerateFeaturesWarning, stacklevel=2)
+            there = len(file.features) - added - len(unusable)
             print(f"copied   {added} of {len(file.features)} images{f' ({there} were there)' if there else ''}; "
                   f"{gallery.describe()}")
     return 0
@@ -138,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     work = {"index": run_index, "info": run_info, "copy": run_copy, "delete": run_delete}[args.command]
-    return run_command("rga-gallery", lambda: work(args))
+    kept = {"index": f"the index of {getattr(args, 'features', '')} was not changed (it is written whole or not at all)",
+            "copy": "the collection keeps the rows copied before; the same command again copies only the rest",
+            "delete": "Milvus may have deleted some of the crops; the same command again deletes the rest"}
+    return run_command("rga-gallery", lambda: work(args), on_interrupt=lambda: kept.get(args.command, ""))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rga_keras.cli.common import (CommandError, OneLineParser, add_gallery_arguments, load_gallery_model,
                                   open_named_gallery, report_skipped, run_command, starting)
+from rga_keras.evaluation.feature_check import check_features
 from rga_keras.files import check_file, write_text_atomic
 from rga_keras.memory import check_batch_fits, explain_oom
 
@@ -66,6 +67,10 @@ def load_queries(args: argparse.Namespace, gallery):
             raise CommandError("--model applies to query images, not to a query features file")
         query = retrieval.read_features(args.query[0])
         retrieval.check_same_source(gallery.source, query.source, f"query file {args.query[0]}")
+        found = check_features(query.features)
+        if len(found.unusable):
+            raise ValueError(f"{args.query[0]}: {found.describe('query rows', query.paths)}; they cannot be "
+                             "searched with")
         return query
     paths = retrieval.list_images(args.query)
     embedder, source = load_gallery_model(args.model, gallery)
@@ -112,7 +117,8 @@ def search(args: argparse.Namespace, gallery, query):
         return gallery.search(query.features, args.top_k)
     if not isinstance(gallery, retrieval.FileGallery) or gallery.method != "exact":
         raise CommandError(f"--rerank needs exact search of a features file, not {gallery.method} search")
-    indices, similarities = retrieval.search(query.features, gallery.features, args.top_k, rerank=True)
+    indices, similarities = retrieval.search(query.features, gallery.features, args.top_k, rerank=True,
+                                             query_names=query.paths, left_out=gallery.left_out())
     return retrieval.Hits(indices, similarities)
 
 

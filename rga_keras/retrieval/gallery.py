@@ -21,9 +21,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rga_keras.evaluation.distances import stable_argsort_rows
+from rga_keras.evaluation.feature_check import check_features
 from rga_keras.retrieval.crops import Crop, crops_of
 from rga_keras.retrieval.features import FeatureSet, check_same_source, open_features, write_feature_chunks
-from rga_keras.retrieval.topk import negative_inverse_norms, search, unit_rows
+from rga_keras.retrieval.topk import gallery_rows_left_out, negative_inverse_norms, search, unit_rows
 
 RERANK_ROWS = 1 << 11  # shortlisted vectors gathered at once when re-ranking (16 MiB at 2,048-d)
 
@@ -82,12 +83,16 @@ class Gallery(abc.ABC):
         """Add embeddings made by the gallery's model (ValueError otherwise)."""
 
     def check_query(self, query: np.ndarray, what: str = "the query") -> np.ndarray:
-        """``query`` as unit float32 rows (q, dim); ValueError for another dimension or an empty query."""
+        """``query`` as unit float32 rows (q, dim); ValueError for another dimension, an empty query, or query
+        rows that cannot be ranked with (NaN/Inf or all zero: `rga_keras.evaluation.check_features`)."""
         query = np.asarray(query, np.float32)
         if query.ndim != 2 or not len(query):
             raise ValueError(f"{what} must be a non-empty (n, {self.dim}) array, got shape {query.shape}")
         if query.shape[1] != self.dim:
             raise ValueError(f"query and gallery dimensions differ: {query.shape[1]} vs {self.dim}")
+        found = check_features(query)
+        if len(found.unusable):
+            raise ValueError(f"{what}: {found.describe('query rows')}; they cannot be searched with")
         return unit_rows(query)
 
     def check_appended(self, data: FeatureSet) -> None:
@@ -178,6 +183,7 @@ class FileGallery(Gallery):
         self.name = str(self.path)
         self._file = open_features(self.path)
         self.source = self._file.source
+        self._left_out: np.ndarray | None = None
 
     @property
     def features(self) -> np.ndarray:
@@ -195,8 +201,17 @@ class FileGallery(Gallery):
         return f"{self.path}: {self._file.describe()}"
 
     def search(self, query: np.ndarray, top_k: int = 10) -> Hits:
-        indices, similarities = search(self.check_query(query), self.features, check_top_k(top_k))
+        indices, similarities = search(self.check_query(query), self.features, check_top_k(top_k),
+                                       left_out=self.left_out())
         return Hits(indices, similarities)
+
+    def left_out(self) -> np.ndarray:
+        """The rows no search returns: NaN/Inf or all-zero ones (`rga_keras.retrieval.topk.gallery_rows_left_out`),
+        found on the first search, with one warning naming how many and the first; ValueError for a gallery
+        with no usable row or collapsed rows."""
+        if self._left_out is None:
+            self._left_out = gallery_rows_left_out(self.features, RowPaths(self._file), stacklevel=4)
+        return self._left_out
 
     def ids(self, start: int, count: int) -> list[int]:
         return list(range(max(0, start), min(len(self), max(0, start) + max(0, count))))
@@ -227,6 +242,7 @@ class FileGallery(Gallery):
         write_feature_chunks(self.path, self.source, chunks, (rows, self.dim))
         self.close()
         self._file = open_features(self.path)
+        self._left_out = None
 
     def close(self) -> None:
         self._file.close()
@@ -237,3 +253,13 @@ class FileGallery(Gallery):
         if bad.any():
             raise KeyError(f"no gallery image {int(ids[bad][0])} (ids are 0 to {len(self) - 1})")
         return ids
+
+
+class RowPaths:
+    """The image path of a row, read when asked (a message names one or two rows of a large gallery)."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def __getitem__(self, row: int) -> str:
+        return self._file.paths_at(np.array([row]))[0]

@@ -27,7 +27,8 @@ import numpy as np
 
 from rga_keras.files import atomic_write
 from rga_keras.retrieval.features import SOURCE_KEYS, FeatureSet, FeaturesFile, open_features
-from rga_keras.retrieval.gallery import FileGallery, Hits, check_top_k, search_by_shortlist
+from rga_keras.retrieval.gallery import FileGallery, Hits, RowPaths, check_top_k, search_by_shortlist
+from rga_keras.retrieval.topk import gallery_rows_left_out
 
 INDEX_FORMAT = b"rga-keras faiss index\n"
 INDEX_VERSION = 1
@@ -99,7 +100,8 @@ def build_index(features_path: str | os.PathLike, *, factory: str | None = None,
         except RuntimeError as err:
             raise ValueError(f"faiss cannot make index {factory!r} for {dim}-d vectors: "
                              f"{str(err).strip().splitlines()[-1]}") from None
-        sample = np.sort(np.random.default_rng(seed).choice(rows, min(rows, int(train_rows)), replace=False))
+        usable = _usable_rows(file)
+        sample = np.sort(np.random.default_rng(seed).choice(usable, min(len(usable), int(train_rows)), replace=False))
         index.train(file.take(sample))
         _drop_training_state(index)
         _add_rows(index, file, 0, rows, verbose)
@@ -190,10 +192,15 @@ class IndexedGallery(FileGallery):
                        f"top {self.shortlist} re-ranked exactly")
 
     def search(self, query: np.ndarray, top_k: int = 10) -> Hits:
-        def find(chunk: np.ndarray, wanted: int):
-            return self.index.search(chunk, wanted)[1], self._fetch
+        query, bad = self.check_query(query), self.left_out()  # rows no search returns (warned about once)
 
-        return search_by_shortlist(self.check_query(query), check_top_k(top_k), self.shortlist, len(self), find,
+        def find(chunk: np.ndarray, wanted: int):
+            candidates = self.index.search(chunk, wanted)[1]
+            if len(bad):
+                candidates[np.isin(candidates, bad)] = -1
+            return candidates, self._fetch
+
+        return search_by_shortlist(query, check_top_k(top_k), self.shortlist, len(self) - len(bad), find,
                                    block=SEARCH_ROWS)
 
     def append(self, data: FeatureSet) -> None:
@@ -214,8 +221,16 @@ def _add_rows(index, file: FeaturesFile, start: int, stop: int, verbose: int) ->
         raise ValueError(f"the index holds {index.ntotal} vectors, expected {start}")
     progbar = keras.utils.Progbar(stop - start, verbose=verbose, unit_name="vector")
     for first in range(start, stop, ADD_ROWS):
-        index.add(file.rows(first, min(first + ADD_ROWS, stop)))
+        # NaN/Inf rows added as zeros: searches leave them out (IndexedGallery.left_out), k-means never sees them
+        index.add(np.nan_to_num(file.rows(first, min(first + ADD_ROWS, stop)), nan=0.0, posinf=0.0, neginf=0.0))
         progbar.update(min(first + ADD_ROWS, stop) - start)
+
+
+def _usable_rows(file: FeaturesFile) -> np.ndarray:
+    """The rows an index may train on: all but NaN/Inf and all-zero ones (a NaN row makes faiss' k-means
+    centroids NaN); the others are warned about, a file with none usable or collapsed rows refused."""
+    bad = gallery_rows_left_out(file.features, RowPaths(file), stacklevel=4)
+    return np.setdiff1d(np.arange(len(file.features)), bad)
 
 
 def _default_nprobe(index) -> int:

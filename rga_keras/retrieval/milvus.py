@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rga_keras.evaluation.feature_check import check_features
 from rga_keras.retrieval.crops import Crop, crops_of
 from rga_keras.retrieval.features import FeatureSet, describe
 from rga_keras.retrieval.gallery import RERANK_ROWS, Gallery, Hits, check_top_k, search_by_shortlist
@@ -142,6 +143,10 @@ class MilvusGallery(Gallery):
         """Insert ``data``'s embeddings with their `Crop` (default: from the paths and the files' times);
         returns the new ids, in order."""
         self.check_appended(data)
+        found = check_features(data.features)
+        if len(found.unusable):
+            raise ValueError(f"{found.describe('embeddings to add', data.paths)}; they cannot be searched, nothing "
+                             "was added")
         crops = crops_of(data.paths, stat=True) if crops is None else list(crops)
         if len(crops) != len(data.features):
             raise ValueError(f"{len(crops)} crops for {len(data.features)} embeddings")

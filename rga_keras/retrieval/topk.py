@@ -40,6 +40,7 @@ def search(
     max_block_bytes: int = MAX_BLOCK_BYTES,
     query_names: Sequence[str] | None = None,
     gallery_names: Sequence[str] | None = None,
+    left_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``top_k`` gallery rows most similar (cosine) to each query row, best first.
 
@@ -52,7 +53,8 @@ def search(
     Gallery rows that cannot be ranked (NaN/Inf or all zero: `rga_keras.evaluation.check_features`) are left
     out with a `DegenerateFeaturesWarning` naming how many and the first (by ``gallery_names`` if given); a
     gallery with no usable row, or a collapsed one, and query rows that cannot be ranked, are a ValueError
-    (``query_names`` name the first).
+    (``query_names`` name the first). ``left_out``: the gallery rows to leave out, found already by
+    `gallery_rows_left_out` (a gallery searched many times is checked once).
     """
     query, gallery = as_features(query, "query"), as_features(gallery, "gallery")
     if query.shape[1] != gallery.shape[1]:
@@ -62,7 +64,7 @@ def search(
     found = check_features(query)
     if len(found.unusable):
         raise ValueError(f"{found.describe('query rows', query_names)}; they cannot be searched with")
-    bad = _gallery_rows_left_out(gallery, gallery_names)
+    bad = gallery_rows_left_out(gallery, gallery_names) if left_out is None else np.asarray(left_out, np.int64)
     query = unit_rows(query)
     nq, ng = len(query), len(gallery)
     k = min(int(top_k), ng - len(bad))
@@ -83,16 +85,16 @@ def negative_inverse_norms(gallery: np.ndarray) -> np.ndarray:
     return -1.0 / np.maximum(feature_norms(gallery, "cosine"), _EPS)
 
 
-def _gallery_rows_left_out(gallery: np.ndarray, names: Sequence[str] | None) -> np.ndarray:
-    """The indices of the gallery rows to leave out (warned about); ValueError when none is usable or the rows
-    have collapsed."""
+def gallery_rows_left_out(gallery: Any, names: Sequence[str] | None = None, stacklevel: int = 3) -> np.ndarray:
+    """The indices of the gallery rows to leave out of searches (NaN/Inf or all zero), warned about once here;
+    ValueError when none is usable or the rows have collapsed. Chunked: a memory-mapped gallery is not copied."""
     found = check_features(gallery)
     if found.collapsed or len(found.unusable) == found.rows:
         raise ValueError(f"{found.describe('gallery rows', names)}; nothing to search (re-embed the gallery "
                          "with a working model)")
     if len(found.unusable):
         warnings.warn(f"{found.describe('gallery rows', names)}; left out of the search", DegenerateFeaturesWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
     return found.unusable
 
 
