@@ -280,7 +280,10 @@ def test_rga_search_leaves_bad_gallery_rows_out_and_refuses_a_dead_gallery(tmp_p
     assert_one_line_error(status, err, "rga-search", r"all 5 usable gallery rows are the same vector")
 
 
-def test_rga_eval_refuses_features_that_hold_nan(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def nan_query_features(tmp_path, monkeypatch):
+    """A stand-in model whose query features are all NaN (query_gallery_features stubbed, as eval and visualize
+    call it)."""
     from rga_keras import models
     from rga_keras.evaluation import features
 
@@ -288,9 +291,10 @@ def test_rga_eval_refuses_features_that_hold_nan(tmp_path, capsys, monkeypatch):
         meta = lambda samples: {"person_id": np.array([s.person_id for s in samples]),  # noqa: E731
                                 "camera_id": np.array([s.camera_id for s in samples]),
                                 "path": np.array([s.path for s in samples])}
-        nan = {name: np.full((len(data.query), 4), np.nan, np.float32) for name in features}
-        return (nan, meta(data.query)), ({n: np.ones((len(data.gallery), 4), np.float32) for n in features},
-                                        meta(data.gallery))
+        nan, ones = np.full((len(data.query), 4), np.nan, np.float32), np.ones((len(data.gallery), 4), np.float32)
+        if features is None:  # rga-visualize: one feature, as arrays
+            return (nan, meta(data.query)), (ones, meta(data.gallery))
+        return ({name: nan for name in features}, meta(data.query)), ({n: ones for n in features}, meta(data.gallery))
 
     class Model:
         name, input = "stand-in", type("Input", (), {"shape": (None, 64, 32, 3)})
@@ -298,11 +302,25 @@ def test_rga_eval_refuses_features_that_hold_nan(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models, "load_reid_model", lambda path: Model())
     monkeypatch.setattr(features, "query_gallery_features", nan_features)
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
+
+
+def test_rga_eval_refuses_features_that_hold_nan(tmp_path, capsys, nan_query_features):
     status, _, err = run(rga_eval, [tmp_path / "m.keras", "--dataset", "synthetic", "--feature", "after_bn",
                                     "--json", tmp_path / "r.json"], capsys)
     assert_one_line_error(status, err, "rga-eval", r"query_features: \d+ of \d+ rows hold NaN or Inf values \(first: "
                                                    r"row 0\); these features cannot be ranked")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_rga_visualize_refuses_features_that_hold_nan(tmp_path, capsys, nan_query_features):
+    """A NaN model drew ranked lists (and attention pictures) with exit 0, where rga-eval refused it."""
+    from rga_keras.cli import visualize
+
+    status, _, err = run(visualize, [tmp_path / "m.keras", "--dataset", "synthetic", "--out", tmp_path / "pictures"],
+                         capsys)
+    assert_one_line_error(status, err, "rga-visualize", r"query_features: \d+ of \d+ rows hold NaN or Inf values "
+                                                        r"\(first: row 0\); these features cannot be ranked")
+    assert not (tmp_path / "pictures").exists()  # made for the lock only: removed with it
 
 
 def test_rga_export_refuses_a_model_that_gives_nan(tmp_path, capsys, monkeypatch):

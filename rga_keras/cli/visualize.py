@@ -105,6 +105,7 @@ def _pictures(args, model, size, data, target, verbose: int) -> list[Path]:
     from rga_keras.data.pipeline import load_images
     from rga_keras.evaluation import pairwise_distance
     from rga_keras.evaluation.features import query_gallery_features
+    from rga_keras.evaluation.metrics import check_rankable
     from rga_keras.models import rga_layers
     from rga_keras.visualize import attention_maps as am
     from rga_keras.visualize.plots import plot_ranked_lists, spread_indices
@@ -112,6 +113,8 @@ def _pictures(args, model, size, data, target, verbose: int) -> list[Path]:
     config = eval_config(args, size, data)
     print(f"features of {len(data.query)} query and {len(data.gallery)} gallery images", flush=True)
     (qf, q), (gf, g) = query_gallery_features(model, data, config, verbose)
+    check_rankable(qf, "query_features")  # NaN rows refused, as rga-eval refuses them (a NaN model drew lists)
+    check_rankable(gf, "gallery_features")
     rows = spread_indices(len(qf), args.num_queries)
     written = [plot_ranked_lists(q["path"][rows], g["path"], pairwise_distance(qf[rows], gf, config["eval"]["metric"]),
                                  q["person_id"][rows], g["person_id"], q["camera_id"][rows], g["camera_id"],

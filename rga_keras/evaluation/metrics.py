@@ -277,7 +277,7 @@ def evaluate(
     query = as_features(query_features, "query_features")
     gallery = as_features(gallery_features, "gallery_features")
     for name, features in (("query_features", query), ("gallery_features", gallery)):
-        _check_rankable(features, name)
+        check_rankable(features, name)
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(
             f"query and gallery feature dimensions differ: {query.shape[1]} vs {gallery.shape[1]}"
@@ -296,7 +296,7 @@ def evaluate(
     return _summarise(stats, int(max_rank))
 
 
-def _check_rankable(features: np.ndarray, name: str) -> None:
+def check_rankable(features: np.ndarray, name: str) -> None:
     """Refuse rows holding NaN or Inf; warn about all-zero rows and collapse (`check_features`)."""
     found = check_features(features)
     if len(found.nonfinite):
