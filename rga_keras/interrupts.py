@@ -7,12 +7,16 @@ closed terminal or a dropped ssh session) and SIGQUIT (Ctrl-\\) raise `Interrupt
 (staging folders and partial files removed) and the program says what happened in one line. A signal that is
 ignored when the program starts (``nohup`` ignores SIGHUP) stays ignored. Every signal is recorded, so
 `raise_if_interrupted` still stops a writer when native code caught the exception on its way up (a C++
-converter may) and carried on.
+converter may) and carried on. A signal whose exception Python cannot raise where it lands (inside a garbage
+collector callback or a ``__del__``, where it printed "Exception ignored in …" and a traceback) is delivered
+again a moment later, in the program's own code.
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -31,6 +35,8 @@ class Interrupted(BaseException):
 
 _received: list[int] = []  # signals received by the running command, in order
 _deferring = [0]  # > 0 inside `deferred`: signals are recorded, raised when it ends
+_active = [0]  # > 0 inside `handle_signals`
+REDELIVER_S = 0.02  # how long after an unraisable interrupt it is delivered again
 
 
 def _exception(signum: int) -> BaseException:
@@ -41,6 +47,26 @@ def _on_signal(signum: int, frame) -> None:
     _received.append(signum)
     if not _deferring[0]:
         raise _exception(signum)
+
+
+def _redeliver(signum: int) -> None:
+    """Deliver ``signum`` to the main thread again (the Python-level handler runs; nothing if the handlers were
+    restored meanwhile: `_thread.interrupt_main` only calls a Python handler)."""
+    if _active[0]:
+        _thread.interrupt_main(signum)
+
+
+def _unraisable_hook(previous):
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if isinstance(err, (Interrupted, KeyboardInterrupt)) and _received and _active[0]:
+            timer = threading.Timer(REDELIVER_S, _redeliver, (signal_of(err),))
+            timer.daemon = True
+            timer.start()  # a gc callback or __del__ swallowed it: raise it again, once back in the program
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def raise_if_interrupted() -> None:
@@ -69,9 +95,13 @@ def handle_signals() -> Iterator[None]:
         if handler is not signal.SIG_IGN:
             signal.signal(s, _on_signal)
     _received.clear()
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable_hook(sys.unraisablehook)
+    _active[0] += 1
     try:
         yield
     finally:
+        _active[0] -= 1
+        sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         _received.clear()

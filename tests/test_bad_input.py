@@ -584,3 +584,65 @@ def test_rga_eval_counts_the_images_it_evaluated():
     results = {"after_bn": {"num_query_images": 3, "num_gallery_images": 9}}
     data = SimpleNamespace(query=[0] * 4, gallery=[0] * 10)
     assert evaluate.images_line(results, data) == "3 query and 9 gallery images (2 unreadable images left out)"
+
+
+def test_a_signal_landing_in_a_gc_callback_is_answered_in_one_line(capsys):
+    """Python cannot raise an exception inside a garbage collector callback (JAX registers one): the probe's
+    SIGTERM to rga-embed printed "Exception ignored in … Traceback …" before its line. It is delivered again, in
+    the program's own code: one line, 143."""
+    import gc
+
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside the callback
+
+    def work():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+            for _ in range(500):  # interrupted here, a moment later
+                time.sleep(0.01)
+        finally:
+            gc.callbacks.remove(callback)
+        return 0
+
+    assert cli.run_command("rga-embed", work, on_interrupt=lambda: "nothing was written") == 143
+    assert fired
+    one_line(capsys, "rga-embed", "interrupted by SIGTERM; nothing was written")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM])
+def test_rga_serve_stops_on_every_signal_in_one_line(signum, capsys):
+    """uvicorn shuts down on SIGINT and SIGTERM and raises them again; SIGHUP and SIGQUIT, which it leaves
+    alone, raised inside its event loop and logged a traceback: now they stop it the same way."""
+    import threading
+
+    import uvicorn
+
+    from rga_keras.cli.serve import serve_until_signalled
+
+    async def app(scope, receive, send):  # never called: nothing connects
+        raise AssertionError(scope)
+
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))  # no handlers bound to capsys
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def send_when_serving():
+        for _ in range(3000):
+            if server.started:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+
+    def work():
+        threading.Thread(target=send_when_serving, daemon=True).start()
+        with listener:
+            serve_until_signalled(server, listener)
+        return 0
+
+    assert cli.run_command("rga-serve", work) == 128 + signum
+    one_line(capsys, "rga-serve", f"interrupted by {signal.Signals(signum).name}")

@@ -8,12 +8,13 @@ or --model where it has moved; without it the page searches only by gallery imag
 --root are shown (default: the folder holding all of a features file's images). The server listens on
 127.0.0.1, this machine only, unless --host says otherwise; it has no login, so put it behind something that
 has one before exposing it. The work is `rga_keras.retrieval.web`; bad input (a port in use too) exits with
-status 2 and a one-line message; Ctrl-C stops the server (status 130, as for every program).
+status 2 and a one-line message; Ctrl-C stops the server (status 130, as for every program; SIGTERM 143, SIGHUP 129).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +64,29 @@ def load_model(args: argparse.Namespace, gallery):
         return None, str(err)
 
 
+def serve_until_signalled(server, listener) -> None:
+    """``server.run`` (uvicorn), which shuts down gracefully on SIGINT and SIGTERM and then raises them again for
+    the program to answer; SIGHUP and SIGQUIT, which uvicorn leaves alone (raised inside its event loop, they
+    logged a traceback), are made to stop it the same way, then raised again once it has stopped."""
+    got: list[int] = []
+
+    def stop(signum, frame) -> None:
+        got.append(signum)
+        server.handle_exit(signum, frame)
+
+    extra = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGQUIT)}
+    for s, handler in extra.items():
+        if handler is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(s, stop)
+    try:
+        server.run(sockets=[listener])
+    finally:
+        for s, handler in extra.items():
+            signal.signal(s, handler)
+    if got:
+        signal.raise_signal(got[0])  # now the program's handler: one line, 128 + N
+
+
 def main(argv: list[str] | None = None) -> int:
     with starting("rga-serve"):
         parser = build_parser()
@@ -93,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"uploads  {f'embedded with {embedder.path}' if embedder else f'off: {no_embedder}'}")
             print(f"serving  http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
             with listener:
-                uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+                serve_until_signalled(uvicorn.Server(uvicorn.Config(app, log_level="warning")), listener)
         return 0
 
     return run_command("rga-serve", work)

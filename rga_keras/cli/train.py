@@ -18,10 +18,11 @@ EPILOG = """examples:
   rga-train --config market1501_baseline --data-root ~/data/market -o training.epochs=120 -o eval.flip=true
   rga-train --list-configs
 
-Re-running the same command after an interruption (Ctrl-C, SIGTERM, kill -9) resumes from RUN_DIR/backup.
+Re-running the same command after an interruption (Ctrl-C, SIGTERM, SIGHUP, kill -9) resumes from RUN_DIR/backup.
 A finished run, or an unfinished one of another config, is refused: choose another --run-dir or add --fresh.
 Exit status: 0 done, 1 training diverged or the export failed its checks (export.enforce), 2 bad input,
-130/143 interrupted by SIGINT/SIGTERM, 70 unexpected error (docs/RELIABILITY.md).
+128+N interrupted by signal N (129 SIGHUP, 130 SIGINT, 131 SIGQUIT, 143 SIGTERM), 70 unexpected error
+(docs/RELIABILITY.md). Another rga-train writing RUN_DIR is refused, naming its pid and host.
 Several machines: set TF_CONFIG on each (see docs/TRAINING.md) and run the same command."""
 
 
