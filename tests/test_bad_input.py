@@ -646,3 +646,12 @@ def test_rga_serve_stops_on_every_signal_in_one_line(signum, capsys):
 
     assert cli.run_command("rga-serve", work) == 128 + signum
     one_line(capsys, "rga-serve", f"interrupted by {signal.Signals(signum).name}")
+
+
+def test_an_empty_config_file_is_refused_naming_it(tmp_path, capsys):
+    """An empty YAML file ran the defaults unasked and failed on a sampler setting the user never wrote."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("# to do\n")
+    assert rga_train(["--config", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    one_line(capsys, "rga-train", f"{config}: the config is empty; give the keys to set, or `base: RECIPE`")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]

@@ -508,3 +508,19 @@ def test_rga_gallery_index_refuses_a_features_file_another_writes(damaged_galler
     assert_one_line_error(status, err, "rga-gallery", rf"{gallery} is being written by another process \(pid "
                                                       rf"{os.getpid()} on host {socket.gethostname()}")
     assert sorted(p.name for p in gallery.parent.iterdir()) == ["g.h5", "q.h5"]  # no index, no lock file left
+
+
+def test_a_damaged_faiss_index_is_named(damaged_gallery, capsys):
+    """faiss' own error ("Error in void faiss::read_xb_vector …") ended rga-search as an unexpected error (70)."""
+    from rga_keras.cli import gallery as rga_gallery
+    from rga_keras.cli import search as rga_search
+
+    gallery, query = damaged_gallery[:2]
+    assert run(rga_gallery, ["index", gallery, "--factory", "IVF4,PQ8x4fs", "--train-rows", "700", "--quiet"],
+               capsys)[0] == 0
+    index = gallery.parent / "g.h5.faiss"
+    index.write_bytes(index.read_bytes()[:index.stat().st_size // 2])
+    status, _, err = run(rga_search, [query, "--gallery", gallery, "--search", "index"], capsys)
+    assert_one_line_error(status, err, "rga-search", rf"{index}: cannot be read as a faiss index \(.*\); the file is "
+                                                     rf"damaged, truncated or of another kind; rebuild it with "
+                                                     rf"`rga-gallery index {gallery} --rebuild`")

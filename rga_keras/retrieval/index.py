@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rga_keras.files import atomic_write
+from rga_keras.reading import naming
 from rga_keras.retrieval.features import SOURCE_KEYS, FeatureSet, FeaturesFile, open_features
 from rga_keras.retrieval.gallery import FileGallery, Hits, RowPaths, check_top_k, search_by_shortlist
 from rga_keras.retrieval.topk import gallery_rows_left_out
@@ -147,7 +148,8 @@ def load_index(file: FeaturesFile, *, allow_behind: bool = False):
             raise ValueError(f"index {path} covers {rows} of the {now} rows of {file.path.name} (rows were "
                              f"appended after it was saved); add the rest with `rga-gallery index {file.path}`, "
                              "or search exactly (--search exact)")
-        index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+        with naming(path, "a faiss index", f"rebuild it with `rga-gallery index {file.path} --rebuild`"):
+            index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
     return header, index
 
 

@@ -213,7 +213,10 @@ def read_yaml_file(path: str | os.PathLike) -> Any:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = read_yaml_file(path) or {}
+    data = read_yaml_file(path)
+    if data is None:  # empty, or comments only: the defaults would run unasked
+        raise ValueError(f"{path}: the config is empty; give the keys to set, or `base: RECIPE` to start from a "
+                         "bundled one (rga-train --list-configs)")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     base = data.pop("base", None)
