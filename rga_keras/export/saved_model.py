@@ -175,8 +175,8 @@ def _serving_functions(embedder: keras.Model, height: int, width: int, dtype: st
         with tf.control_dependencies([one_d]):
             count = tf.maximum(dims[0], 0)
         nonempty = tf.debugging.Assert(count > 0, ["serve_image_bytes: expected at least one image, got none"])
-        with tf.control_dependencies([nonempty]):
-            items = (tf.range(count), image_bytes)
+        with tf.control_dependencies([nonempty]):  # the identity too: map_fn's unstack of the input raced the checks
+            items = (tf.range(count), tf.identity(image_bytes))
         images = tf.map_fn(load, items, fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
         return embed(images)
 
