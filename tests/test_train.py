@@ -104,15 +104,18 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
 
 
 def test_the_demo_runs_end_to_end_and_learns(tmp_path, monkeypatch, capsys):
-    """The README's demo as it runs (RGA-SC from scratch, 300 steps on CPU; TensorBoard off, one evaluation at
-    the end, TFLite float32 as the only export): it writes every artefact, evaluates before and after, exports
-    with its parity checks passing, and retrieval on the unseen identities ends far above the untrained
-    network's."""
+    """The README's demo (RGA-SC from scratch on CPU; TensorBoard off, one evaluation at the end, TFLite float32 as
+    the only export), its first 8 of 12 epochs: its learning rate is constant after the first epoch, so these are
+    the demo's first 200 steps exactly. It writes every artefact, evaluates before and after, exports with its
+    parity checks passing, and retrieval on the unseen identities ends far above the untrained network's
+    (the demo run in docs/TRAINING.md had mAP 15.1 after epoch 8, 3.4 untrained)."""
     monkeypatch.setenv("RGA_KERAS_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
-    epochs = training_config.demo_config()["training"]["epochs"]
+    epochs = 8
+    assert training_config.demo_config()["optimizer"]["milestones"] == []  # no rate change in the last 4 epochs
     assert main(["--demo", "--quiet", "--run-dir", str(run_dir), "-o", "export.formats=[tflite_float32]",
-                 "-o", "training.tensorboard=false", "-o", f"training.eval_every={epochs}"]) == 0
+                 "-o", "training.tensorboard=false", "-o", f"training.epochs={epochs}",
+                 "-o", f"training.eval_every={epochs}"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == epochs and len(summary["history"]["loss"]) == epochs
     assert summary["eval_feature"] == "after_bn"
