@@ -6,6 +6,17 @@ does that from the default run). On TensorFlow: quiet logs and two logical CPU d
 distribution tests.
 """
 import os
+import signal
+
+# The signal tests expect what a terminal gives a program. A shell's background job starts with SIGINT and SIGQUIT
+# ignored (nohup adds SIGHUP), which the programs rightly keep ignoring (docs/RELIABILITY.md): a test run started
+# that way saw no signal arrive and waited for ever. Every test process, and the programs it starts, begin from
+# the defaults instead.
+for _signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+    if signal.getsignal(_signum) is signal.SIG_IGN:
+        signal.signal(_signum, signal.SIG_DFL)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")

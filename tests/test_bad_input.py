@@ -635,8 +635,10 @@ def test_rga_serve_stops_on_every_signal_in_one_line(signum, capsys):
         for _ in range(3000):
             if server.started:
                 os.kill(os.getpid(), signum)
-                return
+                break
             time.sleep(0.01)
+        time.sleep(60)
+        server.should_exit = True  # the signal did not stop it: end the test with a failure, not a hang
 
     def work():
         threading.Thread(target=send_when_serving, daemon=True).start()
