@@ -77,6 +77,19 @@ def raise_if_interrupted() -> None:
         raise _exception(_received[-1])
 
 
+def interruption_in(err: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or `Interrupted` that ``err`` is, or that caused it: a signal that lands while a C
+    extension initialises (TensorFlow's, inside an import) comes back as ``ImportError: initialization failed``
+    raised from the interruption."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (KeyboardInterrupt, Interrupted)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def signal_of(err: BaseException) -> int:
     """The signal number an interruption exception stands for (KeyboardInterrupt: SIGINT)."""
     return err.signum if isinstance(err, Interrupted) else signal.SIGINT

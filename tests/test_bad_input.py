@@ -431,6 +431,36 @@ def test_sighup_to_a_starting_program_is_one_line_and_129():
     assert err.strip() == "rga-search: interrupted by SIGHUP while starting; nothing was done"
 
 
+@pytest.mark.parametrize("phase", ["starting", "work"])
+def test_a_signal_inside_a_native_import_is_one_line(phase, capsys):
+    """A signal landing while a C extension initialises (TensorFlow's, inside an import) comes back as
+    ``ImportError: initialization failed`` raised from the interruption: a CI run's SIGHUP at start-up printed
+    that traceback and ended with 1. Both phases answer it as the signal."""
+    from rga_keras.interrupts import Interrupted
+
+    def native_import():
+        try:
+            raise Interrupted(signal.SIGHUP)
+        except Interrupted as err:
+            raise ImportError("initialization failed") from err
+
+    if phase == "starting":
+        with pytest.raises(SystemExit) as ended:
+            with cli.starting("rga-search"):
+                native_import()
+        assert ended.value.code == 129
+        one_line(capsys, "rga-search", "interrupted by SIGHUP while starting; nothing was done")
+    else:
+        assert cli.run_command("rga-search", native_import) == 129
+        one_line(capsys, "rga-search", "interrupted by SIGHUP")
+
+    def a_real_import_error():
+        raise ImportError("no module named x")  # without an interruption behind it: bad input (a missing package)
+
+    assert cli.run_command("rga-search", a_real_import_error) == 2
+    one_line(capsys, "rga-search", "error: no module named x")
+
+
 def test_sigquit_during_an_export_removes_its_staging_folder(monkeypatch, capsys, tmp_path):
     def quit_while_building(formats, job):
         (job.staging / "saved_model").mkdir()

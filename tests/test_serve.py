@@ -234,7 +234,9 @@ def test_the_page_in_chromium(served, server, tmp_path):
         assert page.inner_text("#results-page") == "page 1 of 4 (top 14)"
         assert page.inner_text("#results .cell >> nth=0 >> .score") == "1: 1.0000"
         assert page.inner_text("#results .cell >> nth=0 >> .info") == "id 0000 · cam 2"
-        page.wait_for_function("document.querySelector('#attention img').complete")
+        # every image loaded (or failed) before they are measured: under load a thumbnail could still be loading
+        page.wait_for_function("[...document.querySelectorAll('#results img[src], #attention img')]"
+                               ".every(i => i.complete)")
         sizes = page.eval_on_selector_all("#results img[src], #attention img",
                                           "imgs => imgs.map(i => i.complete ? i.naturalWidth : -1)")
         assert len(sizes) >= 2 and min(sizes) > 0, sizes  # every thumbnail shown and the attention maps loaded

@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-from rga_keras.interrupts import Interrupted, handle_signals, signal_of
+from rga_keras.interrupts import handle_signals, interruption_in, signal_of
 from rga_keras.native_logs import quiet_native_stderr
 
 # TensorFlow's and LiteRT's native start-up lines stay off the programs' output unless the user chose a level
@@ -72,8 +72,11 @@ def starting(prog: str) -> Iterator[None]:
             yield
             if "tensorflow" in sys.modules:  # where TensorFlow probes for CUDA and logs its absence
                 sys.modules["tensorflow"].config.list_physical_devices()
-    except (KeyboardInterrupt, Interrupted) as err:
-        signum = signal_of(err)
+    except BaseException as err:
+        interruption = interruption_in(err)
+        if interruption is None:
+            raise
+        signum = signal_of(interruption)
         say(f"\n{prog}: interrupted by {signal.Signals(signum).name} while starting; nothing was done")
         sys.exit(128 + signum)
 
@@ -136,33 +139,41 @@ def run_command(prog: str, work: Callable[[], int], errors: tuple[type[BaseExcep
         with handle_signals(), warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(prog)
             return work()
-    except BrokenPipeError:  # `prog ... | head` stopped reading: end as a pipe's writer does, without a word
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 128 + signal.SIGPIPE
-    except failures as err:
-        say(f"{prog}: {error_message(err)}")
-        return EXIT_CHECK_FAILED
-    except (CommandError, *INPUT_ERRORS, *errors) as err:
-        say(f"{prog}: error: {error_message(err)}")
-        return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, Interrupted) as err:
-        signum = signal_of(err)
-        kept = on_interrupt() if on_interrupt else ""
-        say(f"\n{prog}: interrupted by {signal.Signals(signum).name}" + (f"; {kept}" if kept else ""))
-        return 128 + signum
-    except Exception as err:  # a full disk seen by a library; else a bug: one line, the traceback kept
-        if disk_full(err):
+    except BaseException as err:  # an interruption first: it may come wrapped (`interruption_in`)
+        interruption = interruption_in(err)
+        if interruption is not None:
+            signum = signal_of(interruption)
+            kept = on_interrupt() if on_interrupt else ""
+            say(f"\n{prog}: interrupted by {signal.Signals(signum).name}" + (f"; {kept}" if kept else ""))
+            return 128 + signum
+        if isinstance(err, BrokenPipeError):  # `prog ... | head` stopped reading: end as a pipe's writer does
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 128 + signal.SIGPIPE
+        if isinstance(err, failures):
+            say(f"{prog}: {error_message(err)}")
+            return EXIT_CHECK_FAILED
+        if isinstance(err, (CommandError, *INPUT_ERRORS, *errors)):
             say(f"{prog}: error: {error_message(err)}")
             return EXIT_BAD_INPUT
-        try:
-            where = f"traceback saved to {save_traceback(prog, err)}"
-        except OSError as save_err:
-            where = f"its traceback could not be saved ({error_message(save_err)})"
-        message = error_message(err)
-        message = message if len(message) <= 300 else message[:297] + "..."
-        say(f"{prog}: unexpected error (a bug, please report it): {type(err).__name__}: {message} — {where}")
-        return EXIT_UNEXPECTED
+        if not isinstance(err, Exception):  # SystemExit and the like go on
+            raise
+        return _unexpected(prog, err)
+
+
+def _unexpected(prog: str, err: Exception) -> int:
+    """A full disk seen by a library: 2; else a bug: 70, in one line, the traceback kept."""
+    if disk_full(err):
+        say(f"{prog}: error: {error_message(err)}")
+        return EXIT_BAD_INPUT
+    try:
+        where = f"traceback saved to {save_traceback(prog, err)}"
+    except OSError as save_err:
+        where = f"its traceback could not be saved ({error_message(save_err)})"
+    message = error_message(err)
+    message = message if len(message) <= 300 else message[:297] + "..."
+    say(f"{prog}: unexpected error (a bug, please report it): {type(err).__name__}: {message} — {where}")
+    return EXIT_UNEXPECTED
 
 
 # ---- what rga-eval and rga-visualize share: a model file and a dataset's query/gallery split -----------------
