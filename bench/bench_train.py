@@ -226,7 +226,7 @@ def table(summary: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the data, the runs, the logs and bench_train.json")
+    parser.add_argument("--out", help="folder for the data, the runs, the logs and bench_train.json (required)")
     parser.add_argument("--recipes", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_float16", "mixed_bfloat16"])
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run, the evaluation after the last (default 5)")
@@ -240,6 +240,8 @@ def main() -> int:
         recipe, data, run_dir, *overrides = args.child
         print(json.dumps(child(recipe, Path(data), Path(run_dir), overrides)))
         return 0
+    if not args.out:
+        parser.error("the following arguments are required: --out")
     measure(args)
     return 0
 
