@@ -22,31 +22,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZE = (64, 32)
 
 
-def _run(backend: str, args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+def _run(env: dict[str, str], args: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _suite(backend: str, name: str) -> None:
-    result = _run(backend, ["-m", "pytest", "-q", "-o", "addopts=", "-m", "not slow", "-p", "no:cacheprovider",
-                            f"tests/{name}"], timeout=1500)
+def _suite(env: dict[str, str], name: str) -> None:
+    result = _run(env, ["-m", "pytest", "-q", "-o", "addopts=", "-m", "not slow", "-p", "no:cacheprovider",
+                        f"tests/{name}"], timeout=1500)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout.splitlines()[-1]
 
 
 # One test per file, so the default run's workers share the backend suites out between them.
-@pytest.mark.parametrize("name", BACKEND_NEUTRAL)
-def test_backend_neutral_suite_on_jax(name):
-    _suite("jax", name)
+# CI seconds of each file on JAX (tests/conftest.py starts the long ones first)
+JAX_SECONDS = {"test_models.py": 130, "test_layers.py": 110, "test_weights.py": 35, "test_schemes.py": 35}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.long(JAX_SECONDS[name]))
+                                  if name in JAX_SECONDS else name for name in BACKEND_NEUTRAL])
+def test_backend_neutral_suite_on_jax(name, jax_environment):
+    _suite(jax_environment, name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
 @pytest.mark.parametrize("name", BACKEND_NEUTRAL)
 def test_backend_neutral_suite_on_torch(name):
-    _suite("torch", name)
+    _suite({**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"}, name)
 
 
-def test_import_build_and_train_load_no_tensorflow_on_jax():
+@pytest.mark.long(28)
+def test_import_build_and_train_load_no_tensorflow_on_jax(jax_environment):
     script = """
 import sys
 import numpy as np, keras, rga_keras
@@ -57,12 +62,13 @@ loss = model.train_on_batch(x, np.array([0, 1, 2, 0]))
 assert np.isfinite(loss), loss
 print("tensorflow loaded:", "tensorflow" in sys.modules)
 """
-    result = _run("jax", ["-c", script], timeout=600)
+    result = _run(jax_environment, ["-c", script], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("tensorflow loaded: False")
 
 
-def test_same_weights_give_the_same_embeddings_on_tensorflow_and_jax(tmp_path):
+@pytest.mark.long(29)
+def test_same_weights_give_the_same_embeddings_on_tensorflow_and_jax(tmp_path, jax_environment):
     """A model saved on TensorFlow, loaded on JAX: both embeddings agree to 1e-5 (relative, float32)."""
     rng = np.random.default_rng(0)
     # Seeded: on some draws of the initial weights the random network's embeddings differ between images by less
@@ -81,7 +87,7 @@ images = np.load({str(tmp_path / "images.npy")!r})
 for feature in ("after_bn", "before_bn"):
     np.save({str(tmp_path)!r} + f"/{{feature}}.npy", np.asarray(model.embedding_model(feature)(images, training=False)))
 """
-    result = _run("jax", ["-c", script], timeout=600)
+    result = _run(jax_environment, ["-c", script], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for feature, want in expected.items():
         got = np.load(tmp_path / f"{feature}.npy")

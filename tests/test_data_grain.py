@@ -2,7 +2,6 @@
 statistics against a NumPy reference, one stream for any number of workers, unreadable files skipped and recorded
 as tf.data does, Pillow's and TensorFlow's pixels, and no TensorFlow in the process."""
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +212,7 @@ def test_resize_matches_pillow_and_tensorflow(source, size):
     np.testing.assert_allclose(out, tf_resize(tf.constant(picture), *size).numpy(), rtol=0, atol=PIXELS)
 
 
-def test_grain_pipelines_run_without_tensorflow(tmp_path):
+def test_grain_pipelines_run_without_tensorflow(tmp_path, jax_environment):
     """Importing the Grain pipelines and reading batches (in this process and in a worker) loads no TensorFlow."""
     script = f"""
 import sys
@@ -233,8 +232,7 @@ if __name__ == "__main__":
     assert count == len(data.query), count
     print("tensorflow imported:", "tensorflow" in sys.modules)
 """
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=jax_environment, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("tensorflow imported: False"), result.stdout[-2000:]

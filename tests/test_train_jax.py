@@ -1,7 +1,8 @@
 """rga-train on the JAX backend (CPU), each run in a fresh process as a user starts it: a config run, the demo resumed
 after a kill, and the same run on two devices and on two processes, whose losses follow the one-device run.
 
-The runs share a persistent XLA compilation cache, so the model compiles once for all runs of the same shape."""
+The runs share the session's persistent XLA compilation cache (conftest.jax_environment), so what one run compiled
+the next one reads."""
 import json
 import os
 import signal
@@ -28,12 +29,10 @@ TINY = ["--quiet", "-o", "model.input_size=[32, 32]", "-o", "model.attention=c",
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """The environment of the runs (JAX on CPU, a shared compilation cache) and a synthetic dataset folder."""
+def setup(tmp_path_factory, jax_environment):
+    """The environment of the runs (JAX on CPU, the session's compilation cache) and a synthetic dataset folder."""
     root = tmp_path_factory.mktemp("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PYTHONPATH": str(ROOT), "RGA_KERAS_CACHE": str(root / "cache"),
-           "JAX_COMPILATION_CACHE_DIR": str(root / "xla")}
+    env = {**jax_environment, "PYTHONPATH": str(ROOT), "RGA_KERAS_CACHE": str(root / "cache")}
     data = generate(root / "synthetic", num_ids=16, images_per_id=4)  # the demo's dataset at -o dataset.num_ids=16
     return env, data, root
 
@@ -79,6 +78,7 @@ def one_device(setup):
     return run_dir, log
 
 
+@pytest.mark.long(26)
 def test_a_config_run_on_jax(one_device):
     run_dir, log = one_device
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,6 +97,7 @@ def backup_epoch(run_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.long(45)
 def test_the_demo_on_jax_resumes_after_a_kill(setup):
     """--demo (with Grain's worker processes, and the export, which says how to run it on TensorFlow later), killed
     with SIGKILL once an epoch is backed up, then run again: it resumes after that epoch and finishes."""
@@ -124,6 +125,7 @@ def test_the_demo_on_jax_resumes_after_a_kill(setup):
     assert "export" not in summary and not (run_dir / "export").exists()
 
 
+@pytest.mark.long(61)
 def test_two_devices_and_two_processes_follow_one_device(setup, one_device):
     """The config run on two logical CPU devices (DataParallel) and on two processes (TF_CONFIG): the losses stay
     within 1 % of the one-device run (measured: 1e-5; XLA computes the losses and the BatchNorm statistics over
@@ -132,7 +134,8 @@ def test_two_devices_and_two_processes_follow_one_device(setup, one_device):
     reference, _ = one_device
     config = config_run(data)
     two_devices = start(env, [*config, "--run-dir", str(root / "devices"), "-o", "training.devices=[/cpu:0, /cpu:1]"],
-                        root / "devices.log", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                        root / "devices.log",
+                        XLA_FLAGS=f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2")
     finish([two_devices])
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     processes = [start(env, [*config, "--run-dir", str(root / f"process{i}")], root / f"process{i}.log",
