@@ -23,7 +23,8 @@ SIZE = (64, 32)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny synthetic dataset at the model's input size and an untrained RGA-SC model saved as .keras.
+    """A tiny synthetic dataset at the model's input size and an untrained RGA-SC model saved as .keras (the RGA
+    ResNet with one bottleneck per stage: these tests are about the programs, not the network's size).
 
     Its BNNeck gets the moving statistics of the training images' features, as training would give it: with
     the initial ones (mean 0, variance 1) after_bn is a multiple of before_bn and both rank alike."""
@@ -31,7 +32,9 @@ def setup(tmp_path_factory):
     root = ensure_synthetic(tmp / "synth", num_ids=8, images_per_id=6, num_cameras=3, image_size=SIZE)
     data = load_dataset("market1501", root)
     keras.utils.set_random_seed(0)
-    model = rga_keras.build_rga_resnet50(data.num_train_ids, "sc", input_shape=(*SIZE, 3))
+    backbone = rga_keras.RGAResNetBackbone("sc", input_shape=(*SIZE, 3), stage_blocks=(1, 1, 1, 1),
+                                           stage_widths=(8, 16, 32, 64))
+    model = rga_keras.RGAReID(backbone, data.num_train_ids)
     f = rga_keras.embedding_model(model, "before_bn")(read_images(data.train[:32]), training=False).numpy()
     bnneck = model.bnneck
     bnneck.moving_mean.assign(f.mean(axis=0))
