@@ -58,6 +58,7 @@ def test_command_line_errors_are_clear(capsys, tmp_path):
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.long(55)
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     """SIGTERM (a scheduler's stop) during epoch 2 → exit 143 with how to resume, the backup of epoch 1 kept;
     the same command then continues after epoch 1, its training stream starting at the batch the
@@ -103,6 +104,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     assert [row["epoch"] for row in json.loads((run_dir / "history.json").read_text())] == [1, 2]
 
 
+@pytest.mark.long(460)
 def test_the_demo_runs_end_to_end_and_learns(tmp_path, monkeypatch, capsys):
     """The README's demo (RGA-SC from scratch on CPU; TensorBoard off, one evaluation at the end, TFLite float32 as
     the only export), its first 8 of 12 epochs: its learning rate is constant after the first epoch, so these are
