@@ -19,10 +19,10 @@ from rga_keras.cli import common as cli
 from rga_keras.training import config as training_config
 from rga_keras.cli import embed, evaluate, gallery, search, serve, synth, visualize
 from rga_keras.cli.train import main as rga_train
+from tests.checks import SMALL_RESNET
 
 # A small ResNet (one bottleneck per stage, widths 8–64): these runs check the program's answers, not the network.
-SMALL = ["-o", "model.stage_blocks=[1, 1, 1, 1]", "-o", "model.stage_widths=[8, 16, 32, 64]",
-         "-o", "model.backbone_weights=null"]
+SMALL = [*SMALL_RESNET, "-o", "model.backbone_weights=null"]
 TINY = ["--demo", "--quiet", "-o", "dataset.num_ids=8", "-o", "dataset.images_per_id=4",
         "-o", "sampler.num_ids_per_batch=2", "-o", "sampler.images_per_id=2", "-o", "training.epochs=1",
         "-o", "training.steps_per_epoch=1", "-o", "training.tensorboard=false", "-o", "export.enabled=false", *SMALL]
@@ -459,6 +459,19 @@ def test_a_signal_inside_a_native_import_is_one_line(phase, capsys):
 
     assert cli.run_command("rga-search", a_real_import_error) == 2
     one_line(capsys, "rga-search", "error: no module named x")
+
+
+def test_a_cleanup_that_fails_after_a_signal_ends_as_the_signal(capsys):
+    """Ctrl-C, then a cleanup on the way out raises (a full disk, a file already gone): the signal came first and
+    is what the user did, so the run ends as the signal (130), not as the cleanup's error (2)."""
+    def interrupted_work():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise OSError(errno.ENOSPC, "No space left on device", "run/last.keras")  # the cleanup's own error
+
+    assert cli.run_command("rga-train", interrupted_work) == 130
+    one_line(capsys, "rga-train", "interrupted by SIGINT")
 
 
 def test_sigquit_during_an_export_removes_its_staging_folder(monkeypatch, capsys, tmp_path):
