@@ -4,11 +4,22 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from rga_keras import RGAReID, RGAResNetBackbone
 from tests.backend import to_numpy
 
 # rga-train options for a small ResNet (one bottleneck per stage, widths 8–64): for tests whose subject is the
 # program's logic (resuming, distribution, bad input), not the full-size network's numbers.
 SMALL_RESNET = ["-o", "model.stage_blocks=[1, 1, 1, 1]", "-o", "model.stage_widths=[8, 16, 32, 64]"]
+
+
+def small_rga_resnet(num_classes: int, attention: str | None = "sc", input_shape=(64, 32, 3), *,
+                     stage_widths=(8, 16, 32, 64), name: str | None = None, **backbone_options) -> RGAReID:
+    """`SMALL_RESNET` in code: the re-id network over the RGA ResNet with one bottleneck per stage, for tests of
+    logic (programs, formats, saving) rather than of the full-size network's numbers. ``backbone_options`` go to
+    `RGAResNetBackbone` (e.g. ``rga_stages``); ``name`` names the task and, with "_backbone", its backbone."""
+    backbone = RGAResNetBackbone(attention, input_shape, stage_blocks=(1, 1, 1, 1), stage_widths=stage_widths,
+                                 **({"name": f"{name}_backbone"} if name else {}), **backbone_options)
+    return RGAReID(backbone, num_classes, **({"name": name} if name else {}))
 
 
 def unit(x) -> np.ndarray:

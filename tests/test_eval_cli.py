@@ -17,6 +17,7 @@ from rga_keras.models import FEATURES
 from rga_keras.visualize.plots import ranked_list_layout
 from rga_keras.cli import evaluate as rga_eval
 from rga_keras.cli import visualize as rga_visualize
+from tests.checks import small_rga_resnet
 
 SIZE = (64, 32)
 
@@ -32,9 +33,7 @@ def setup(tmp_path_factory):
     root = ensure_synthetic(tmp / "synth", num_ids=8, images_per_id=6, num_cameras=3, image_size=SIZE)
     data = load_dataset("market1501", root)
     keras.utils.set_random_seed(0)
-    backbone = rga_keras.RGAResNetBackbone("sc", input_shape=(*SIZE, 3), stage_blocks=(1, 1, 1, 1),
-                                           stage_widths=(8, 16, 32, 64))
-    model = rga_keras.RGAReID(backbone, data.num_train_ids)
+    model = small_rga_resnet(data.num_train_ids, "sc", (*SIZE, 3))
     f = rga_keras.embedding_model(model, "before_bn")(read_images(data.train[:32]), training=False).numpy()
     bnneck = model.bnneck
     bnneck.moving_mean.assign(f.mean(axis=0))

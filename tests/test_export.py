@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from rga_keras import RGAReID, RGAResNetBackbone, build_rga_resnet50, load_reid_model
+from rga_keras import RGAReID, build_rga_resnet50, load_reid_model
 from rga_keras import export as ex
 from rga_keras.export import hybrid, tflite
 from rga_keras.export.formats import Runner
@@ -30,7 +30,7 @@ from rga_keras.data.synthetic import ensure_synthetic
 from rga_keras.files import current_umask
 from rga_keras.optimizers import make_optimizer
 from rga_keras.training.model import compile_reid, to_reid_targets
-from tests.checks import unit
+from tests.checks import small_rga_resnet, unit
 
 SIZE = (64, 32)
 EMBEDDING_DIM = 4 * 32  # the tiny backbone's last stage: 4 × its width
@@ -45,9 +45,7 @@ def tiny_reid_model(num_classes: int, name: str = "tiny_rga") -> RGAReID:
     """The RGA ResNet in miniature (one bottleneck of width 4–32 per stage, 64×32 input): RGA-SC after
     stages 1 and 2, as fast to convert and run as a test needs."""
     keras.utils.set_random_seed(0)
-    backbone = RGAResNetBackbone("sc", (*SIZE, 3), rga_stages=(1, 2), stage_blocks=(1, 1, 1, 1),
-                                 stage_widths=(4, 8, 16, 32), name=f"{name}_backbone")
-    return RGAReID(backbone, num_classes, name=name)
+    return small_rga_resnet(num_classes, "sc", (*SIZE, 3), rga_stages=(1, 2), stage_widths=(4, 8, 16, 32), name=name)
 
 
 def keras_embeddings(model, images, feature="after_bn"):
@@ -455,9 +453,7 @@ def test_outer_product_relations_run_as_int8_multiplies(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     keras.utils.set_random_seed(0)
-    backbone = RGAResNetBackbone("sc", (*SIZE, 3), rga_stages=(3, 4), stage_blocks=(1, 1, 1, 1),
-                                 stage_widths=(4, 8, 16, 32))
-    model = RGAReID(backbone, 8)
+    model = small_rga_resnet(8, "sc", (*SIZE, 3), rga_stages=(3, 4), stage_widths=(4, 8, 16, 32))
     images = np.random.default_rng(0).uniform(0, 255, (16, *SIZE, 3)).astype(np.float32)
     ex.estimate_batchnorm_statistics(model, images)
     source = ex.write_float_saved_model(model, tmp_path / "source")

@@ -6,7 +6,7 @@ import pytest
 import rga_keras
 from rga_keras.layers import RGA
 from tests.backend import to_numpy
-from tests.checks import fit_and_round_trip
+from tests.checks import fit_and_round_trip, small_rga_resnet
 
 VARIANTS = [
     ("s", {}), ("c", {}), ("sc", {}), ("cs", {}), ("s//c", {}),
@@ -87,9 +87,7 @@ def test_rga_resnet_fits_and_round_trips(tmp_path):
     TensorFlow in test_train's demo test (and every variant in the slow test below); on JAX it is checked by
     test_backends (the same embeddings as on TensorFlow) and test_every_variant_builds_with_expected_outputs."""
     x, y = _data(8, (64, 32, 3), 5)
-    backbone = rga_keras.RGAResNetBackbone("sc", input_shape=(64, 32, 3), stage_blocks=(1, 1, 1, 1),
-                                           stage_widths=(4, 8, 16, 32))
-    fit_and_round_trip(rga_keras.RGAReID(backbone, 5), x, y, tmp_path)
+    fit_and_round_trip(small_rga_resnet(5, stage_widths=(4, 8, 16, 32)), x, y, tmp_path)
 
 
 @pytest.mark.slow

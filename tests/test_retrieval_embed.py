@@ -24,7 +24,7 @@ import rga_keras
 from rga_keras import export, retrieval
 from rga_keras.cli import embed as rga_embed
 from rga_keras.cli import search as rga_search
-from tests.checks import unit
+from tests.checks import small_rga_resnet, unit
 
 SIZE = (64, 32)
 
@@ -42,9 +42,7 @@ def setup(tmp_path_factory):
         Image.fromarray(image).save(paths[-1])
     (tmp / "gallery" / "broken.jpg").write_bytes(b"not an image")
     keras.utils.set_random_seed(0)
-    backbone = rga_keras.RGAResNetBackbone(None, input_shape=(*SIZE, 3), stage_blocks=(1, 1, 1, 1),
-                                           stage_widths=(8, 16, 32, 64))
-    model = rga_keras.RGAReID(backbone, 4)
+    model = small_rga_resnet(4, None, (*SIZE, 3))
     export.estimate_batchnorm_statistics(model, pixels.astype(np.float32))
     reference = unit(rga_keras.embedding_model(model, "after_bn")(pixels.astype(np.float32), training=False))
     mirrored = unit(rga_keras.embedding_model(model, "after_bn")(pixels[:, :, ::-1].astype(np.float32),
