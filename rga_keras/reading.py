@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,11 +40,11 @@ def read_json(path: str | os.PathLike) -> Any:
 @contextlib.contextmanager
 def naming(path: str | os.PathLike, what: str, hint: str = "") -> Iterator[None]:
     """Inside, a reader's error that does not name ``path`` (OSError, ValueError, KeyError, TypeError, RuntimeError, as
-    h5py and TensorFlow raise them) is raised again as a ValueError that does, saying it was ``what`` (and
+    h5py and TensorFlow raise them; zipfile's BadZipFile, a .keras file cut short) is raised again as a ValueError that does, saying it was ``what`` (and
     ``hint``: what to do): a message such as "truncated file: eof = 1000" then says which file is truncated."""
     try:
         yield
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as err:
         message = " ".join((str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)).split())
         if isinstance(err, OSError) and err.filename:  # named already (a missing file: the callers' business)
             raise

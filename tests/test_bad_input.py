@@ -577,7 +577,8 @@ def test_a_damaged_backup_is_named_with_what_to_do(tmp_path, capsys):
 
 
 def test_a_truncated_backup_of_weights_is_named(tmp_path):
-    """Keras' restore reads the weights file with h5py, whose error names no file ("truncated file: eof = …")."""
+    """Keras' restore reads the backup (a .keras file) with zipfile, whose error names no file ("File is not a zip
+    file")."""
     from rga_keras.training.callbacks import AtomicBackupAndRestore
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -589,7 +590,7 @@ def test_a_truncated_backup_of_weights_is_named(tmp_path):
     weights = Path(backup._weights_path)
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=rf"^{weights}: cannot be read as the weights of a backup to resume from "
-                                         r"\(.*truncated file: eof = 1000.*pass --fresh to start over"):
+                                         r"\(File is not a zip file\).*pass --fresh to start over"):
         backup.on_train_begin()
 
 

@@ -204,16 +204,69 @@ def test_failed_backup_keeps_previous_backup(tmp_path, monkeypatch):
     cb.set_model(model)
     cb.on_epoch_end(0)
     files = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
-    assert set(files) == {"latest.weights.h5", "training_metadata.json"}
+    assert set(files) == {"latest.keras", "training_metadata.json"}
 
     def broken(filepath, **kw):
-        open(filepath, "wb").write(b"\x89HDF")
+        open(filepath, "wb").write(b"PK\x03\x04")
         raise OSError("killed")
 
-    monkeypatch.setattr(model, "save_weights", broken)
+    monkeypatch.setattr(model, "save", broken)
     with pytest.raises(OSError):
         cb.on_epoch_end(1)
     assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)} == files
+
+
+def test_an_epochs_state_is_written_once_and_linked(tmp_path, monkeypatch):
+    """last.keras is serialised; best.keras and the backup of the same epoch are the same file (a hard link),
+    and stay that epoch's state when the next epoch replaces last.keras. Without hard links, a copy."""
+    model = compiled_model(0)
+    run = tmp_path / "run"
+    callbacks = make_callbacks(str(run), tensorboard=False, checkpoint_best_monitor="loss", best_mode="min")
+    for cb in callbacks:
+        cb.set_model(model)
+    last, best, backup = run / "last.keras", run / "best.keras", run / "backup" / "latest.keras"
+    for cb in callbacks:
+        cb.on_epoch_end(0, {"loss": 1.0})
+    assert os.path.samefile(last, best) and os.path.samefile(last, backup)
+    epoch1, weights1 = last.read_bytes(), model.get_weights()
+    model.set_weights([w + 1 for w in weights1])
+    for cb in callbacks:
+        cb.on_epoch_end(1, {"loss": 2.0})  # not the best: best.keras stays epoch 1's
+    assert os.path.samefile(last, backup) and not os.path.samefile(last, best)
+    assert best.read_bytes() == epoch1 and last.read_bytes() != epoch1
+    for a, b in zip(keras.saving.load_model(best, compile=False).get_weights(), weights1):
+        np.testing.assert_array_equal(a, b)
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    for cb in callbacks:
+        cb.on_epoch_end(2, {"loss": 0.5})
+    assert best.read_bytes() == last.read_bytes() == backup.read_bytes() and not os.path.samefile(last, best)
+    assert sorted(p.name for p in run.iterdir()) == ["backup", "best.keras", "best.keras.json", "history.csv",
+                                                     "history.json", "last.keras"]  # no temporaries left
+
+
+def test_a_backup_of_weights_alone_still_resumes(tmp_path):
+    """Backups used to be Keras' latest.weights.h5: a run interrupted then resumes from it, and writes .keras."""
+    trained, fresh = compiled_model(0), compiled_model(1)
+    trained.optimizer.build(trained.trainable_variables)
+    trained.optimizer.iterations.assign(8)
+    older = keras.callbacks.BackupAndRestore(str(tmp_path))
+    older.set_model(trained)
+    older._current_epoch = 2
+    older._save_model()
+    assert sorted(os.listdir(tmp_path)) == ["latest.weights.h5", "training_metadata.json"]
+    backup = AtomicBackupAndRestore(str(tmp_path))
+    backup.set_model(fresh)
+    backup.on_train_begin()
+    assert fresh._initial_epoch == 2 and int(fresh.optimizer.iterations) == 8
+    for a, b in zip(fresh.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    backup.on_epoch_end(2)
+    assert "latest.keras" in os.listdir(tmp_path)
+    assert json.load(open(tmp_path / "training_metadata.json"))["epoch"] == 3
 
 
 def test_best_checkpoint_follows_monitor_across_restarts(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import warnings
 from typing import Callable
 
@@ -26,6 +27,32 @@ def save_model_atomic(model: keras.Model, path: str) -> None:
     with undistributed():  # Keras' saving makes variables: on one process of several, they must be its own
         atomic_write(path, lambda tmp: model.save(tmp, overwrite=True))
 
+
+def link_atomic(source: str, path: str) -> None:
+    """``path`` becomes the file ``source`` is (a hard link; a copy where the filesystem has none), atomically.
+    A checkpoint is only ever replaced by renaming a new file over it, never changed in place, so files linked
+    this way stay what they were when linked."""
+    def link(tmp: str) -> None:
+        os.remove(tmp)  # atomic_write made it; the link takes its name
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    atomic_write(path, link)
+
+
+class _SavesOrLinks:
+    """Writes the model's whole state (a .keras file) once per epoch: a file another checkpoint (``copy_of``)
+    wrote for the same epoch is linked rather than serialised again. The demo's 311 MiB state (weights and
+    Adam's moments) took ~4 s to write, and last.keras, best.keras and the backup each wrote it."""
+
+    copy_of: "AtomicCheckpoint | None"
+
+    def _write_state(self, path: str, epochs_done: int) -> None:
+        if self.copy_of is not None and self.copy_of.saved_after == epochs_done:
+            link_atomic(self.copy_of.filepath, path)
+        else:
+            save_model_atomic(self.model, path)
 
 class TrainingDiverged(RuntimeError):
     """Training stopped because its loss or its features stopped making sense (`DivergenceGuard`)."""
@@ -115,31 +142,47 @@ _START_OVER = ("the run cannot resume from it: pass --fresh to start over (the r
                "deleted)")
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore with each backup file (weights, epoch counter) replaced atomically,
-    so a kill during a backup leaves the previous one loadable. A kill between the two renames
-    makes the resumed run repeat one epoch."""
+class AtomicBackupAndRestore(_SavesOrLinks, keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore with each backup file (the model's state as a .keras file, the epoch counter)
+    replaced atomically, so a kill during a backup leaves the previous one loadable. A kill between the two
+    renames makes the resumed run repeat one epoch. With ``copy_of`` (the run's last.keras checkpoint, which
+    comes before it) the state is a link to that epoch's file rather than a second serialisation of it."""
+
+    def __init__(self, backup_dir: str, copy_of: AtomicCheckpoint | None = None) -> None:
+        super().__init__(backup_dir)
+        self.copy_of = copy_of
+        # A whole .keras file rather than Keras' latest.weights.h5: model.load_weights restores the same state
+        # (weights, optimizer, step count) from either, and last.keras can then be linked here.
+        self._weights_path = os.path.join(backup_dir, "latest.keras")
+        self._prev_weights_path = f"{self._weights_path}.bkp"
 
     def on_train_begin(self, logs=None):
-        with naming(self._weights_path, "the weights of a backup to resume from", _START_OVER):
-            super().on_train_begin(logs)
+        keras_file, older = self._weights_path, os.path.join(self.backup_dir, "latest.weights.h5")
+        if not os.path.exists(keras_file) and os.path.exists(older):  # written before backups were .keras files
+            self._weights_path = older
+        try:
+            with naming(self._weights_path, "the weights of a backup to resume from", _START_OVER):
+                super().on_train_begin(logs)
+        finally:
+            self._weights_path = keras_file
 
     def _save_model(self):
-        with undistributed():  # as in save_model_atomic
-            atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
+        self._write_state(self._weights_path, self._current_epoch)
         write_text_atomic(self._training_metadata_path,
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
-class AtomicCheckpoint(keras.callbacks.Callback):
+class AtomicCheckpoint(_SavesOrLinks, keras.callbacks.Callback):
     """Save the model (.keras) every epoch, or only when ``monitor`` improves, atomically.
 
     With a monitor the best value is kept in ``<path>.json`` so it survives a resume; epochs
     whose logs lack the monitor (e.g. no evaluation that epoch) are skipped. ``mode`` "auto"
-    maximises names containing acc/map/rank/cmc and minimises the rest.
+    maximises names containing acc/map/rank/cmc and minimises the rest. With ``copy_of`` (a checkpoint
+    that comes before this one), an epoch that one saved is linked from its file.
     """
 
-    def __init__(self, filepath: str, monitor: str | None = None, mode: str = "auto"):
+    def __init__(self, filepath: str, monitor: str | None = None, mode: str = "auto",
+                 copy_of: AtomicCheckpoint | None = None):
         super().__init__()
         if not filepath.endswith(".keras"):
             raise ValueError(f"checkpoint path must end in .keras, found {filepath!r}")
@@ -147,8 +190,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', found {mode!r}")
         if mode == "auto" and monitor is not None:
             mode = "max" if any(k in monitor.lower() for k in ("acc", "map", "rank", "cmc")) else "min"
-        self.filepath, self.monitor, self.mode = filepath, monitor, mode
+        self.filepath, self.monitor, self.mode, self.copy_of = filepath, monitor, mode, copy_of
         self.best = None
+        self.saved_after: int | None = None  # the epoch (counted from 1) whose end this file holds
 
     def on_train_begin(self, logs=None):
         if self.monitor and os.path.exists(self.filepath + ".json"):
@@ -158,15 +202,16 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor is None:
-            save_model_atomic(self.model, self.filepath)
+            self._write_state(self.filepath, epoch + 1)
+            self.saved_after = epoch + 1
             return
         value, loss = (logs or {}).get(self.monitor), (logs or {}).get("loss", 0.0)
         if value is None or not math.isfinite(float(value)) or not math.isfinite(float(loss)):
             return  # an epoch whose loss is NaN/inf is never the best, whatever its evaluation said
         value = float(value)
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-            save_model_atomic(self.model, self.filepath)
-            self.best = value
+            self._write_state(self.filepath, epoch + 1)
+            self.saved_after, self.best = epoch + 1, value
             write_text_atomic(self.filepath + ".json",
                               json.dumps({"monitor": self.monitor, "value": value, "epoch": epoch + 1}))
 
@@ -209,7 +254,8 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
     - ``tensorboard/``: TensorBoard logs (skipped with a warning when tensorboard is missing);
     - ``history.json`` / ``history.csv``: per-epoch logs (``epoch`` counted from 1);
     - ``last.keras`` every epoch, ``best.keras`` (+ ``best.keras.json``) when
-      ``checkpoint_best_monitor`` improves; both written atomically;
+      ``checkpoint_best_monitor`` improves; both written atomically, best.keras (and the backup) as links to
+      last.keras when they hold the same epoch;
     - ``backup/``: BackupAndRestore state, so re-running the same fit after a kill resumes at the
       epoch after the last completed one (weights, optimiser state and step count restored);
       it is deleted when fit completes. It comes last, so an epoch only counts as done once the
@@ -228,12 +274,14 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
         elif tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")))
         callbacks.append(HistoryLog(run_dir))
-        callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "last.keras")))
+    last = AtomicCheckpoint(os.path.join(run_dir, "last.keras")) if chief else None
+    if chief:
+        callbacks.append(last)
         if checkpoint_best_monitor:
-            callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "best.keras"),
-                                              monitor=checkpoint_best_monitor, mode=best_mode))
+            callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "best.keras"), monitor=checkpoint_best_monitor,
+                                              mode=best_mode, copy_of=last))
     if backup:
-        callbacks.append(AtomicBackupAndRestore(_backup_dir(run_dir)))
+        callbacks.append(AtomicBackupAndRestore(_backup_dir(run_dir), copy_of=last))
     return callbacks
 
 
