@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from rga_keras.cores import available_cores
+
 # The signal tests expect what a terminal gives a program. A shell's background job starts with SIGINT and SIGQUIT
 # ignored (nohup adds SIGHUP), which the programs rightly keep ignoring (docs/RELIABILITY.md): a test run started
 # that way saw no signal arrive and waited for ever. Every test process, and the programs it starts, begin from
@@ -30,8 +32,15 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":
     import tensorflow as tf
 
     _cpus = tf.config.list_physical_devices("CPU")
+    # Under xdist each worker's TensorFlow splits an op over its share of the cores, not all of them: with every
+    # worker's intra-op pool as wide as the machine, an op's threads wait for those another worker has preempted.
+    # The demo's train step on 2 cores beside one busy process: 2.05 s with TensorFlow's default 2 intra-op
+    # threads, 1.28 s with 1 (alone: 1.02 s and 0.95 s). JAX's CPU runtime showed no such effect.
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     try:  # must happen before TensorFlow initialises its devices
         tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+        if _workers > 1:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, available_cores() // _workers))
     except RuntimeError:
         pass
 else:
