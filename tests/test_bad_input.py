@@ -576,21 +576,25 @@ def test_a_damaged_backup_is_named_with_what_to_do(tmp_path, capsys):
     assert sorted(p.name for p in run_dir.rglob("*")) == ["backup", "training_metadata.json"]  # as it was
 
 
-def test_a_truncated_backup_of_weights_is_named(tmp_path):
-    """Keras' restore reads the backup (a .keras file) with zipfile, whose error names no file ("File is not a zip
-    file")."""
-    from rga_keras.training.callbacks import AtomicBackupAndRestore
+@pytest.mark.parametrize("linked", [False, True], ids=["weights.h5", "keras"])
+def test_a_truncated_backup_of_weights_is_named(tmp_path, linked):
+    """Keras' restore reads the backup with h5py (latest.weights.h5) or zipfile (latest.keras, the chief's link to
+    last.keras), whose errors name no file ("truncated file: eof = …", "File is not a zip file")."""
+    from rga_keras.training.callbacks import AtomicBackupAndRestore, AtomicCheckpoint
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
-    backup = AtomicBackupAndRestore(str(tmp_path / "backup"))
-    backup.set_model(model)
-    backup._current_epoch = 1
-    backup._save_model()
+    last = AtomicCheckpoint(str(tmp_path / "last.keras")) if linked else None
+    backup = AtomicBackupAndRestore(str(tmp_path / "backup"), copy_of=last)
+    for cb in (last, backup) if linked else (backup,):
+        cb.set_model(model)
+        cb.on_epoch_end(0)
     weights = Path(backup._weights_path)
+    assert weights.name == ("latest.keras" if linked else "latest.weights.h5")
     weights.write_bytes(weights.read_bytes()[:1000])
+    error = "File is not a zip file" if linked else ".*truncated file: eof = 1000.*"
     with pytest.raises(ValueError, match=rf"^{weights}: cannot be read as the weights of a backup to resume from "
-                                         r"\(File is not a zip file\).*pass --fresh to start over"):
+                                         rf"\({error}\).*pass --fresh to start over"):
         backup.on_train_begin()
 
 

@@ -204,13 +204,13 @@ def test_failed_backup_keeps_previous_backup(tmp_path, monkeypatch):
     cb.set_model(model)
     cb.on_epoch_end(0)
     files = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
-    assert set(files) == {"latest.keras", "training_metadata.json"}
+    assert set(files) == {"latest.weights.h5", "training_metadata.json"}
 
     def broken(filepath, **kw):
-        open(filepath, "wb").write(b"PK\x03\x04")
+        open(filepath, "wb").write(b"\x89HDF")
         raise OSError("killed")
 
-    monkeypatch.setattr(model, "save", broken)
+    monkeypatch.setattr(model, "save_weights", broken)
     with pytest.raises(OSError):
         cb.on_epoch_end(1)
     assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)} == files
@@ -248,25 +248,25 @@ def test_an_epochs_state_is_written_once_and_linked(tmp_path, monkeypatch):
                                                      "history.json", "last.keras"]  # no temporaries left
 
 
-def test_a_backup_of_weights_alone_still_resumes(tmp_path):
-    """Backups used to be Keras' latest.weights.h5: a run interrupted then resumes from it, and writes .keras."""
-    trained, fresh = compiled_model(0), compiled_model(1)
+def test_a_backup_of_the_other_kind_resumes(tmp_path):
+    """The chief's backup is a link to last.keras (latest.keras); other workers', and backups written before links,
+    are Keras' latest.weights.h5. Either resumes with the other kind of callback, weights, optimizer step and epoch."""
+    trained = compiled_model(0)
     trained.optimizer.build(trained.trainable_variables)
     trained.optimizer.iterations.assign(8)
-    older = keras.callbacks.BackupAndRestore(str(tmp_path))
-    older.set_model(trained)
-    older._current_epoch = 2
-    older._save_model()
-    assert sorted(os.listdir(tmp_path)) == ["latest.weights.h5", "training_metadata.json"]
-    backup = AtomicBackupAndRestore(str(tmp_path))
-    backup.set_model(fresh)
-    backup.on_train_begin()
-    assert fresh._initial_epoch == 2 and int(fresh.optimizer.iterations) == 8
-    for a, b in zip(fresh.get_weights(), trained.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    backup.on_epoch_end(2)
-    assert "latest.keras" in os.listdir(tmp_path)
-    assert json.load(open(tmp_path / "training_metadata.json"))["epoch"] == 3
+    last = AtomicCheckpoint(str(tmp_path / "last.keras"))
+    for copy_of, other in ((None, last), (last, None)):
+        backup_dir = tmp_path / f"backup-{copy_of is None}"
+        for cb in [c for c in (copy_of, AtomicBackupAndRestore(str(backup_dir), copy_of=copy_of)) if c]:
+            cb.set_model(trained)
+            cb.on_epoch_end(1)
+        fresh = compiled_model(1)
+        backup = AtomicBackupAndRestore(str(backup_dir), copy_of=other)
+        backup.set_model(fresh)
+        backup.on_train_begin()
+        assert fresh._initial_epoch == 2 and int(fresh.optimizer.iterations) == 8
+        for a, b in zip(fresh.get_weights(), trained.get_weights()):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_best_checkpoint_follows_monitor_across_restarts(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from rga_keras.reading import naming, read_json
 from rga_keras.training.cluster import is_chief, worker_index
 from rga_keras.undistributed import undistributed
 
+
 def save_model_atomic(model: keras.Model, path: str) -> None:
     """``model.save(path)`` (a .keras file) through a temp file and rename."""
     if not path.endswith(".keras"):
@@ -43,8 +44,8 @@ def link_atomic(source: str, path: str) -> None:
 
 class _SavesOrLinks:
     """Writes the model's whole state (a .keras file) once per epoch: a file another checkpoint (``copy_of``)
-    wrote for the same epoch is linked rather than serialised again. The demo's 311 MiB state (weights and
-    Adam's moments) took ~4 s to write, and last.keras, best.keras and the backup each wrote it."""
+    wrote for the same epoch is linked rather than serialised again. model.save of the demo's 311 MiB state
+    (weights and Adam's moments) costs ~5 s of CPU on a 2-core machine; best.keras wrote it again."""
 
     copy_of: "AtomicCheckpoint | None"
 
@@ -53,6 +54,7 @@ class _SavesOrLinks:
             link_atomic(self.copy_of.filepath, path)
         else:
             save_model_atomic(self.model, path)
+
 
 class TrainingDiverged(RuntimeError):
     """Training stopped because its loss or its features stopped making sense (`DivergenceGuard`)."""
@@ -143,31 +145,38 @@ _START_OVER = ("the run cannot resume from it: pass --fresh to start over (the r
 
 
 class AtomicBackupAndRestore(_SavesOrLinks, keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore with each backup file (the model's state as a .keras file, the epoch counter)
-    replaced atomically, so a kill during a backup leaves the previous one loadable. A kill between the two
-    renames makes the resumed run repeat one epoch. With ``copy_of`` (the run's last.keras checkpoint, which
-    comes before it) the state is a link to that epoch's file rather than a second serialisation of it."""
+    """Keras' BackupAndRestore with each backup file (the model's state, the epoch counter) replaced atomically,
+    so a kill during a backup leaves the previous one loadable. A kill between the two renames makes the resumed
+    run repeat one epoch.
+
+    With ``copy_of`` (the run's last.keras checkpoint, which comes before it) the state is ``latest.keras``, a link
+    to that epoch's file; without (workers other than the chief) Keras' ``latest.weights.h5``. ``model.load_weights``
+    restores the same state (weights, optimizer, step count) from either, and a resume reads whichever is there.
+    """
 
     def __init__(self, backup_dir: str, copy_of: AtomicCheckpoint | None = None) -> None:
         super().__init__(backup_dir)
         self.copy_of = copy_of
-        # A whole .keras file rather than Keras' latest.weights.h5: model.load_weights restores the same state
-        # (weights, optimizer, step count) from either, and last.keras can then be linked here.
-        self._weights_path = os.path.join(backup_dir, "latest.keras")
-        self._prev_weights_path = f"{self._weights_path}.bkp"
+        self._kinds = [os.path.join(backup_dir, name) for name in ("latest.keras", "latest.weights.h5")]
+        if copy_of is not None:
+            self._weights_path = self._kinds[0]
+            self._prev_weights_path = f"{self._weights_path}.bkp"
 
     def on_train_begin(self, logs=None):
-        keras_file, older = self._weights_path, os.path.join(self.backup_dir, "latest.weights.h5")
-        if not os.path.exists(keras_file) and os.path.exists(older):  # written before backups were .keras files
-            self._weights_path = older
+        own = self._weights_path
+        self._weights_path = next((path for path in (own, *self._kinds) if os.path.exists(path)), own)
         try:
             with naming(self._weights_path, "the weights of a backup to resume from", _START_OVER):
                 super().on_train_begin(logs)
         finally:
-            self._weights_path = keras_file
+            self._weights_path = own
 
     def _save_model(self):
-        self._write_state(self._weights_path, self._current_epoch)
+        if self.copy_of is not None:
+            self._write_state(self._weights_path, self._current_epoch)
+        else:
+            with undistributed():  # as in save_model_atomic
+                atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
         write_text_atomic(self._training_metadata_path,
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
