@@ -40,8 +40,9 @@ def read_json(path: str | os.PathLike) -> Any:
 @contextlib.contextmanager
 def naming(path: str | os.PathLike, what: str, hint: str = "") -> Iterator[None]:
     """Inside, a reader's error that does not name ``path`` (OSError, ValueError, KeyError, TypeError, RuntimeError, as
-    h5py and TensorFlow raise them; zipfile's BadZipFile, a .keras file cut short) is raised again as a ValueError that does, saying it was ``what`` (and
-    ``hint``: what to do): a message such as "truncated file: eof = 1000" then says which file is truncated."""
+    h5py and TensorFlow raise them; zipfile's BadZipFile, a .keras file cut short) is raised again as a ValueError
+    that does, saying it was ``what`` (and ``hint``: what to do): a message such as "truncated file: eof = 1000" then
+    says which file is truncated."""
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile) as err:

@@ -42,18 +42,15 @@ def link_atomic(source: str, path: str) -> None:
     atomic_write(path, link)
 
 
-class _SavesOrLinks:
-    """Writes the model's whole state (a .keras file) once per epoch: a file another checkpoint (``copy_of``)
-    wrote for the same epoch is linked rather than serialised again. model.save of the demo's 311 MiB state
-    (weights and Adam's moments) costs ~5 s of CPU on a 2-core machine; best.keras wrote it again."""
-
-    copy_of: "AtomicCheckpoint | None"
-
-    def _write_state(self, path: str, epochs_done: int) -> None:
-        if self.copy_of is not None and self.copy_of.saved_after == epochs_done:
-            link_atomic(self.copy_of.filepath, path)
-        else:
-            save_model_atomic(self.model, path)
+def save_or_link(model: keras.Model, path: str, epochs_done: int, source: AtomicCheckpoint | None) -> None:
+    """The model's whole state into ``path`` (.keras) after ``epochs_done`` epochs, once per epoch: linked from
+    ``source``'s file when that checkpoint holds the same epoch, else serialised. model.save of the demo's 311 MiB
+    state (weights and Adam's moments) costs ~5 s of CPU on a 2-core machine; last.keras, best.keras and the backup
+    each wrote it."""
+    if source is not None and source.saved_after == epochs_done:
+        link_atomic(source.filepath, path)
+    else:
+        save_model_atomic(model, path)
 
 
 class TrainingDiverged(RuntimeError):
@@ -144,7 +141,7 @@ _START_OVER = ("the run cannot resume from it: pass --fresh to start over (the r
                "deleted)")
 
 
-class AtomicBackupAndRestore(_SavesOrLinks, keras.callbacks.BackupAndRestore):
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' BackupAndRestore with each backup file (the model's state, the epoch counter) replaced atomically,
     so a kill during a backup leaves the previous one loadable. A kill between the two renames makes the resumed
     run repeat one epoch.
@@ -157,14 +154,14 @@ class AtomicBackupAndRestore(_SavesOrLinks, keras.callbacks.BackupAndRestore):
     def __init__(self, backup_dir: str, copy_of: AtomicCheckpoint | None = None) -> None:
         super().__init__(backup_dir)
         self.copy_of = copy_of
-        self._kinds = [os.path.join(backup_dir, name) for name in ("latest.keras", "latest.weights.h5")]
         if copy_of is not None:
-            self._weights_path = self._kinds[0]
+            self._weights_path = os.path.join(backup_dir, "latest.keras")
             self._prev_weights_path = f"{self._weights_path}.bkp"
 
     def on_train_begin(self, logs=None):
         own = self._weights_path
-        self._weights_path = next((path for path in (own, *self._kinds) if os.path.exists(path)), own)
+        kinds = [own] + [os.path.join(self.backup_dir, name) for name in ("latest.keras", "latest.weights.h5")]
+        self._weights_path = next((path for path in kinds if os.path.exists(path)), own)
         try:
             with naming(self._weights_path, "the weights of a backup to resume from", _START_OVER):
                 super().on_train_begin(logs)
@@ -173,7 +170,7 @@ class AtomicBackupAndRestore(_SavesOrLinks, keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         if self.copy_of is not None:
-            self._write_state(self._weights_path, self._current_epoch)
+            save_or_link(self.model, self._weights_path, self._current_epoch, self.copy_of)
         else:
             with undistributed():  # as in save_model_atomic
                 atomic_write(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
@@ -181,7 +178,7 @@ class AtomicBackupAndRestore(_SavesOrLinks, keras.callbacks.BackupAndRestore):
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
-class AtomicCheckpoint(_SavesOrLinks, keras.callbacks.Callback):
+class AtomicCheckpoint(keras.callbacks.Callback):
     """Save the model (.keras) every epoch, or only when ``monitor`` improves, atomically.
 
     With a monitor the best value is kept in ``<path>.json`` so it survives a resume; epochs
@@ -211,7 +208,7 @@ class AtomicCheckpoint(_SavesOrLinks, keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor is None:
-            self._write_state(self.filepath, epoch + 1)
+            save_or_link(self.model, self.filepath, epoch + 1, self.copy_of)
             self.saved_after = epoch + 1
             return
         value, loss = (logs or {}).get(self.monitor), (logs or {}).get("loss", 0.0)
@@ -219,7 +216,7 @@ class AtomicCheckpoint(_SavesOrLinks, keras.callbacks.Callback):
             return  # an epoch whose loss is NaN/inf is never the best, whatever its evaluation said
         value = float(value)
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-            self._write_state(self.filepath, epoch + 1)
+            save_or_link(self.model, self.filepath, epoch + 1, self.copy_of)
             self.saved_after, self.best = epoch + 1, value
             write_text_atomic(self.filepath + ".json",
                               json.dumps({"monitor": self.monitor, "value": value, "epoch": epoch + 1}))
@@ -274,7 +271,7 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
     """
     os.makedirs(run_dir, exist_ok=True)
     callbacks: list[keras.callbacks.Callback] = []
-    chief = is_chief()
+    chief, last = is_chief(), None
     if chief:
         missing = [name for name in ("tensorboard", "tensorflow") if importlib.util.find_spec(name) is None]
         if tensorboard and missing:  # Keras writes TensorBoard logs with TensorFlow, whatever the backend
@@ -283,8 +280,7 @@ def make_callbacks(run_dir: str, *, backup: bool = True, tensorboard: bool = Tru
         elif tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard")))
         callbacks.append(HistoryLog(run_dir))
-    last = AtomicCheckpoint(os.path.join(run_dir, "last.keras")) if chief else None
-    if chief:
+        last = AtomicCheckpoint(os.path.join(run_dir, "last.keras"))
         callbacks.append(last)
         if checkpoint_best_monitor:
             callbacks.append(AtomicCheckpoint(os.path.join(run_dir, "best.keras"), monitor=checkpoint_best_monitor,
