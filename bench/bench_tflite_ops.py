@@ -3,12 +3,11 @@ kernels, each of them timed alone, against the whole model.
 
     python bench/bench_tflite_ops.py OUT/tflite/rga_v1_int8_full.tflite
 
-The delegate replaces each partition of the graph it can run by one ``DELEGATE`` node whose inputs and
-outputs bound that partition; the interpreter's op list keeps the original nodes, so a node is delegated
-when it lies between some ``DELEGATE`` node's inputs and outputs. Every other node is cut out of the
-flatbuffer into a model of its own (its constant inputs kept, the others fed random values) and timed
-like the whole model: median CPU time of ``--runs`` calls with ``--threads`` LiteRT threads (default 1, where
-CPU time is the op's cost whatever the machine's load). docs/BENCHMARKS.md ("Full-integer int8") has a run.
+Which nodes the delegate leaves is `rga_keras.export.tflite.undelegated_nodes` (the export report counts them
+as "outside_xnnpack"). Each is cut out of the flatbuffer into a model of its own (its constant inputs kept,
+the others fed random values) and timed like the whole model: median CPU time of ``--runs`` calls with
+``--threads`` LiteRT threads (default 1, where CPU time is the op's cost whatever the machine's load).
+docs/BENCHMARKS.md ("Full-integer int8") has a run.
 """
 from __future__ import annotations
 
@@ -46,28 +45,6 @@ def cpu_ms(model: bytes, runs: int, threads: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def undelegated_nodes(model: bytes, threads: int) -> tuple[list[dict], int, int]:
-    """The nodes XNNPACK leaves to LiteRT ({"index", "op_name", "inputs", "outputs"}), the number of nodes
-    and the number of XNNPACK partitions."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=model, num_threads=threads)
-    interpreter.allocate_tensors()
-    ops = interpreter._get_ops_details()  # LiteRT's only op listing; tflite_ops uses it too
-    nodes = [op for op in ops if op["op_name"] != "DELEGATE"]
-    producer = {tensor: op["index"] for op in nodes for tensor in op["outputs"]}
-    delegated = set()
-    for partition in (op for op in ops if op["op_name"] == "DELEGATE"):
-        stop, todo = set(partition["inputs"]), list(partition["outputs"])
-        while todo:  # walk back from the partition's outputs to its inputs
-            tensor = todo.pop()
-            if tensor in stop or tensor not in producer or producer[tensor] in delegated:
-                continue
-            delegated.add(producer[tensor])
-            todo.extend(i for i in nodes[producer[tensor]]["inputs"] if i >= 0)
-    return [op for op in nodes if op["index"] not in delegated], len(nodes), len(ops) - len(nodes)
-
-
 def single_op_model(model: bytes, index: int) -> bytes:
     """The model's node ``index`` alone: its non-constant inputs become the model's inputs."""
     from tensorflow.lite.tools import flatbuffer_utils
@@ -91,6 +68,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from ai_edge_litert.interpreter import Interpreter
+
+    from rga_keras.export.tflite import undelegated_nodes
 
     model = args.model.read_bytes()
     outside, count, partitions = undelegated_nodes(model, args.threads)

@@ -441,6 +441,38 @@ def test_full_integer_int8_has_no_float_op(exported, model, data):
     check = report["checks"]["tflite_int8_full"]
     assert check["float_ops"] == {} and check["ops"]["BATCH_MATMUL"] == 8 and "float_nodes" not in check
     assert set(check["calibration_cosine"]) == set(ex.INT8_RANGE_PERCENTILES)
+    # The relation products run in XNNPACK (their right-hand operands at zero point 0), the convolutions too.
+    assert "BATCH_MATMUL" not in check["outside_xnnpack"] and "CONV_2D" not in check["outside_xnnpack"]
+    assert report["checks"]["tflite_int8"]["outside_xnnpack"].get("BATCH_MATMUL") is None  # float32 ones
+
+
+@pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")  # every tensor is the point
+def test_full_integer_relation_products_match_numpy(exported, data):
+    """Each int8 BATCH_MATMUL of the full-integer model (a relation product θ·(Φᵀ W)) has a right-hand operand
+    with zero point 0 (`zero_point_free_products`) and computes NumPy's product of its dequantised inputs
+    to within one output step (saturating at the output's range)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, _ = exported
+    interpreter = Interpreter(model_path=str(out / "tflite" / "rga_v1_int8_full.tflite"),
+                              experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images_of(data.query[:1]).astype(np.uint8))
+    interpreter.invoke()
+    tensors = interpreter.get_tensor_details()
+
+    def real(i):
+        scale, zero = tensors[i]["quantization"]
+        return scale * (interpreter.get_tensor(i).astype(np.float64) - zero)
+
+    products = [op for op in interpreter._get_ops_details() if op["op_name"] == "BATCH_MATMUL"]
+    assert len(products) == 8
+    for op in products:
+        left, right = op["inputs"][:2]
+        assert tensors[right]["quantization"][1] == 0 and tensors[left]["dtype"] == np.int8
+        step, zero = tensors[op["outputs"][0]]["quantization"]
+        expected = np.clip(real(left) @ real(right), step * (-128 - zero), step * (127 - zero))
+        assert np.max(np.abs(real(op["outputs"][0]) - expected)) <= step  # rounding: half a step
 
 
 @pytest.mark.slow  # 15-45 s: two conversions of a second model, the int8 one calibrated

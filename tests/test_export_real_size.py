@@ -59,3 +59,5 @@ def test_real_size_export(real_size, fmt, tmp_path):
     if ex.FORMATS[fmt].thresholds.get("cosine_min", 0) >= 0.9999:  # float32 artefacts: the same function, exactly
         assert check["passed"], check["failures"]
         assert cos.min() >= 0.9999, cos.min()
+    if fmt == "tflite_int8_full":  # the 16 relation products in XNNPACK's int8 batch matmul (zero-point-0 operands)
+        assert check["ops"]["BATCH_MATMUL"] == 16 and "BATCH_MATMUL" not in check["outside_xnnpack"]

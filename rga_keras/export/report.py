@@ -115,6 +115,10 @@ def _range_text(check: dict, setting: float | str) -> str:
             + (f" (chosen by mean cosine on the calibration images: {tried})" if tried else ""))
 
 
+def _counts(ops: dict) -> str:
+    return ", ".join(f"{name} ×{count}" for name, count in ops.items()) or "none"
+
+
 def _calibration_lines(report: dict) -> list[str]:
     """What each calibrated artefact was calibrated on, its activation ranges and what it keeps in float32."""
     s, lines = report["settings"], []
@@ -135,7 +139,8 @@ def _calibration_lines(report: dict) -> list[str]:
         lines += ["", f"{fmt}: calibrated on {s['calibration_images']} images; activation ranges: "
                       f"{_range_text(check, s['int8_range_percentile'])}; ops computing float32: "
                       f"{', '.join(check['float_ops']) or 'none'}; integer input/output: "
-                      f"{fmt == 'tflite_int8_full' or s['int8_io']}."]
+                      f"{fmt == 'tflite_int8_full' or s['int8_io']}; ops XNNPACK leaves to LiteRT's own kernels: "
+                      f"{_counts(check.get('outside_xnnpack', {}))}."]
         if fmt == "tflite_int8":
             nodes = check.get("float_nodes", [])
             lines += [f"Ops kept in float32 by type: {', '.join(s['int8_float_ops']) or 'none'}. Nodes kept in "

@@ -2,8 +2,9 @@
 only, and running them with LiteRT.
 
 The selective int8 model keeps the relation products (BATCH_MATMUL of two activations, the θ·(Φᵀ W) terms of
-the fused relation path) in float32: LiteRT's XNNPACK delegate has no int8 kernel for them, so a full-integer
-model runs them in slow reference kernels (docs/BENCHMARKS.md). Which other nodes stay in float32 is
+the fused relation path) in float32 by default. Where they are int8 (the full-integer model), each right-hand
+operand gets a range whose zero point is 0 (`zero_point_free_products`): LiteRT's XNNPACK delegate runs an int8
+BATCH_MATMUL only then, and LiteRT's own kernel is 10-40× slower (docs/BENCHMARKS.md). Which other nodes stay in float32 is
 measured, not fixed: TFLite's `QuantizationDebugger` runs the calibration images through a model where
 every int8 op is checked against its float op, and a node whose own error exceeds `INT8_MAX_STEP_ERROR`
 int8 steps (RMSE / scale) is kept in float32. Its activation ranges are percentiles of each tensor's
@@ -144,6 +145,8 @@ def convert_tflite(
     extremes = activation_extremes(calibrated, images) if percentiles != (100.0,) else None
     for percentile in percentiles:
         ranged[percentile] = calibrated if extremes is None else set_ranges(calibrated, extremes, percentile)
+        if "BATCH_MATMUL" not in float_ops:
+            ranged[percentile] = zero_point_free_products(ranged[percentile])
         if len(percentiles) == 1:
             best = percentile
             break
@@ -350,12 +353,46 @@ def set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+# Ops that pass their input's int8 scale and zero point on unchanged (TFLite quantises both sides alike).
+_SAME_SCALE_OPS = ("RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS")
+
+
+def zero_point_free_products(calibrated: bytes) -> bytes:
+    """Give the right-hand operand of every BATCH_MATMUL of a calibrated TFLite model the range [-a·128/127, a],
+    a = the larger magnitude of its calibrated range: int8 scale a/127 and zero point 0 (the left operand and the
+    other tensors keep theirs). XNNPACK's int8 batch matmul, like its int8 weights, takes a right-hand operand
+    only with zero point 0 and leaves the op to LiteRT's own kernel otherwise. The range is set along the chain
+    of reshapes and transposes that carries the operand from the op that computes it, which all share its scale.
+    Costs the operand at most one bit where its range was one-sided: the relation operands Φᵀ·W are centred."""
+    _, flatbuffer_utils = tflite_schema()
+    model = flatbuffer_utils.read_model_from_bytearray(calibrated)
+    graph = model.subgraphs[0]
+    producer = {tensor: op for op in graph.operators for tensor in op.outputs}
+    for op in graph.operators:
+        if op_name(model, op) != "BATCH_MATMUL":
+            continue
+        chain = [op.inputs[1]]
+        while chain[-1] in producer and op_name(model, producer[chain[-1]]) in _SAME_SCALE_OPS:
+            chain.append(producer[chain[-1]].inputs[0])
+        ranges = [graph.tensors[i].quantization for i in chain]
+        if any(q is None or q.min is None for q in ranges):
+            continue  # not calibrated (a float32 op): nothing to quantise
+        bound = max(max(abs(float(q.min[0])), abs(float(q.max[0]))) for q in ranges)
+        if bound == 0:
+            continue  # zero on every calibration image: no scale to give it (`set_ranges`)
+        for quantization in ranges:
+            quantization.min = np.array([-bound * 128 / 127], np.float32)
+            quantization.max = np.array([bound], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def tflite_ops(model: str | os.PathLike | bytes) -> dict:
-    """The ops of a TFLite model as LiteRT's builtin resolver loads it (no delegate applied).
+    """The ops of a TFLite model as LiteRT's builtin resolver loads it.
 
     Returns {"ops": {name: count}, "float_ops": {name: count} (ops computing float32, QUANTIZE/DEQUANTIZE
-    excluded), "builtin_only": bool}. Loading fails with a clear error if the model needs ops that plain
-    LiteRT does not have (SELECT_TF_OPS / Flex or custom ops).
+    excluded), "outside_xnnpack": {name: count} (ops LiteRT's default XNNPACK delegate leaves to LiteRT's own,
+    slower kernels: `undelegated_nodes`), "builtin_only": bool}. Loading fails with a clear error if the model
+    needs ops that plain LiteRT does not have (SELECT_TF_OPS / Flex or custom ops).
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -372,7 +409,36 @@ def tflite_ops(model: str | os.PathLike | bytes) -> dict:
         if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE") and any(d == np.float32 for d in outputs):
             float_ops[op["op_name"]] += 1
     builtin = all(not name.startswith("Flex") and name not in ("CUSTOM", "DELEGATE") for name in ops)
-    return {"ops": dict(sorted(ops.items())), "float_ops": dict(sorted(float_ops.items())), "builtin_only": builtin}
+    outside = Counter(op["op_name"] for op in undelegated_nodes(model)[0])
+    return {"ops": dict(sorted(ops.items())), "float_ops": dict(sorted(float_ops.items())),
+            "outside_xnnpack": dict(sorted(outside.items())), "builtin_only": builtin}
+
+
+def undelegated_nodes(model: str | os.PathLike | bytes, num_threads: int = 1) -> tuple[list[dict], int, int]:
+    """The nodes LiteRT's default XNNPACK delegate leaves to LiteRT's own kernels ({"index", "op_name", "inputs",
+    "outputs"}), the number of nodes and the number of XNNPACK partitions.
+
+    The delegate replaces each partition it runs by one ``DELEGATE`` node whose inputs and outputs bound it; the
+    interpreter's op list keeps the original nodes, so a node is delegated when it lies between some ``DELEGATE``
+    node's inputs and outputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    with quiet_native_stderr():  # LiteRT announces its XNNPACK delegate on stderr
+        interpreter = Interpreter(num_threads=num_threads, **_interpreter_source(model))
+        interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()  # LiteRT's only op listing; used by TF's own tools too
+    nodes = [op for op in ops if op["op_name"] != "DELEGATE"]
+    producer = {tensor: op["index"] for op in nodes for tensor in op["outputs"]}
+    delegated = set()
+    for partition in (op for op in ops if op["op_name"] == "DELEGATE"):
+        stop, todo = set(partition["inputs"]), list(partition["outputs"])
+        while todo:  # walk back from the partition's outputs to its inputs
+            tensor = todo.pop()
+            if tensor in stop or tensor not in producer or producer[tensor] in delegated:
+                continue
+            delegated.add(producer[tensor])
+            todo.extend(i for i in nodes[producer[tensor]]["inputs"] if i >= 0)
+    return [op for op in nodes if op["index"] not in delegated], len(nodes), len(ops) - len(nodes)
 
 
 def _interpreter_source(model: str | os.PathLike | bytes) -> dict:
