@@ -1,18 +1,18 @@
 """TFLite models (float32, float16, dynamic-range, selective int8, full-integer int8, int16×8), builtin ops
 only, and running them with LiteRT.
 
-The selective int8 model keeps the relation products (BATCH_MATMUL of two activations, the θ·(Φᵀ W) terms of
-the fused relation path) in float32 by default. Where they are int8 (the full-integer model), each right-hand
+The selective int8 model keeps the relation products (BATCH_MATMUL of two activations, the θ·(Φᵀ W) terms of the
+fused relation path) in float32 by default. Where they are int8 (the full-integer model), each right-hand
 operand gets a range whose zero point is 0 (`zero_point_free_products`): LiteRT's XNNPACK delegate runs an int8
-BATCH_MATMUL only then, and LiteRT's own kernel is 10-40× slower (docs/BENCHMARKS.md). Which other nodes stay in float32 is
-measured, not fixed: TFLite's `QuantizationDebugger` runs the calibration images through a model where
-every int8 op is checked against its float op, and a node whose own error exceeds `INT8_MAX_STEP_ERROR`
-int8 steps (RMSE / scale) is kept in float32. Its activation ranges are percentiles of each tensor's
-per-image extremes over the calibration images rather than TFLite's plain min/max, which a few outlying
-images stretch (`set_ranges`). The full-integer model ("int8_full") has no float op at all (uint8
-pixels in, int8 embedding out) for int8-only accelerators; "int16x8" keeps activations in int16 (weights
-int8). The dynamic-range model ("dynamic", int8 weights, float activations) gives the ops that help most on
-the calibration images their float32 weights back (`rga_keras.export.hybrid`): the accurate small option.
+BATCH_MATMUL only then, and LiteRT's own kernel is 10-40× slower (docs/BENCHMARKS.md). Which other nodes stay in
+float32 is measured, not fixed: TFLite's `QuantizationDebugger` runs the calibration images through a model
+where every int8 op is checked against its float op, and a node whose own error exceeds `INT8_MAX_STEP_ERROR`
+int8 steps (RMSE / scale) is kept in float32. Its activation ranges are percentiles of each tensor's per-image
+extremes over the calibration images rather than TFLite's plain min/max, which a few outlying images stretch
+(`set_ranges`). The full-integer model ("int8_full") has no float op at all (uint8 pixels in, int8 embedding
+out) for int8-only accelerators; "int16x8" keeps activations in int16 (weights int8). The dynamic-range model
+("dynamic", int8 weights, float activations) gives the ops that help most on the calibration images their
+float32 weights back (`rga_keras.export.hybrid`): the accurate small option.
 """
 from __future__ import annotations
 
