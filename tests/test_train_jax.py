@@ -90,6 +90,23 @@ def test_a_config_run_on_jax(one_device):
     assert not (run_dir / "backup").exists() and "trained model" in log
 
 
+def children(pid: int) -> dict[int, str]:
+    """The processes ``pid`` started, with their command lines (Linux /proc)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie nobody reaps has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def backup_epoch(run_dir: Path) -> int:
     try:
         return json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
@@ -100,7 +117,8 @@ def backup_epoch(run_dir: Path) -> int:
 @pytest.mark.long(45)
 def test_the_demo_on_jax_resumes_after_a_kill(setup):
     """--demo (with Grain's worker processes, and the export, which says how to run it on TensorFlow later), killed
-    with SIGKILL once an epoch is backed up, then run again: it resumes after that epoch and finishes."""
+    with SIGKILL once an epoch is backed up, then run again: it resumes after that epoch and finishes. The killed
+    run's worker processes end with it instead of staying behind, idle, holding their memory."""
     env, _, root = setup
     run_dir = root / "demo"
     args = ["--demo", "--run-dir", str(run_dir), "-o", "dataset.num_ids=16", "-o", "dataset.images_per_id=4", *TINY]
@@ -110,12 +128,21 @@ def test_the_demo_on_jax_resumes_after_a_kill(setup):
         while not backup_epoch(run_dir):
             assert proc.poll() is None and time.monotonic() < deadline, (root / "demo-killed.log").read_text()[-3000:]
             time.sleep(0.2)
+        started = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert backup_epoch(run_dir) == 1
+    assert any("multiprocessing.spawn" in line for line in started.values()), started  # Grain's workers
+    deadline = time.monotonic() + 30
+    while any(map(running, started)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid: line for pid, line in started.items() if running(pid)}
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, left
     log = finish([start(env, args, root / "demo.log")])[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["untrained"] is None and len(summary["history"]["loss"]) == 1  # only epoch 2 ran again

@@ -14,7 +14,10 @@ the seed and its position alone, so the output is the same for any number of wor
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,7 +91,17 @@ def _in_workers(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
         return ds
     if not flags.FLAGS.is_parsed():  # Grain reads its absl flags as it starts workers; outside an absl app
         flags.FLAGS.mark_as_parsed()  # nobody parsed them, and their defaults are what a program here wants
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1))
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
+                          worker_init_fn=_exit_with_parent)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Run in each worker as it starts: the worker ends as soon as the process that started it is gone. Grain
+    stops its workers when the main process exits or closes the stream, but not after a SIGKILL (kill -9, the
+    out-of-memory killer), which would leave them idle and holding their memory for good."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), name="exit-with-parent", daemon=True).start()
 
 
 def _empty(shape: tuple[int, ...], shared: bool) -> np.ndarray:
