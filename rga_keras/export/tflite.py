@@ -140,7 +140,7 @@ def convert_tflite(
     if len(percentiles) > 1:
         tried = ", ".join(f"{p:g}" for p in percentiles)
         log(f"{kind}: calibrated; choosing activation ranges among percentiles {tried}")
-    calibrated, scores, ranged = _raw_pixel_input(debugger.calibrated_model), {}, {}
+    calibrated, scores, ranged = raw_pixel_input(debugger.calibrated_model), {}, {}
     debugger.calibrated_model = calibrated
     extremes = activation_extremes(calibrated, images) if percentiles != (100.0,) else None
     for percentile in percentiles:
@@ -308,7 +308,7 @@ def activation_extremes(calibrated: bytes,
     return ranged, lows, highs, np.array(outputs)
 
 
-def _raw_pixel_input(calibrated: bytes) -> bytes:
+def raw_pixel_input(calibrated: bytes) -> bytes:
     """The model input's range set to [0, 255], not the calibration images' extremes: raw pixels then map onto
     the int8 grid with scale 1 (an ``int8_io`` model takes raw uint8 pixels as they are) and none is clipped."""
     from tensorflow.lite.tools import flatbuffer_utils
