@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def per_image_overflow(extremes: tuple, limits: tuple[np.ndarray, np.ndarray], columns: np.ndarray) -> np.ndarray:
     """For each image of ``extremes`` (`activation_extremes`), the largest factor by which one of the tensors in
-    ``columns`` goes beyond its range ``limits`` (low, high), 1 where it stays inside."""
+    ``columns`` goes beyond its range ``limits`` (low, high: `tflite.range_limits`), 1 where it stays inside."""
     _, lows, highs, _ = extremes
     low, high = limits
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -77,13 +76,6 @@ def main() -> None:
     on_calibration = tflite.activation_extremes(calibrated, calibration)
     on_evaluation = tflite.activation_extremes(calibrated, images)
 
-    def limits(extremes: tuple, percentile: float) -> tuple[np.ndarray, np.ndarray]:
-        _, lows, highs, _ = extremes
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a tensor zero on every image: no limit
-            return (np.nanpercentile(np.where(lows < 0, lows, np.nan), 100 - percentile, axis=0),
-                    np.nanpercentile(np.where(highs > 0, highs, np.nan), percentile, axis=0))
-
     def judged(extremes: tuple, percentile: float) -> np.ndarray:
         debugger.calibrated_model = tflite.zero_point_free_products(
             tflite.set_ranges(calibrated, extremes, percentile))
@@ -105,7 +97,7 @@ def main() -> None:
     graph = flatbuffer_utils.read_model_from_bytearray(calibrated)
     made_by = {t: op_name(graph, op) for op in graph.subgraphs[0].operators for t in op.outputs}
     kinds = np.array([made_by.get(t, "") for t in on_calibration[0]])
-    calibrated_limits = limits(on_calibration, args.percentile)
+    calibrated_limits = tflite.range_limits(on_calibration, args.percentile)
     cosine = cosines["calibration images", args.percentile]
     print(f"\nPer image, the largest factor by which an activation exceeds its calibrated range "
           f"(percentile {args.percentile:g}):")

@@ -320,6 +320,20 @@ def raw_pixel_input(calibrated: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def range_limits(extremes: tuple, percentile: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each tensor's (low, high) at ``percentile`` over the images of ``extremes`` (`activation_extremes`): high
+    the ``percentile`` of its positive per-image maxima, low the (100 − ``percentile``) percentile of its negative
+    per-image minima; NaN where no image has such an extreme. Over the images where the extreme is non-zero: a
+    tensor that is zero (after ReLU) on most images keeps the range of the images where it carries signal."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    _, lows, highs, _ = extremes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no image left
+        return (np.nanpercentile(np.where(lows < 0, lows, np.nan), 100 - percentile, axis=0),
+                np.nanpercentile(np.where(highs > 0, highs, np.nan), percentile, axis=0))
+
+
 def set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
     """Set each activation range of a calibrated TFLite model to a percentile over the images of ``extremes``
     (`activation_extremes`), not to their extremes.
@@ -331,19 +345,13 @@ def set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
     minima (0 kept inside; images where the tensor is 0 are left out, and a tensor that is 0 on every image
     keeps its calibrated range); values beyond saturate. The model input (raw pixels) keeps its range.
     """
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     from tensorflow.lite.tools import flatbuffer_utils
 
-    ranged, lows, highs, _ = extremes
+    ranged = extremes[0]
+    low, high = range_limits(extremes, percentile)
     model = flatbuffer_utils.read_model_from_bytearray(calibrated)
-    # Over the images where the extreme is non-zero: a tensor that is zero (after ReLU) on most images
-    # keeps the range of the images where it carries signal. A tensor that is zero on every image keeps
-    # TFLite's range: a zero-width range gives a scale so tiny that XNNPACK refuses the op (slow kernels).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no image left
-        low = np.nanpercentile(np.where(lows < 0, lows, np.nan), 100 - percentile, axis=0)
-        high = np.nanpercentile(np.where(highs > 0, highs, np.nan), percentile, axis=0)
+    # A tensor that is zero on every image keeps TFLite's range: a zero-width range gives a scale so tiny
+    # that XNNPACK refuses the op (slow kernels).
     for j, i in enumerate(ranged):
         quantization = model.subgraphs[0].tensors[i].quantization
         if np.isnan(low[j]) and np.isnan(high[j]):
