@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rga_keras.cores import available_cores
+from rga_keras.native_logs import quiet_native_stderr
 
 # The signal tests expect what a terminal gives a program. A shell's background job starts with SIGINT and SIGQUIT
 # ignored (nohup adds SIGHUP), which the programs rightly keep ignoring (docs/RELIABILITY.md): a test run started
@@ -29,9 +30,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 BACKEND_NEUTRAL = ["test_layers.py", "test_models.py", "test_losses.py", "test_weights.py", "test_schemes.py"]
 
 if os.environ["KERAS_BACKEND"] == "tensorflow":
-    import tensorflow as tf
+    with quiet_native_stderr():  # TensorFlow's C++ start-up lines ("failed call to cuInit") end every run otherwise
+        import tensorflow as tf
 
-    _cpus = tf.config.list_physical_devices("CPU")
+        _cpus = tf.config.list_physical_devices("CPU")
     # Under xdist each worker's TensorFlow splits an op over its share of the cores, not all of them: with every
     # worker's intra-op pool as wide as the machine, an op's threads wait for those another worker has preempted.
     # The demo's train step on 2 cores beside one busy process: 2.05 s with TensorFlow's default 2 intra-op
