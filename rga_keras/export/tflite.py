@@ -340,10 +340,9 @@ def set_ranges(calibrated: bytes, extremes: tuple, percentile: float) -> bytes:
 
     TFLite's calibration keeps each tensor's min/max over all images, so a few images with outlying
     activations widen the int8 steps of every other image (RGA's relation features reach 100× their typical
-    peak on some images of a weakly trained model). Here each tensor's max is the ``percentile`` of its
-    positive per-image maxima and its min the (100 − ``percentile``) percentile of its negative per-image
-    minima (0 kept inside; images where the tensor is 0 are left out, and a tensor that is 0 on every image
-    keeps its calibrated range); values beyond saturate. The model input (raw pixels) keeps its range.
+    peak on some images of a weakly trained model). Here each tensor's range is `range_limits` (0 kept inside;
+    a tensor that is 0 on every image keeps its calibrated range); values beyond saturate. The model input (raw
+    pixels) keeps its range.
     """
     from tensorflow.lite.tools import flatbuffer_utils
 
